@@ -1,0 +1,68 @@
+"""Thin nn.Module wrappers: they hold the hyper-parameters (and optionally a queue) and call the
+functions of :mod:`sce_loss.functional`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import functional
+from .queue import MemoryQueue
+
+
+class _ContrastiveLoss(nn.Module):
+    """Calls ``loss_fn(query, key, queue, **hyper_parameters)``; the queue is the one passed to
+    ``forward``, else the held ``MemoryQueue``'s keys, else none (in-batch mode). A held queue is
+    saved in ``state_dict``; push to it (``module.queue.push(key)``) after the backward."""
+
+    loss_fn = staticmethod(functional.info_nce_loss)
+
+    def __init__(self, queue: MemoryQueue | None = None, **hyper_parameters):
+        super().__init__()
+        if queue is not None and not isinstance(queue, MemoryQueue):
+            raise TypeError(f"queue must be a MemoryQueue or None, got {type(queue).__name__}")
+        self.queue = queue
+        self.hyper_parameters = hyper_parameters
+
+    def forward(self, query: Tensor, key: Tensor, queue: Tensor | None = None) -> Tensor:
+        if queue is None and self.queue is not None:
+            queue = self.queue.keys
+        return self.loss_fn(query, key, queue, **self.hyper_parameters)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value}" for name, value in self.hyper_parameters.items())
+
+
+class InfoNCELoss(_ContrastiveLoss):
+    """:func:`sce_loss.info_nce_loss` as a module."""
+
+    loss_fn = staticmethod(functional.info_nce_loss)
+
+    def __init__(self, temperature=0.2, *, queue: MemoryQueue | None = None, include_keys=False,
+                 normalize=False, reduction="mean", gather=False):
+        super().__init__(queue, temperature=temperature, include_keys=include_keys,
+                         normalize=normalize, reduction=reduction, gather=gather)
+
+
+class ReSSLLoss(_ContrastiveLoss):
+    """:func:`sce_loss.ressl_loss` as a module."""
+
+    loss_fn = staticmethod(functional.ressl_loss)
+
+    def __init__(self, temperature=0.1, target_temperature=0.04, *, queue: MemoryQueue | None = None,
+                 include_keys=False, normalize=False, reduction="mean", gather=False):
+        super().__init__(queue, temperature=temperature, target_temperature=target_temperature,
+                         include_keys=include_keys, normalize=normalize, reduction=reduction,
+                         gather=gather)
+
+
+class SCELoss(_ContrastiveLoss):
+    """:func:`sce_loss.sce_loss` as a module."""
+
+    loss_fn = staticmethod(functional.sce_loss)
+
+    def __init__(self, coeff=0.5, temperature=0.1, target_temperature=0.05, *,
+                 queue: MemoryQueue | None = None, include_keys=False, normalize=False,
+                 reduction="mean", gather=False):
+        super().__init__(queue, coeff=coeff, temperature=temperature,
+                         target_temperature=target_temperature, include_keys=include_keys,
+                         normalize=normalize, reduction=reduction, gather=gather)

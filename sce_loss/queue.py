@@ -1,0 +1,60 @@
+"""MemoryQueue: a ring buffer of past keys, the negatives of MoCo-style training."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import distributed
+
+
+class MemoryQueue(nn.Module):
+    """A first-in first-out bank of ``size`` keys of dimension ``dim``, kept as persistent buffers
+    (saved in ``state_dict``). It starts filled with random unit vectors, as in MoCo.
+
+    Use it in MoCo order: the loss reads ``queue.keys`` (all ``size`` entries), then, after the
+    backward, ``queue.push(key)`` overwrites the oldest entries. Any batch size works: writes wrap
+    around the end. ``push`` updates the buffer in place, so pushing between a loss and its backward
+    is refused by autograd (the loss's saved queue changed); that order would be a bug anyway.
+    Under torch.distributed (``gather=True`` or a process group), ``push`` enqueues the keys of every
+    rank in rank order, so all ranks hold the same queue.
+    """
+
+    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, gather=True):
+        super().__init__()
+        for name, value in (("size", size), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        self.gather = gather
+        initial = F.normalize(torch.randn(size, dim, device=device), dim=1).to(dtype)
+        self.register_buffer("keys", initial)
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long, device=device))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def push(self, keys: Tensor) -> None:
+        """Enqueue ``keys`` (B, dim), every rank's when distributed, replacing the oldest entries."""
+        if not isinstance(keys, Tensor):
+            raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
+        if keys.dim() != 2 or keys.shape[1] != self.keys.shape[1]:
+            raise ValueError(f"keys must be (B, {self.keys.shape[1]}), got shape {tuple(keys.shape)}")
+        group = distributed.resolve_group(self.gather)
+        if group is not None:
+            keys = distributed.all_gather_constant(keys.detach(), group)
+        pushed = keys.shape[0]
+        kept = keys.detach()[-self.size:].to(device=self.keys.device, dtype=self.keys.dtype)
+        # As if pushed one by one: key t lands at (pointer + t) % size, later ones overwriting.
+        first = self.pointer + (pushed - kept.shape[0])
+        index = (first + torch.arange(kept.shape[0], device=self.keys.device)) % self.size
+        self.keys.index_copy_(0, index, kept)
+        self.pointer.add_(pushed).remainder_(self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.keys.shape[1]}, dtype={self.keys.dtype}"

@@ -1,0 +1,92 @@
+"""Plain PyTorch losses, line by line the equations of the README: the oracle and the CPU path.
+
+Notation (README, "The mathematics"): ``query`` z¹ is (V, N, D) (V online crops), ``key`` z² is
+(N, D), ``queue`` Q is (M, D) or None. Row i's candidates c_k and its positive column ``pos_i``:
+
+- in-batch mode: the keys of ``key_bank`` (the local keys, or every rank's), positive at offset + i;
+- queue mode: [z²_i, Q_1..Q_M], positive at column 0;
+- queue mode with ``include_keys``: [key_bank, Q], positive at offset + i.
+
+With a_ik = z¹_i·c_k / τ and b_ik = z²_i·c_k / τ_m:
+  InfoNCE  loss_i = −log softmax_k(a_i)[pos]
+  ReSSL    loss_i = −Σ_{k≠pos} softmax_{k≠pos}(b_i)_k · log softmax_{k≠pos}(a_i)_k
+  SCE      loss_i = −Σ_k w_ik log softmax_k(a_i)_k,  w_ik = λ[k=pos] + (1−λ) softmax_{k≠pos}(b_i)_k
+The target (everything built from b) carries no gradient. Every function returns per-row losses
+of shape (V, N), computed in the dtype of its inputs (all of one dtype and device).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Scalar = float | Tensor
+
+
+def similarities(x: Tensor, key: Tensor, queue: Tensor | None, include_keys: bool,
+                 key_bank: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """Dot products x_i·c_k of each row with its candidates, shape (..., N, K), and each row's
+    positive column, shape (N,)."""
+    n = key.shape[0]
+    rows = torch.arange(n, device=x.device)
+    if queue is None:
+        return x @ key_bank.mT, rows + offset
+    if include_keys:
+        return x @ torch.cat([key_bank, queue]).mT, rows + offset
+    positive = (x * key).sum(-1, keepdim=True)
+    return torch.cat([positive, x @ queue.mT], -1), torch.zeros_like(rows)
+
+
+def _positive_mask(logits: Tensor, pos: Tensor) -> Tensor:
+    mask = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
+    mask[torch.arange(len(pos), device=logits.device), pos] = True
+    return mask
+
+
+@torch.no_grad()
+def _target_distribution(key, queue, include_keys, key_bank, offset, target_temperature):
+    """s²_i = softmax over the candidates without the positive of b_i (positive's weight is 0)."""
+    key, key_bank = key.detach(), key_bank.detach()
+    sims, pos = similarities(key, key, queue, include_keys, key_bank, offset)
+    logits = (sims / target_temperature).masked_fill(_positive_mask(sims, pos), float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+def _gather_positive(values: Tensor, pos: Tensor) -> Tensor:
+    index = pos.view(-1, 1).expand(*values.shape[:-2], -1, 1)
+    return values.gather(-1, index).squeeze(-1)
+
+
+def info_nce(query: Tensor, key: Tensor, queue: Tensor | None = None, *, temperature: Scalar,
+             include_keys: bool = False, key_bank: Tensor | None = None, offset: int = 0) -> Tensor:
+    """loss_i = −log p_i,pos with p_i = softmax_k(z¹_i·c_k / τ)."""
+    bank = key if key_bank is None else key_bank
+    sims, pos = similarities(query, key, queue, include_keys, bank, offset)
+    logits = sims / temperature
+    return -_gather_positive(torch.log_softmax(logits, -1), pos)
+
+
+def ressl(query: Tensor, key: Tensor, queue: Tensor | None = None, *, temperature: Scalar,
+          target_temperature: Scalar, include_keys: bool = False, key_bank: Tensor | None = None,
+          offset: int = 0) -> Tensor:
+    """loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, both softmaxes over the candidates without the positive."""
+    bank = key if key_bank is None else key_bank
+    target = _target_distribution(key, queue, include_keys, bank, offset, target_temperature)
+    sims, pos = similarities(query, key, queue, include_keys, bank, offset)
+    logits = sims / temperature
+    mask = _positive_mask(logits, pos)
+    log_s1 = torch.log_softmax(logits.masked_fill(mask, float("-inf")), -1).masked_fill(mask, 0.0)
+    return -(target * log_s1).sum(-1)
+
+
+def sce(query: Tensor, key: Tensor, queue: Tensor | None = None, *, coeff: Scalar,
+        temperature: Scalar, target_temperature: Scalar, include_keys: bool = False,
+        key_bank: Tensor | None = None, offset: int = 0) -> Tensor:
+    """loss_i = −λ log p_i,pos − (1−λ) Σ_k s²_ik log p_ik, i.e. −Σ_k w_ik log p_ik."""
+    bank = key if key_bank is None else key_bank
+    target = _target_distribution(key, queue, include_keys, bank, offset, target_temperature)
+    sims, pos = similarities(query, key, queue, include_keys, bank, offset)
+    logits = sims / temperature
+    log_p = torch.log_softmax(logits, -1)
+    coeff = coeff.detach() if isinstance(coeff, Tensor) else coeff
+    return -coeff * _gather_positive(log_p, pos) - (1 - coeff) * (target * log_p).sum(-1)
