@@ -26,9 +26,9 @@ def resolve_group(gather):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def gather_keys(key: Tensor, gather) -> tuple[Tensor, int]:
-    """Every rank's keys, concatenated in rank order (differentiable), and this rank's offset."""
-    group = resolve_group(gather)
+def gather_keys(key: Tensor, group) -> tuple[Tensor, int]:
+    """Every rank's keys, concatenated in rank order (differentiable), and this rank's offset
+    (``group`` from :func:`resolve_group`; None for a single process)."""
     if group is None:
         return key, 0
     _check_equal_batches(key, group)

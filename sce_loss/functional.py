@@ -92,15 +92,16 @@ def _prepare(query, key, queue, *, normalize: bool, gather, include_keys: bool) 
     _check_tensors(query, key, queue)
     if not isinstance(include_keys, bool):
         raise TypeError(f"include_keys must be a bool, got {type(include_keys).__name__}")
+    group = distributed.resolve_group(gather)
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     query, key = query.to(compute), key.to(compute)
-    queue = None if queue is None else queue.to(compute)
+    queue = None if queue is None else queue.detach().to(compute)  # a constant: never a gradient
     if normalize:
         query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
         queue = None if queue is None else F.normalize(queue, dim=-1)
     key_bank, offset = key, 0
     if queue is None or include_keys:
-        key_bank, offset = distributed.gather_keys(key, gather)
+        key_bank, offset = distributed.gather_keys(key, group)
     _check_has_negatives(key, queue, include_keys, key_bank)
     return _Inputs(query, key, queue, include_keys, key_bank, offset)
 
@@ -153,7 +154,7 @@ def _scalar_value(name: str, value) -> float | None:
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a 0-d float tensor, got a {value.dtype} "
                             f"tensor of shape {tuple(value.shape)}")
-        return float(value) if value.device.type == "cpu" else None
+        return float(value.detach()) if value.device.type == "cpu" else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a 0-d float tensor, got {type(value).__name__}")
     return float(value)

@@ -46,7 +46,6 @@ def _positive_mask(logits: Tensor, pos: Tensor) -> Tensor:
 @torch.no_grad()
 def _target_distribution(key, queue, include_keys, key_bank, offset, target_temperature):
     """s²_i = softmax over the candidates without the positive of b_i (positive's weight is 0)."""
-    key, key_bank = key.detach(), key_bank.detach()
     sims, pos = similarities(key, key, queue, include_keys, key_bank, offset)
     logits = (sims / target_temperature).masked_fill(_positive_mask(sims, pos), float("-inf"))
     return torch.softmax(logits, -1)

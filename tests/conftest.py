@@ -1,0 +1,24 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+MODES = ("in-batch", "queue", "queue+keys")
+
+
+def unit(*shape, dtype=torch.float64, generator=None):
+    """Random unit vectors along the last dimension."""
+    return F.normalize(torch.randn(*shape, dtype=torch.float64, generator=generator), dim=-1).to(dtype)
+
+
+def make_inputs(mode, *, n=5, d=8, m=7, crops=None, dtype=torch.float64, seed=0):
+    """(query, key, queue, include_keys) for a mode; query is (crops, n, d) when crops is given."""
+    g = torch.Generator().manual_seed(seed)
+    query = unit(*((crops,) if crops else ()), n, d, dtype=dtype, generator=g)
+    key = unit(n, d, dtype=dtype, generator=g)
+    queue = None if mode == "in-batch" else unit(m, d, dtype=dtype, generator=g)
+    return query, key, queue, mode == "queue+keys"
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    return request.param

@@ -1,0 +1,92 @@
+"""Bad input raises a clear error naming the argument; inputs are never mutated."""
+
+import pytest
+import torch
+
+from conftest import make_inputs, unit
+from sce_loss import info_nce_loss, ressl_loss, sce_loss
+
+q, k, Q = unit(4, 8, dtype=torch.float32), unit(4, 8, dtype=torch.float32), unit(6, 8, dtype=torch.float32)
+nan = q.clone()
+nan[1, 2] = float("nan")
+inf = Q.clone()
+inf[0, 0] = float("inf")
+
+BAD = [
+    (dict(query=q.numpy()), TypeError, "query must be a torch.Tensor"),
+    (dict(key=[1.0]), TypeError, "key must be a torch.Tensor"),
+    (dict(queue="queue"), TypeError, "queue must be a torch.Tensor"),
+    (dict(query=q.long()), TypeError, "query must be float64, float32, bfloat16 or float16"),
+    (dict(query=q[0]), ValueError, r"query must be \(N, D\) or \(V, N, D\), got shape \(8,\)"),
+    (dict(key=k[None]), ValueError, r"key must be \(N, D\)"),
+    (dict(key=k[:3]), ValueError, "query rows and dim .* must match key's"),
+    (dict(key=unit(4, 7, dtype=torch.float32)), ValueError, "must match key's"),
+    (dict(queue=unit(6, 7, dtype=torch.float32)), ValueError, r"queue must be \(M, D\) with D=8"),
+    (dict(query=q[:0], key=k[:0]), ValueError, "must be non-empty"),
+    (dict(key=k.double()), TypeError, "key must have query's dtype torch.float32, got torch.float64"),
+    (dict(query=nan), ValueError, "query must be finite"),
+    (dict(queue=inf), ValueError, "queue must be finite"),
+    (dict(query=q[:1], key=k[:1], queue=None), ValueError, "at least one negative"),
+    (dict(queue=Q[:0]), ValueError, "at least one negative"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of .* got 'avg'"),
+    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0, got 0.0"),
+    (dict(temperature=-1), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature="0.1"), TypeError, "temperature must be a float or a 0-d float tensor, got str"),
+    (dict(temperature=torch.tensor([0.1])), TypeError, "temperature must be a float or a 0-d"),
+    (dict(temperature=torch.tensor(-0.1)), ValueError, "temperature must be a finite number > 0"),
+    (dict(include_keys=1), TypeError, "include_keys must be a bool"),
+    (dict(gather="yes"), TypeError, "gather must be a bool or a torch.distributed.ProcessGroup"),
+]
+TARGETED = [
+    (dict(target_temperature=0.0), ValueError, "target_temperature must be a finite number > 0"),
+    (dict(query=q[:1], key=k[:1], queue=Q[:0], include_keys=True), ValueError, "at least one negative"),
+]
+SCE_ONLY = [
+    (dict(coeff=1.5), ValueError, r"coeff must be in \[0, 1\], got 1.5"),
+    (dict(coeff=-0.1), ValueError, r"coeff must be in \[0, 1\]"),
+    (dict(coeff=True), TypeError, "coeff must be a float or a 0-d float tensor, got bool"),
+]
+
+
+def call(fn, overrides):
+    arguments = dict(query=q, key=k, queue=Q) | overrides
+    return fn(arguments.pop("query"), arguments.pop("key"), arguments.pop("queue"), **arguments)
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD)
+@pytest.mark.parametrize("fn", [info_nce_loss, ressl_loss, sce_loss])
+def test_bad_input_raises_a_clear_error(fn, overrides, error, message):
+    with pytest.raises(error, match=message):
+        call(fn, overrides)
+
+
+@pytest.mark.parametrize("overrides, error, message", TARGETED)
+@pytest.mark.parametrize("fn", [ressl_loss, sce_loss])
+def test_bad_target_input_raises_a_clear_error(fn, overrides, error, message):
+    with pytest.raises(error, match=message):
+        call(fn, overrides)
+
+
+@pytest.mark.parametrize("overrides, error, message", SCE_ONLY)
+def test_bad_coeff_raises_a_clear_error(overrides, error, message):
+    with pytest.raises(error, match=message):
+        call(sce_loss, overrides)
+
+
+def test_queue_on_another_device_is_refused():
+    with pytest.raises(ValueError, match="queue must be on query's device"):
+        sce_loss(q, k, Q.to("meta"))
+
+
+@pytest.mark.parametrize("fn", [info_nce_loss, ressl_loss, sce_loss])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_inputs_are_unchanged_bit_for_bit(fn, normalize, mode):
+    inputs = make_inputs(mode, crops=2, dtype=torch.float32, seed=10)
+    query, key, queue, include_keys = (x * 2.5 if isinstance(x, torch.Tensor) else x for x in inputs)
+    query.requires_grad_()
+    key.requires_grad_()
+    before = [None if x is None else x.detach().clone() for x in (query, key, queue)]
+    fn(query, key, queue, include_keys=include_keys, normalize=normalize).backward()
+    for x, was in zip((query, key, queue), before):
+        assert x is None or torch.equal(x.detach(), was)

@@ -1,0 +1,115 @@
+"""MemoryQueue (ring buffer, persistence, MoCo order) and the nn.Module wrappers."""
+
+import pytest
+import torch
+
+from conftest import make_inputs, unit
+from sce_loss import InfoNCELoss, MemoryQueue, ReSSLLoss, SCELoss, info_nce_loss, ressl_loss, sce_loss
+
+
+def test_queue_starts_as_unit_vectors_and_is_saved_in_state_dict():
+    queue = MemoryQueue(10, 4)
+    torch.testing.assert_close(queue.keys.norm(dim=1), torch.ones(10))
+    assert set(queue.state_dict()) == {"keys", "pointer"}
+
+
+def test_push_wraps_around_with_a_batch_that_does_not_divide_the_size():
+    queue = MemoryQueue(7, 2)
+    pushed = []
+    for step in range(6):
+        batch = torch.full((3, 2), float(step)) + torch.arange(3.0)[:, None] / 10
+        queue.push(batch)
+        pushed.extend(batch)
+    # 18 keys pushed one by one into 7 slots: slot s holds the last key t with t % 7 == s.
+    want = torch.stack([pushed[max(t for t in range(18) if t % 7 == s)] for s in range(7)])
+    torch.testing.assert_close(queue.keys, want)
+    assert int(queue.pointer) == 18 % 7
+
+
+def test_push_of_more_keys_than_the_size_keeps_the_newest():
+    queue = MemoryQueue(4, 1)
+    queue.push(torch.zeros(2, 1))
+    queue.push(torch.arange(9.0)[:, None])
+    assert int(queue.pointer) == 11 % 4
+    # key t of the second push lands at (2 + t) % 4; the last four, 5..8, at slots 3, 0, 1, 2.
+    torch.testing.assert_close(queue.keys.squeeze(1), torch.tensor([6.0, 7.0, 8.0, 5.0]))
+
+
+def test_state_dict_round_trip_restores_keys_and_pointer():
+    queue = MemoryQueue(5, 3)
+    queue.push(unit(3, 3, dtype=torch.float32))
+    restored = MemoryQueue(5, 3)
+    restored.load_state_dict(queue.state_dict())
+    assert torch.equal(restored.keys, queue.keys) and int(restored.pointer) == 3
+    batch = unit(4, 3, dtype=torch.float32)
+    queue.push(batch)
+    restored.push(batch)
+    assert torch.equal(restored.keys, queue.keys)
+
+
+def test_bfloat16_storage_and_a_float32_loss():
+    queue = MemoryQueue(16, 8, dtype=torch.bfloat16)
+    keys = unit(4, 8, dtype=torch.float32)
+    queue.push(keys)
+    assert queue.keys.dtype == torch.bfloat16
+    torch.testing.assert_close(queue.keys[:4].float(), keys, rtol=1e-2, atol=1e-2)
+    loss = sce_loss(unit(4, 8, dtype=torch.float32), keys, queue.keys)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_read_before_push_moco_order():
+    """The loss reads the queue as it was before this step's keys; push then enqueues them."""
+    torch.manual_seed(0)
+    queue = MemoryQueue(6, 4, dtype=torch.float64)
+    query, key, _, _ = make_inputs("queue", n=3, d=4, seed=11)
+    old = queue.keys.clone()
+    query.requires_grad_()
+    loss = sce_loss(query, key, queue.keys)
+    loss.backward()
+    torch.testing.assert_close(loss, sce_loss(query, key, old))
+    queue.push(key)
+    torch.testing.assert_close(queue.keys[:3], key)
+    torch.testing.assert_close(queue.keys[3:], old[3:])
+
+
+def test_pushing_between_a_loss_and_its_backward_is_refused():
+    queue = MemoryQueue(6, 4, dtype=torch.float64)
+    query, key, _, _ = make_inputs("queue", n=3, d=4, seed=12)
+    loss = info_nce_loss(query.requires_grad_(), key, queue.keys)
+    queue.push(key)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_push_does_not_mutate_its_argument_and_rejects_bad_keys():
+    queue = MemoryQueue(6, 4)
+    keys = unit(3, 4, dtype=torch.float32)
+    before = keys.clone()
+    queue.push(keys)
+    assert torch.equal(keys, before)
+    with pytest.raises(ValueError, match=r"keys must be \(B, 4\)"):
+        queue.push(unit(3, 5, dtype=torch.float32))
+    with pytest.raises(TypeError, match="keys must be a torch.Tensor"):
+        queue.push([[0.0] * 4])
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        MemoryQueue(0, 4)
+
+
+@pytest.mark.parametrize("module, fn, hyper", [
+    (SCELoss, sce_loss, dict(coeff=0.7, temperature=0.2, target_temperature=0.03)),
+    (InfoNCELoss, info_nce_loss, dict(temperature=0.3)),
+    (ReSSLLoss, ressl_loss, dict(temperature=0.2, target_temperature=0.03)),
+])
+def test_modules_call_the_functions_with_their_hyper_parameters(module, fn, hyper, mode):
+    query, key, queue, include_keys = make_inputs(mode, seed=13)
+    torch.testing.assert_close(module(**hyper, include_keys=include_keys)(query, key, queue),
+                               fn(query, key, queue, include_keys=include_keys, **hyper), rtol=0, atol=0)
+    held = MemoryQueue(7, 8, dtype=torch.float64)
+    torch.testing.assert_close(module(**hyper, include_keys=include_keys, queue=held)(query, key),
+                               fn(query, key, held.keys, include_keys=include_keys, **hyper), rtol=0, atol=0)
+
+
+def test_module_with_a_queue_saves_it_in_its_state_dict():
+    loss_fn = SCELoss(queue=MemoryQueue(8, 4))
+    assert {"queue.keys", "queue.pointer"} <= set(loss_fn.state_dict())
+    assert "coeff=0.5" in repr(loss_fn)
