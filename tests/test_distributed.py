@@ -1,0 +1,109 @@
+"""W gloo processes must give exactly the loss and gradients of one process holding every batch."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import MODES, make_inputs
+from sce_loss import MemoryQueue, info_nce_loss, ressl_loss, sce_loss
+
+LOSSES = {
+    "infonce": (info_nce_loss, dict(temperature=0.2)),
+    "ressl": (ressl_loss, dict(temperature=0.1, target_temperature=0.04)),
+    "sce": (sce_loss, dict(coeff=0.3, temperature=0.1, target_temperature=0.05)),
+}
+N_PER_RANK = 3
+CASES = [(name, mode, crops) for name in LOSSES for mode in MODES for crops in (None, 2)]
+
+
+def full_batch(mode, world, crops):
+    return make_inputs(mode, n=N_PER_RANK * world, d=6, m=5, crops=crops, seed=world)
+
+
+def loss_and_gradients(name, query, key, queue, include_keys, gather):
+    fn, hyper = LOSSES[name]
+    query, key = query.clone().requires_grad_(), key.clone().requires_grad_()
+    loss = fn(query, key, queue, include_keys=include_keys, gather=gather, **hyper)
+    loss.backward()
+    return loss.detach(), query.grad, key.grad
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        results = {}
+        for name, mode, crops in CASES:
+            query, key, queue, include_keys = full_batch(mode, world, crops)
+            results[name, mode, crops] = loss_and_gradients(
+                name, query[..., rows, :], key[rows], queue, include_keys, gather=True)
+        queue = MemoryQueue(7, 2, dtype=torch.float64)
+        torch.manual_seed(rank)
+        for step in range(5):
+            queue.push(torch.randn(N_PER_RANK, 2, dtype=torch.float64) + 10 * step + rank)
+        results["queue"] = queue.keys.clone(), queue.pointer.clone()
+        try:
+            queue.push(torch.zeros(N_PER_RANK + rank, 2, dtype=torch.float64))
+            results["uneven"] = None
+        except ValueError as error:
+            results["uneven"] = str(error)
+        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def ranks(request):
+    world = request.param
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world, os.path.join(out_dir, "init"), out_dir), nprocs=world)
+        yield world, [torch.load(os.path.join(out_dir, f"{r}.pt")) for r in range(world)]
+
+
+@pytest.mark.parametrize("name, mode, crops", CASES)
+def test_ranks_match_one_process_on_the_concatenated_batch(ranks, name, mode, crops):
+    """mean_r L_r = L, and each rank's gradients are W × the one-process gradients (DDP divides)."""
+    world, results = ranks
+    query, key, queue, include_keys = full_batch(mode, world, crops)
+    loss, grad_query, grad_key = loss_and_gradients(name, query, key, queue, include_keys, gather=False)
+    per_rank = [r[name, mode, crops] for r in results]
+    torch.testing.assert_close(torch.stack([r[0] for r in per_rank]).mean(), loss, rtol=1e-12, atol=1e-14)
+    for rank, (_, rank_grad_query, rank_grad_key) in enumerate(per_rank):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        torch.testing.assert_close(rank_grad_query, world * grad_query[..., rows, :], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(rank_grad_key, world * grad_key[rows], rtol=1e-10, atol=1e-13)
+
+
+def test_queues_are_identical_across_ranks_and_equal_one_process_pushing_every_batch(ranks):
+    world, results = ranks
+    for r in results[1:]:
+        assert torch.equal(r["queue"][0], results[0]["queue"][0])
+        assert torch.equal(r["queue"][1], results[0]["queue"][1])
+    # 5 pushes of W·3 keys overwrite every random initial entry, so the whole queue is determined.
+    expected = MemoryQueue(7, 2, dtype=torch.float64)
+    for step in range(5):
+        batches = []
+        for rank in range(world):
+            torch.manual_seed(rank)
+            draws = [torch.randn(N_PER_RANK, 2, dtype=torch.float64) for _ in range(step + 1)]
+            batches.append(draws[-1] + 10 * step + rank)
+        expected.push(torch.cat(batches))
+    pushed = 5 * world * N_PER_RANK
+    assert int(results[0]["queue"][1]) == pushed % 7
+    torch.testing.assert_close(results[0]["queue"][0], expected.keys, rtol=0, atol=0)
+
+
+def test_uneven_batches_are_refused_on_every_rank(ranks):
+    _, results = ranks
+    for r in results:
+        assert r["uneven"] is not None and "same number of keys" in r["uneven"]
+
+
+def test_gather_without_a_process_group_is_one_process():
+    query, key, queue, _ = make_inputs("in-batch", seed=14)
+    assert not dist.is_initialized()
+    torch.testing.assert_close(sce_loss(query, key, gather=True), sce_loss(query, key), rtol=0, atol=0)
