@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed, reference
+from . import distributed, fused, reference
 
 Scalar = float | Tensor
 
@@ -22,7 +22,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 def info_nce_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *,
                   temperature: Scalar = 0.2, include_keys: bool = False, normalize: bool = False,
-                  reduction: str = "mean", gather=False) -> Tensor:
+                  reduction: str = "mean", gather=False, backend: str = "auto") -> Tensor:
     """InfoNCE (MoCo v2): loss_i = −log softmax_k(z¹_i·c_k / τ)[pos].
 
     Args:
@@ -35,34 +35,32 @@ def info_nce_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *,
         reduction: "mean" (default), "sum" or "none" (per-row losses, shape (N,) or (V, N)).
         gather: True or a process group: under torch.distributed, the keys of every rank are
             candidates (in-batch mode and ``include_keys``), as if one process held every batch.
+        backend: "auto" (the fused kernels on CUDA when Triton is installed and the case is
+            supported, else the reference), "reference" or "fused".
     """
     _check_temperature("temperature", temperature)
-    _check_reduction(reduction)
-    inputs = _prepare(query, key, queue, normalize=normalize, gather=gather, include_keys=include_keys)
-    losses = reference.info_nce(*inputs.tensors, temperature=temperature, **inputs.options)
-    return _reduce(losses, reduction)
+    return _run("info_nce", query, key, queue, dict(temperature=temperature), include_keys,
+                normalize, reduction, gather, backend)
 
 
 def ressl_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *,
                temperature: Scalar = 0.1, target_temperature: Scalar = 0.04,
                include_keys: bool = False, normalize: bool = False, reduction: str = "mean",
-               gather=False) -> Tensor:
+               gather=False, backend: str = "auto") -> Tensor:
     """ReSSL: loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, where s¹ = softmax(z¹_i·c_k / τ) and
     s² = softmax(z²_i·c_k / τ_m) both run over the candidates without the positive (s² is a
     constant target). Arguments as :func:`info_nce_loss`; ``target_temperature`` is τ_m > 0."""
     _check_temperature("temperature", temperature)
     _check_temperature("target_temperature", target_temperature)
-    _check_reduction(reduction)
-    inputs = _prepare(query, key, queue, normalize=normalize, gather=gather, include_keys=include_keys)
-    losses = reference.ressl(*inputs.tensors, temperature=temperature,
-                             target_temperature=target_temperature, **inputs.options)
-    return _reduce(losses, reduction)
+    return _run("ressl", query, key, queue,
+                dict(temperature=temperature, target_temperature=target_temperature), include_keys,
+                normalize, reduction, gather, backend)
 
 
 def sce_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *, coeff: Scalar = 0.5,
              temperature: Scalar = 0.1, target_temperature: Scalar = 0.05,
              include_keys: bool = False, normalize: bool = False, reduction: str = "mean",
-             gather=False) -> Tensor:
+             gather=False, backend: str = "auto") -> Tensor:
     """SCE (Similarity Contrastive Estimation): loss_i = −Σ_k w_ik log p_ik with
     p_i = softmax_k(z¹_i·c_k / τ) over all candidates and the constant target
     w_ik = λ·[k = pos] + (1−λ)·softmax_{k≠pos}(z²_i·c_k / τ_m).
@@ -73,37 +71,55 @@ def sce_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *, coeff: 
     _check_coeff(coeff)
     _check_temperature("temperature", temperature)
     _check_temperature("target_temperature", target_temperature)
+    return _run("sce", query, key, queue,
+                dict(coeff=coeff, temperature=temperature, target_temperature=target_temperature),
+                include_keys, normalize, reduction, gather, backend)
+
+
+def _run(loss: str, query, key, queue, hyper_parameters: dict, include_keys, normalize, reduction,
+         gather, backend) -> Tensor:
+    """Check the inputs, prepare them for the chosen backend, compute the per-row losses, reduce."""
     _check_reduction(reduction)
-    inputs = _prepare(query, key, queue, normalize=normalize, gather=gather, include_keys=include_keys)
-    losses = reference.sce(*inputs.tensors, coeff=coeff, temperature=temperature,
-                           target_temperature=target_temperature, **inputs.options)
-    return _reduce(losses, reduction)
-
-
-class _Inputs:
-    """The loss inputs cast to the compute dtype, and where each row's keys sit among the candidates."""
-
-    def __init__(self, query, key, queue, include_keys, key_bank, offset):
-        self.tensors = (query, key, queue)
-        self.options = dict(include_keys=include_keys, key_bank=key_bank, offset=offset)
-
-
-def _prepare(query, key, queue, *, normalize: bool, gather, include_keys: bool) -> _Inputs:
     _check_tensors(query, key, queue)
     if not isinstance(include_keys, bool):
         raise TypeError(f"include_keys must be a bool, got {type(include_keys).__name__}")
     group = distributed.resolve_group(gather)
+    implementation = _backend(backend, query)
+    # The reference computes in float32 (float64 for float64 inputs); the fused kernels read the
+    # inputs as they are and accumulate in float32.
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    query, key = query.to(compute), key.to(compute)
-    queue = None if queue is None else queue.detach().to(compute)  # a constant: never a gradient
-    if normalize:
-        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
-        queue = None if queue is None else F.normalize(queue, dim=-1)
+    kernel_dtype = compute if implementation is reference else query.dtype
+    query, key = _prepared(query, normalize, kernel_dtype), _prepared(key, normalize, kernel_dtype)
+    if queue is not None:  # a constant: never a gradient
+        queue = _prepared(queue.detach(), normalize, compute if implementation is reference else queue.dtype)
     key_bank, offset = key, 0
     if queue is None or include_keys:
         key_bank, offset = distributed.gather_keys(key, group)
     _check_has_negatives(key, queue, include_keys, key_bank)
-    return _Inputs(query, key, queue, include_keys, key_bank, offset)
+    losses = getattr(implementation, loss)(query, key, queue, include_keys=include_keys,
+                                           key_bank=key_bank, offset=offset, **hyper_parameters)
+    return _reduce(losses, reduction)
+
+
+def _prepared(x: Tensor, normalize: bool, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype``, L2-normalised (in at least float32) if asked."""
+    if normalize:
+        x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+    return x.to(dtype)
+
+
+def _backend(backend, query: Tensor):
+    """The module computing the per-row losses: reference or fused."""
+    if backend == "reference":
+        return reference
+    if backend not in ("auto", "fused"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'fused', got {backend!r}")
+    reason = fused.unsupported_reason(query)
+    if reason is None and (backend == "fused" or query.device.type == "cuda"):
+        return fused
+    if backend == "fused":
+        raise ValueError(f"backend='fused' cannot run here: {reason}")
+    return reference
 
 
 def _check_tensors(query, key, queue) -> None:
@@ -133,8 +149,11 @@ def _check_tensors(query, key, queue) -> None:
             raise ValueError(f"queue must be (M, D) with D={key.shape[1]}, got shape {tuple(queue.shape)}")
         if queue.device != query.device:
             raise ValueError(f"queue must be on query's device {query.device}, got {queue.device}")
+    # Checking CUDA tensors would synchronise the device, and a compiled graph cannot branch on
+    # data: there finiteness is the caller's contract.
+    if torch.compiler.is_compiling():
+        return
     for name, value in (("query", query), ("key", key), ("queue", queue)):
-        # Checking CUDA tensors would synchronise the device: there finiteness is the caller's contract.
         if value is not None and value.device.type == "cpu" and not torch.isfinite(value).all():
             raise ValueError(f"{name} must be finite, got NaN or inf")
 

@@ -1,5 +1,6 @@
 """W gloo processes must give exactly the loss and gradients of one process holding every batch."""
 
+import importlib.util
 import os
 import tempfile
 
@@ -18,16 +19,19 @@ LOSSES = {
 }
 N_PER_RANK = 3
 CASES = [(name, mode, crops) for name in LOSSES for mode in MODES for crops in (None, 2)]
+# The fused kernels (through Triton's interpreter without a GPU), float32, where keys are gathered.
+FUSED_CASES = [(name, mode, None) for name in LOSSES for mode in ("in-batch", "queue+keys")]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def full_batch(mode, world, crops):
-    return make_inputs(mode, n=N_PER_RANK * world, d=6, m=5, crops=crops, seed=world)
+def full_batch(mode, world, crops, dtype=torch.float64):
+    return make_inputs(mode, n=N_PER_RANK * world, d=6, m=5, crops=crops, seed=world, dtype=dtype)
 
 
-def loss_and_gradients(name, query, key, queue, include_keys, gather):
+def loss_and_gradients(name, query, key, queue, include_keys, gather, backend="reference"):
     fn, hyper = LOSSES[name]
     query, key = query.clone().requires_grad_(), key.clone().requires_grad_()
-    loss = fn(query, key, queue, include_keys=include_keys, gather=gather, **hyper)
+    loss = fn(query, key, queue, include_keys=include_keys, gather=gather, backend=backend, **hyper)
     loss.backward()
     return loss.detach(), query.grad, key.grad
 
@@ -41,6 +45,10 @@ def _worker(rank, world, init_file, out_dir):
             query, key, queue, include_keys = full_batch(mode, world, crops)
             results[name, mode, crops] = loss_and_gradients(
                 name, query[..., rows, :], key[rows], queue, include_keys, gather=True)
+        for name, mode, crops in FUSED_CASES if HAS_TRITON else ():
+            query, key, queue, include_keys = full_batch(mode, world, crops, torch.float32)
+            results["fused", name, mode] = loss_and_gradients(
+                name, query[rows], key[rows], queue, include_keys, gather=True, backend="fused")
         queue = MemoryQueue(7, 2, dtype=torch.float64)
         torch.manual_seed(rank)
         for step in range(5):
@@ -76,6 +84,21 @@ def test_ranks_match_one_process_on_the_concatenated_batch(ranks, name, mode, cr
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
         torch.testing.assert_close(rank_grad_query, world * grad_query[..., rows, :], rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(rank_grad_key, world * grad_key[rows], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the fused backend needs Triton")
+@pytest.mark.parametrize("name, mode, crops", FUSED_CASES)
+def test_fused_ranks_match_one_fused_process(ranks, name, mode, crops):
+    world, results = ranks
+    query, key, queue, include_keys = full_batch(mode, world, crops, torch.float32)
+    loss, grad_query, grad_key = loss_and_gradients(name, query, key, queue, include_keys,
+                                                    gather=False, backend="fused")
+    per_rank = [r["fused", name, mode] for r in results]
+    torch.testing.assert_close(torch.stack([r[0] for r in per_rank]).mean(), loss, rtol=1e-5, atol=1e-6)
+    for rank, (_, rank_grad_query, rank_grad_key) in enumerate(per_rank):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        torch.testing.assert_close(rank_grad_query, world * grad_query[rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank_grad_key, world * grad_key[rows], rtol=1e-5, atol=1e-6)
 
 
 def test_queues_are_identical_across_ranks_and_equal_one_process_pushing_every_batch(ranks):

@@ -1,0 +1,234 @@
+"""Triton kernels of the fused losses: one streaming pass over the candidates, flash-attention style.
+
+Rows r = 0..R−1 are the (crop, row) pairs of the flattened query X; row r's target key is
+K[r mod N]. A candidate block C (the key bank or the queue) is split along its columns; for each
+(row block, split) ``partial_stats_kernel`` streams its columns once and keeps, per row:
+
+    m_a, l_a = Σ e^{a−m_a}, u_a = Σ e^{a−m_a}·a, O_a = Σ e^{a−m_a}·c       (online,  a = x·c/τ)
+    m_b, l_b = Σ e^{b−m_b}, u_b = Σ e^{b−m_b}·a, O_b = Σ e^{b−m_b}·c       (target,  b = k·c/τ_m, k≠pos)
+    a_pos                                                                   (the positive's logit)
+
+``finalize_kernel`` merges the partial states of every split (rescaling by the running maxima) and
+writes, with λ the target's weight on the positive,
+
+    loss_r  = LSE_a − λ·a_pos − (1−λ)·u_b/l_b
+    dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b) / τ
+    dL/dτ_r = −(u_a/l_a − λ·a_pos − (1−λ)·u_b/l_b) / τ
+
+and LSE_a, LSE_b for the key pass. ``key_gradient_kernel`` is that key pass: column-parallel over a
+key bank, dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ with P and w recomputed from LSE_a and LSE_b.
+No N×M tensor is ever stored.
+"""
+
+import triton
+import triton.language as tl
+
+# Partial-state scalars per (split, row), in this order, then O_a and O_b.
+M_A, L_A, U_A, M_B, L_B, U_B, A_POS = range(7)
+SCALARS = 7
+
+
+@triton.jit
+def _dot(x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's interpreter has no bfloat16 tl.dot (triton-lang/triton#11584); bfloat16
+    # values are exact in float32, so the product is the same.
+    if UPCAST:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(x, y, input_precision=PRECISION)
+
+
+@triton.jit
+def _online_update(m, l, u, o, logits, valid, weights_of, c, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """One block of columns into a running (max, Σe, Σe·a, Σe·c) state; ``weights_of`` is a."""
+    masked = tl.where(valid, logits, float("-inf"))
+    new_m = tl.maximum(m, tl.max(masked, 1))
+    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+    alpha = tl.exp(m - safe_m)
+    p = tl.exp(masked - safe_m[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    u = u * alpha + tl.sum(p * tl.where(valid, weights_of, 0.0), 1)
+    o = o * alpha[:, None] + _dot(p.to(c.dtype), c, PRECISION, UPCAST)
+    return new_m, l, u, o
+
+
+@triton.jit
+def partial_stats_kernel(
+    X, K, C, STATS, VECS,
+    R, N, NUM_C, D, COLS_PER_SPLIT, SPLIT_BASE, TOTAL_SPLITS, POS_OFFSET,
+    inv_tau, inv_tau_m,
+    HAS_POS: tl.constexpr, ONLINE_HAS_POS: tl.constexpr, NEED_TARGET: tl.constexpr,
+    NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    dim_ok = dims < D
+    key_rows = rows % N
+    x = tl.load(X + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if NEED_TARGET:
+        k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                    other=0.0).to(x.dtype)
+    if HAS_POS:
+        pos = key_rows + POS_OFFSET
+    else:
+        pos = key_rows * 0 - 1
+
+    m_a = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_a = tl.zeros((BLOCK_R,), tl.float32)
+    u_a = tl.zeros((BLOCK_R,), tl.float32)
+    o_a = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    m_b = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_b = tl.zeros((BLOCK_R,), tl.float32)
+    u_b = tl.zeros((BLOCK_R,), tl.float32)
+    o_b = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    a_pos = tl.zeros((BLOCK_R,), tl.float32)
+
+    start = split * COLS_PER_SPLIT
+    for step in range(0, COLS_PER_SPLIT, BLOCK_C):
+        cols = start + step + tl.arange(0, BLOCK_C)
+        col_ok = cols < NUM_C
+        c = tl.load(C + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                    other=0.0).to(x.dtype)
+        ct = tl.trans(c)
+        a = _dot(x, ct, PRECISION, UPCAST) * inv_tau
+        is_pos = cols[None, :] == pos[:, None]
+        valid = col_ok[None, :] & row_ok[:, None]
+        a_pos += tl.sum(tl.where(is_pos & valid, a, 0.0), 1)
+        online_ok = valid if ONLINE_HAS_POS else valid & ~is_pos
+        m_a, l_a, u_a, o_a = _online_update(m_a, l_a, u_a, o_a, a, online_ok, a, c, PRECISION, UPCAST)
+        if NEED_TARGET:
+            b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
+            m_b, l_b, u_b, o_b = _online_update(m_b, l_b, u_b, o_b, b, valid & ~is_pos, a, c,
+                                                PRECISION, UPCAST)
+
+    slot = SPLIT_BASE + split
+    base = STATS + slot * R + rows
+    stride = TOTAL_SPLITS * R
+    tl.store(base + M_A * stride, m_a, mask=row_ok)
+    tl.store(base + L_A * stride, l_a, mask=row_ok)
+    tl.store(base + U_A * stride, u_a, mask=row_ok)
+    tl.store(base + M_B * stride, m_b, mask=row_ok)
+    tl.store(base + L_B * stride, l_b, mask=row_ok)
+    tl.store(base + U_B * stride, u_b, mask=row_ok)
+    tl.store(base + A_POS * stride, a_pos, mask=row_ok)
+    if NEED_GRAD:
+        vec = VECS + (slot * R + rows[:, None]) * D + dims[None, :]
+        vec_ok = row_ok[:, None] & dim_ok[None, :]
+        tl.store(vec, o_a, mask=vec_ok)
+        tl.store(vec + TOTAL_SPLITS * R * D, o_b, mask=vec_ok)
+
+
+@triton.jit
+def _merge(m, l, u, o, m_s, l_s, u_s, o_s):
+    new_m = tl.maximum(m, m_s)
+    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+    alpha, beta = tl.exp(m - safe_m), tl.exp(m_s - safe_m)
+    return new_m, l * alpha + l_s * beta, u * alpha + u_s * beta, o * alpha[:, None] + o_s * beta[:, None]
+
+
+@triton.jit
+def finalize_kernel(
+    STATS, VECS, K, A_POS_EXTRA, LOSS, GRAD, DTAU, LSE_A, LSE_B,
+    R, N, D, TOTAL_SPLITS, coeff, inv_tau,
+    EXTRA_POS: tl.constexpr, NEED_TARGET: tl.constexpr, NEED_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the splits' states; EXTRA_POS adds the queue-mode positive (c = K[r mod N]) to the
+    online state as one more column, with logit A_POS_EXTRA[r]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    vec_ok = row_ok[:, None] & (dims < D)[None, :]
+    key = tl.load(K + (rows % N)[:, None] * D + dims[None, :], mask=vec_ok, other=0.0).to(tl.float32)
+
+    m_a = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_a = tl.zeros((BLOCK_R,), tl.float32)
+    u_a = tl.zeros((BLOCK_R,), tl.float32)
+    o_a = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    m_b = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_b = tl.zeros((BLOCK_R,), tl.float32)
+    u_b = tl.zeros((BLOCK_R,), tl.float32)
+    o_b = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    a_pos = tl.zeros((BLOCK_R,), tl.float32)
+    if EXTRA_POS:
+        a_pos = tl.load(A_POS_EXTRA + rows, mask=row_ok, other=0.0)
+        m_a, l_a, u_a, o_a = a_pos, tl.full((BLOCK_R,), 1.0, tl.float32), a_pos, key
+
+    stride = TOTAL_SPLITS * R
+    for slot in range(0, TOTAL_SPLITS):
+        base = STATS + slot * R + rows
+        vec = VECS + (slot * R + rows[:, None]) * D + dims[None, :]
+        o_s = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        if NEED_GRAD:
+            o_s = tl.load(vec, mask=vec_ok, other=0.0)
+        m_a, l_a, u_a, o_a = _merge(m_a, l_a, u_a, o_a, tl.load(base + M_A * stride, mask=row_ok, other=float("-inf")),
+                                    tl.load(base + L_A * stride, mask=row_ok, other=0.0),
+                                    tl.load(base + U_A * stride, mask=row_ok, other=0.0), o_s)
+        a_pos += tl.load(base + A_POS * stride, mask=row_ok, other=0.0)
+        if NEED_TARGET:
+            if NEED_GRAD:
+                o_s = tl.load(vec + stride * D, mask=vec_ok, other=0.0)
+            m_b, l_b, u_b, o_b = _merge(m_b, l_b, u_b, o_b, tl.load(base + M_B * stride, mask=row_ok, other=float("-inf")),
+                                        tl.load(base + L_B * stride, mask=row_ok, other=0.0),
+                                        tl.load(base + U_B * stride, mask=row_ok, other=0.0), o_s)
+
+    l_a = tl.where(row_ok, l_a, 1.0)  # rows past R: keep their (unstored) arithmetic finite
+    l_b = tl.where(row_ok, l_b, 1.0)
+    lse_a = m_a + tl.log(l_a)
+    target_u = a_pos * 0.0
+    if NEED_TARGET:
+        target_u = u_b / l_b
+        tl.store(LSE_B + rows, m_b + tl.log(l_b), mask=row_ok)
+    tl.store(LSE_A + rows, lse_a, mask=row_ok)
+    tl.store(LOSS + rows, lse_a - coeff * a_pos - (1.0 - coeff) * target_u, mask=row_ok)
+    tl.store(DTAU + rows, -(u_a / l_a - coeff * a_pos - (1.0 - coeff) * target_u) * inv_tau, mask=row_ok)
+    if NEED_GRAD:
+        grad = o_a / l_a[:, None] - coeff * key
+        if NEED_TARGET:
+            grad -= (1.0 - coeff) * o_b / l_b[:, None]
+        tl.store(GRAD + rows[:, None] * D + dims[None, :], grad * inv_tau, mask=vec_ok)
+
+
+@triton.jit
+def key_gradient_kernel(
+    X, K, BANK, UPSTREAM, LSE_A, LSE_B, GRAD_BANK,
+    R, N, NUM_BANK, D, POS_OFFSET, coeff, inv_tau, inv_tau_m,
+    ONLINE_HAS_POS: tl.constexpr, NEED_TARGET: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for one block of bank columns, over every row."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < NUM_BANK
+    dim_ok = dims < D
+    x_dtype = X.dtype.element_ty
+    c = tl.load(BANK + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                other=0.0).to(x_dtype)
+    ct = tl.trans(c)
+    grad = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    for row0 in range(0, R, BLOCK_R):
+        rows = row0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        key_rows = rows % N
+        x = tl.load(X + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        g = tl.load(UPSTREAM + rows, mask=row_ok, other=0.0)
+        lse_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
+        is_pos = cols[None, :] == (key_rows + POS_OFFSET)[:, None]
+        valid = row_ok[:, None] & col_ok[None, :]
+        a = _dot(x, ct, PRECISION, UPCAST) * inv_tau
+        online_ok = valid if ONLINE_HAS_POS else valid & ~is_pos
+        weight = tl.where(online_ok, tl.exp(a - lse_a[:, None]), 0.0)
+        weight -= tl.where(is_pos & valid, coeff, 0.0)
+        if NEED_TARGET:
+            k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                        other=0.0).to(x_dtype)
+            lse_b = tl.load(LSE_B + rows, mask=row_ok, other=0.0)
+            b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
+            weight -= (1.0 - coeff) * tl.where(valid & ~is_pos, tl.exp(b - lse_b[:, None]), 0.0)
+        weight *= g[:, None] * inv_tau
+        grad += _dot(tl.trans(weight).to(x.dtype), x, PRECISION, UPCAST)
+    tl.store(GRAD_BANK + cols[:, None] * D + dims[None, :], grad, mask=col_ok[:, None] & dim_ok[None, :])
