@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 # Partial-state scalars per (split, row), in this order, then O_a and O_b.
-M_A, L_A, U_A, M_B, L_B, U_B, A_POS = range(7)
 SCALARS = 7
+M_A, L_A, U_A, M_B, L_B, U_B, A_POS = (tl.constexpr(i) for i in range(SCALARS))
 
 
 @triton.jit

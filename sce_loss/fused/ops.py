@@ -17,13 +17,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _WORKSPACE_BYTES = 4 << 20
 
 
-def _blocks(rows: int, dim: int) -> tuple[int, int, int]:
+def blocks(rows: int, dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, BLOCK_D); tl.dot needs every block ≥ 16. The interpreter gets the
-    smallest, so small test shapes still cover several row, column and split blocks."""
+    smallest, so small test shapes still cover several row, column and split blocks. Full-precision
+    float32 products run without tensor cores and stage more in shared memory: smaller tiles keep
+    every kernel within a Hopper block's 227 KiB (tests/test_fused_compile.py checks)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if INTERPRET:
         return 16, 16, block_d
-    return (64 if rows > 32 else 16), (64 if block_d <= 128 else 32), block_d
+    wide = block_d > 128 or (dtype == torch.float32 and _precision(dtype) == "ieee")
+    tall = 32 if dtype == torch.float32 and block_d > 128 else 64
+    return (tall if rows > 32 else 16), (32 if wide else 64), block_d
 
 
 def _target_programs(device: torch.device) -> int:
@@ -58,7 +62,7 @@ def fused_forward(query: Tensor, key: Tensor, bank: Tensor | None, queue: Tensor
     """
     rows, dim = query.shape
     device = query.device
-    block_r, block_c, block_d = _blocks(rows, dim)
+    block_r, block_c, block_d = blocks(rows, dim, query.dtype)
     per_split = 4 * rows * ((2 * dim if need_grad else 0) + kernels.SCALARS)
     budget = max(1, _WORKSPACE_BYTES // per_split)
     segments = [(c, has_pos) for c, has_pos in ((bank, True), (queue, False))
@@ -118,7 +122,7 @@ def fused_bank_gradient(query: Tensor, key: Tensor, bank: Tensor, upstream: Tens
                         target_temperature: float, online_has_pos: bool, need_target: bool) -> Tensor:
     """dL/dbank_k = Σ_r g_r (P_rk − w_rk) query_r / τ, one column-parallel pass over the rows."""
     rows, dim = query.shape
-    block_r, block_c, block_d = _blocks(rows, dim)
+    block_r, block_c, block_d = blocks(rows, dim, query.dtype)
     grad = torch.empty(bank.shape, device=bank.device, dtype=torch.float32)
     kernels.key_gradient_kernel[(triton.cdiv(bank.shape[0], block_c),)](
         query, key, bank, upstream.float().contiguous(), lse_a, lse_b, grad,

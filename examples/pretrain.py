@@ -1,0 +1,375 @@
+"""MoCo-style self-supervised pretraining of a ResNet-18 with SCE, InfoNCE (MoCo v2) or ReSSL.
+
+    python examples/pretrain.py                                   # default data, SCE recipe
+    python examples/pretrain.py --data cifar10-jpeg.npz --loss infonce --out runs/moco
+    torchrun --nproc_per_node=4 examples/pretrain.py --data cifar10-jpeg.npz --out runs/sce4
+    python examples/pretrain.py --smoke --device cpu              # a 2-minute CPU check
+
+An online ResNet-18 (CIFAR stem) + projector 512-512(BN)-128 learns from a strong view; its EMA
+(the momentum encoder) embeds a weak view into the target keys; a MemoryQueue of past keys holds
+the negatives. Evaluation: a weighted kNN monitor (k=200, t=0.1) and a final linear probe. Each
+epoch writes a checkpoint that ``--resume`` continues from, plus summary.json and curves.png.
+
+Several processes (torchrun): each takes its shard of every global batch; the loss's queue is
+pushed with every rank's keys, so all ranks hold one queue; batch norm is SyncBatchNorm in both
+encoders, so the statistics are those of the global batch, as on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import augment  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+from resnet import ResNet18  # noqa: E402
+
+from sce_loss import MemoryQueue, info_nce_loss, ressl_loss, sce_loss  # noqa: E402
+
+# Per-loss temperatures (DESIGN/papers): SCE's CIFAR recipe, MoCo v2, ReSSL.
+LOSS_DEFAULTS = {"sce": dict(temperature=0.1, target_temperature=0.05),
+                 "infonce": dict(temperature=0.2), "ressl": dict(temperature=0.1, target_temperature=0.04)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="sce")
+    p.add_argument("--data", default=None, help=".npz, 'cifar10', 'digits' or an ImageFolder path "
+                   "(default: CIFAR-10 if on disk or downloadable, else scikit-learn's digits)")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where torchvision keeps CIFAR-10")
+    p.add_argument("--out", type=Path, default=Path("runs/pretrain"))
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--epochs", type=int, default=None, help="default 200 (20 on the digits fallback)")
+    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over ranks")
+    p.add_argument("--lr", type=float, default=0.06)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--momentum", type=float, default=0.99, help="EMA momentum of the target encoder")
+    p.add_argument("--momentum-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: from --momentum to 1 over training")
+    p.add_argument("--queue-size", type=int, default=4096)
+    p.add_argument("--coeff", type=float, default=0.5, help="SCE's λ")
+    p.add_argument("--temperature", type=float, default=None, help="τ (default per loss)")
+    p.add_argument("--target-temperature", type=float, default=None, help="τ_m (default per loss)")
+    p.add_argument("--knn-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)")
+    p.add_argument("--knn-k", type=int, default=200)
+    p.add_argument("--knn-t", type=float, default=0.1)
+    p.add_argument("--probe-epochs", type=int, default=100)
+    p.add_argument("--train-subset", type=int, default=None, help="use the first N training images")
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap the steps of an epoch")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast (it is on for CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny preset for a CPU check: 2 epochs of 3 steps of 32 images on a subset")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.warmup_epochs, args.batch_size, args.queue_size = args.epochs or 2, 1, 32, 128
+        args.steps_per_epoch, args.knn_every, args.probe_epochs = 3, 1, 5
+        args.train_subset, args.test_subset = args.train_subset or 512, args.test_subset or 256
+    return args
+
+
+class Encoder(nn.Module):
+    """ResNet-18 backbone and projector 512-512(BN)-128; returns L2-normalised embeddings."""
+
+    def __init__(self, out_dim=128):
+        super().__init__()
+        self.backbone = ResNet18()
+        self.projector = nn.Sequential(nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
+                                       nn.Linear(512, out_dim))
+
+    def forward(self, x):
+        return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
+
+
+class Run:
+    """One pretraining run: set-up, epochs, evaluation, checkpoints and summary."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world = _init_distributed(args.device)
+        self.device = torch.device(args.device, _local_rank() if args.device == "cuda" else 0)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        _seed_everything(args.seed + self.rank)
+        self.amp = self.device.type == "cuda" and not args.no_amp
+        self.dataset = data.load(args.data, args.data_dir)
+        if self.dataset.note and self.rank == 0:
+            print(self.dataset.note, flush=True)
+        if args.train_subset:
+            self.dataset.x_train, self.dataset.y_train = (t[:args.train_subset] for t in
+                                                          (self.dataset.x_train, self.dataset.y_train))
+        if args.test_subset:
+            self.dataset.x_test, self.dataset.y_test = (t[:args.test_subset] for t in
+                                                        (self.dataset.x_test, self.dataset.y_test))
+        if args.epochs is None:
+            args.epochs = 20 if self.dataset.name == "digits" else 200
+        if args.batch_size % self.world:
+            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {self.world} ranks")
+        self.images = self.dataset.x_train.to(self.device)  # uint8, augmented on the device
+        self.steps_per_epoch = len(self.images) // args.batch_size
+        if args.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, args.steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(self.images)} training images are fewer than one batch of {args.batch_size}")
+
+        online = Encoder().to(self.device, memory_format=torch.channels_last)
+        if self.world > 1:
+            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        self.target = copy.deepcopy(online).requires_grad_(False)
+        self.online = (nn.parallel.DistributedDataParallel(online, device_ids=[self.device.index]
+                                                           if self.device.type == "cuda" else None)
+                       if self.world > 1 else online)
+        self.queue = MemoryQueue(args.queue_size, 128, device=self.device)
+        self.optimizer = torch.optim.SGD(online.parameters(), lr=args.lr, momentum=0.9,
+                                         weight_decay=args.weight_decay)
+        self.forward_online = torch.compile(self.online) if args.compile else self.online
+        self.forward_target = torch.compile(self.target) if args.compile else self.target
+        hyper = dict(LOSS_DEFAULTS[args.loss])
+        if args.temperature is not None:
+            hyper["temperature"] = args.temperature
+        if args.target_temperature is not None and "target_temperature" in hyper:
+            hyper["target_temperature"] = args.target_temperature
+        if args.loss == "sce":
+            hyper["coeff"] = args.coeff
+        self.hyper = hyper
+        self.loss_fn = {"sce": sce_loss, "infonce": info_nce_loss, "ressl": ressl_loss}[args.loss]
+        # Batch order: the same on every rank (each takes its shard); augmentation: per rank. Both
+        # are re-seeded from (seed, epoch, rank) each epoch, so a resumed run draws the same numbers.
+        self.order_generator = torch.Generator(device=self.device)
+        self.augment_generator = torch.Generator(device=self.device)
+        self.epoch, self.history, self.train_seconds = 0, [], 0.0
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            self._load(args.out / "checkpoint.pt")
+
+    # -- schedules ------------------------------------------------------------------------------
+    def _lr(self, step: int) -> float:
+        warmup = self.args.warmup_epochs * self.steps_per_epoch
+        total = self.args.epochs * self.steps_per_epoch
+        if step < warmup:
+            return self.args.lr * (step + 1) / warmup
+        return self.args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    def _ema_momentum(self, step: int) -> float:
+        if self.args.momentum_schedule == "constant":
+            return self.args.momentum
+        total = self.args.epochs * self.steps_per_epoch
+        return 1 - (1 - self.args.momentum) * (math.cos(math.pi * step / total) + 1) / 2
+
+    # -- training -------------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        from tqdm import tqdm
+
+        self.online.train()
+        self.target.train()
+        local = self.args.batch_size // self.world
+        self.order_generator.manual_seed(self.args.seed * 1_000_003 + self.epoch)
+        self.augment_generator.manual_seed((self.args.seed * 1_000_003 + self.epoch) * 1009 + self.rank + 1)
+        order = torch.randperm(len(self.images), device=self.device, generator=self.order_generator)
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{self.args.epochs}",
+                   disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
+        total_loss = torch.zeros((), device=self.device)
+        start = time.perf_counter()
+        for i in bar:
+            step = self.epoch * self.steps_per_epoch + i
+            batch = order[i * self.args.batch_size:(i + 1) * self.args.batch_size][self.rank * local:(self.rank + 1) * local]
+            loss = self.train_step(self.images[batch], step)
+            total_loss += loss.detach()
+            if self.rank == 0 and (i % 10 == 0 or i == self.steps_per_epoch - 1):
+                seen = (i + 1) * self.args.batch_size
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self._lr(step):.4f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        if self.world > 1:
+            dist.all_reduce(total_loss)
+            total_loss /= self.world
+        return dict(loss=total_loss.item() / self.steps_per_epoch, seconds=seconds,
+                    images_per_s=self.steps_per_epoch * self.args.batch_size / seconds)
+
+    def train_step(self, images_uint8, step: int) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        strong = augment.strong(images_uint8, self.augment_generator).contiguous(memory_format=torch.channels_last)
+        weak = augment.weak(images_uint8, self.augment_generator).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            momentum = self._ema_momentum(step)
+            online = self.online.module if self.world > 1 else self.online
+            torch._foreach_lerp_(list(self.target.parameters()), list(online.parameters()), 1 - momentum)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                key = self.forward_target(weak)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            query = self.forward_online(strong)
+        loss = self.loss_fn(query, key, self.queue.keys, **self.hyper)  # read the queue, then push
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.queue.push(key)
+        return loss
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, probe: bool) -> dict:
+        backbone = (self.online.module if self.world > 1 else self.online).backbone
+        ds = self.dataset
+        train_f = evaluate.features(backbone, ds.x_train, self.device, autocast=self.amp)
+        test_f = evaluate.features(backbone, ds.x_test, self.device, autocast=self.amp)
+        train_y, test_y = ds.y_train.to(self.device), ds.y_test.to(self.device)
+        result = dict(knn_top1=evaluate.knn_top1(train_f, train_y, test_f, test_y, ds.classes,
+                                                 self.args.knn_k, self.args.knn_t))
+        if probe:
+            result["linear_top1"] = evaluate.linear_probe_top1(train_f, train_y, test_f, test_y,
+                                                               ds.classes, self.args.probe_epochs)
+        return result
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save(self, path: Path) -> None:
+        online = self.online.module if self.world > 1 else self.online
+        state = dict(online=online.state_dict(), target=self.target.state_dict(),
+                     queue=self.queue.state_dict(), optimizer=self.optimizer.state_dict(),
+                     epoch=self.epoch, history=self.history, train_seconds=self.train_seconds,
+                     args=vars(self.args),
+                     rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                              cuda=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None))
+        torch.save(state, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    def _load(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        online = self.online.module if self.world > 1 else self.online
+        online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.queue.load_state_dict(state["queue"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.history, self.train_seconds = state["epoch"], state["history"], state["train_seconds"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        if self.rank == 0:
+            print(f"resumed from {path} after epoch {self.epoch}", flush=True)
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        args = self.args
+        if self.epoch == 0 and self.rank == 0:  # the random-initialisation baseline of the curve
+            self.history.append(dict(epoch=0, loss=None) | self.evaluate(probe=False))
+            print(f"epoch 0: kNN top-1 {self.history[0]['knn_top1']:.2f}%", flush=True)
+        while self.epoch < args.epochs:
+            stats = self.train_epoch()
+            self.epoch += 1
+            self.train_seconds += stats["seconds"]
+            last = self.epoch == args.epochs
+            if self.rank == 0 and (self.epoch % args.knn_every == 0 or last):
+                stats |= self.evaluate(probe=False)
+                print(f"epoch {self.epoch}: loss {stats['loss']:.4f}, kNN top-1 {stats['knn_top1']:.2f}%", flush=True)
+            self.history.append(dict(epoch=self.epoch) | stats)
+            if self.rank == 0:
+                self._save(args.out / "checkpoint.pt")
+            if self.world > 1:
+                dist.barrier()
+        summary = self.summary()
+        if self.rank == 0:
+            (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            plot_curves(self.history, args.out / "curves.png", f"{args.loss} on {self.dataset.name}")
+            print(json.dumps(summary, indent=1), flush=True)
+        return summary
+
+    def summary(self) -> dict:
+        result = dict(loss=self.args.loss, hyper_parameters=self.hyper, data=self.dataset.name,
+                      data_note=self.dataset.note, epochs=self.epoch, batch_size=self.args.batch_size,
+                      queue_size=self.args.queue_size, world_size=self.world, seed=self.args.seed,
+                      final_train_loss=self.history[-1]["loss"] if self.history else None,
+                      wall_s=round(self.train_seconds, 1),
+                      images_per_s=round(self.epoch * self.steps_per_epoch * self.args.batch_size /
+                                         max(self.train_seconds, 1e-9), 1),
+                      device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                      torch=torch.__version__, amp_bf16=self.amp, compiled=self.args.compile)
+        if self.world > 1:
+            result["queue_identical_across_ranks"] = _identical_across_ranks(self.queue.keys)
+        if self.rank == 0:
+            result |= self.evaluate(probe=True)
+        return result
+
+
+def plot_curves(history, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    trained = [h for h in history if h["loss"] is not None]
+    loss_axis.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], color="tab:blue")
+    loss_axis.set(xlabel="epoch", ylabel="training loss", title=title)
+    knn = [(h["epoch"], h["knn_top1"]) for h in history if "knn_top1" in h]
+    if knn:
+        accuracy_axis = loss_axis.twinx()
+        accuracy_axis.plot(*zip(*knn), "o-", color="tab:orange")
+        accuracy_axis.set_ylabel("kNN top-1 (%)", color="tab:orange")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 0, 1
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _identical_across_ranks(tensor: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return Run(args).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
