@@ -11,8 +11,9 @@ the negatives. Evaluation: a weighted kNN monitor (k=200, t=0.1) and a final lin
 epoch writes a checkpoint that ``--resume`` continues from, plus summary.json and curves.png.
 
 Several processes (torchrun): each takes its shard of every global batch; the loss's queue is
-pushed with every rank's keys, so all ranks hold one queue; batch norm is SyncBatchNorm in both
-encoders, so the statistics are those of the global batch, as on one device.
+pushed with every rank's keys, so all ranks hold one queue; on GPUs batch norm is SyncBatchNorm in
+both encoders, so its statistics are those of the global batch, as on one device (without the
+cross-rank shuffle that MoCo's shuffle-BN needs). On CPUs (gloo, a smoke path) it stays per rank.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class Run:
     def __init__(self, args):
         self.args = args
         self.rank, self.world = _init_distributed(args.device)
-        self.device = torch.device(args.device, _local_rank() if args.device == "cuda" else 0)
+        self.device = torch.device("cuda", _local_rank()) if args.device == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
@@ -134,7 +135,7 @@ class Run:
             raise ValueError(f"{len(self.images)} training images are fewer than one batch of {args.batch_size}")
 
         online = Encoder().to(self.device, memory_format=torch.channels_last)
-        if self.world > 1:
+        if self.world > 1 and self.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
         self.target = copy.deepcopy(online).requires_grad_(False)
         self.online = (nn.parallel.DistributedDataParallel(online, device_ids=[self.device.index]

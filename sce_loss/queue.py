@@ -11,7 +11,8 @@ from . import distributed
 
 class MemoryQueue(nn.Module):
     """A first-in first-out bank of ``size`` keys of dimension ``dim``, kept as persistent buffers
-    (saved in ``state_dict``). It starts filled with random unit vectors, as in MoCo.
+    (saved in ``state_dict``). It starts filled with random unit vectors, as in MoCo, drawn from a
+    private generator seeded with ``seed``, so every rank starts with the same queue.
 
     Use it in MoCo order: the loss reads ``queue.keys`` (all ``size`` entries), then, after the
     backward, ``queue.push(key)`` overwrites the oldest entries. Any batch size works: writes wrap
@@ -22,7 +23,7 @@ class MemoryQueue(nn.Module):
     """
 
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, gather=True):
+                 device: torch.device | str | None = None, gather=True, seed: int = 0):
         super().__init__()
         for name, value in (("size", size), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -30,7 +31,8 @@ class MemoryQueue(nn.Module):
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.gather = gather
-        initial = F.normalize(torch.randn(size, dim, device=device), dim=1).to(dtype)
+        generator = torch.Generator().manual_seed(seed)
+        initial = F.normalize(torch.randn(size, dim, generator=generator), dim=1).to(device, dtype)
         self.register_buffer("keys", initial)
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long, device=device))
 

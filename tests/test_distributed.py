@@ -54,6 +54,10 @@ def _worker(rank, world, init_file, out_dir):
         for step in range(5):
             queue.push(torch.randn(N_PER_RANK, 2, dtype=torch.float64) + 10 * step + rank)
         results["queue"] = queue.keys.clone(), queue.pointer.clone()
+        torch.manual_seed(100 + rank)  # ranks' global RNGs differ, as in real training
+        partly_filled = MemoryQueue(100, 2, dtype=torch.float64)
+        partly_filled.push(torch.full((N_PER_RANK, 2), float(rank), dtype=torch.float64))
+        results["partly filled"] = partly_filled.keys.clone()
         try:
             queue.push(torch.zeros(N_PER_RANK + rank, 2, dtype=torch.float64))
             results["uneven"] = None
@@ -118,6 +122,13 @@ def test_queues_are_identical_across_ranks_and_equal_one_process_pushing_every_b
     pushed = 5 * world * N_PER_RANK
     assert int(results[0]["queue"][1]) == pushed % 7
     torch.testing.assert_close(results[0]["queue"][0], expected.keys, rtol=0, atol=0)
+
+
+def test_a_partly_filled_queue_is_identical_across_ranks(ranks):
+    """The initial random entries still in the queue must agree too."""
+    _, results = ranks
+    for r in results[1:]:
+        assert torch.equal(r["partly filled"], results[0]["partly filled"])
 
 
 def test_uneven_batches_are_refused_on_every_rank(ranks):

@@ -13,6 +13,14 @@ def test_queue_starts_as_unit_vectors_and_is_saved_in_state_dict():
     assert set(queue.state_dict()) == {"keys", "pointer"}
 
 
+def test_initial_keys_depend_on_the_seed_only_so_ranks_agree():
+    torch.manual_seed(1)
+    first = MemoryQueue(10, 4)
+    torch.manual_seed(2)
+    assert torch.equal(MemoryQueue(10, 4).keys, first.keys)
+    assert not torch.equal(MemoryQueue(10, 4, seed=1).keys, first.keys)
+
+
 def test_push_wraps_around_with_a_batch_that_does_not_divide_the_size():
     queue = MemoryQueue(7, 2)
     pushed = []
