@@ -42,9 +42,13 @@ from resnet import ResNet18  # noqa: E402
 
 from sce_loss import MemoryQueue, info_nce_loss, ressl_loss, sce_loss  # noqa: E402
 
-# Per-loss temperatures (DESIGN/papers): SCE's CIFAR recipe, MoCo v2, ReSSL.
+# Per-loss temperatures (the papers): SCE's CIFAR recipe, MoCo v2, ReSSL.
 LOSS_DEFAULTS = {"sce": dict(temperature=0.1, target_temperature=0.05),
                  "infonce": dict(temperature=0.2), "ressl": dict(temperature=0.1, target_temperature=0.04)}
+# Schedule defaults: SCE's CIFAR-10 recipe; the 1,500-image digits fallback gets more, smaller steps
+# and a queue smaller than the dataset.
+RECIPES = {"cifar": dict(epochs=200, batch_size=256, queue_size=4096),
+           "digits": dict(epochs=20, batch_size=64, queue_size=1024)}
 
 
 def parse_args(argv=None):
@@ -55,15 +59,16 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="where torchvision keeps CIFAR-10")
     p.add_argument("--out", type=Path, default=Path("runs/pretrain"))
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--epochs", type=int, default=None, help="default 200 (20 on the digits fallback)")
+    p.add_argument("--epochs", type=int, default=None, help="default 200 (20 on digits)")
     p.add_argument("--warmup-epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over ranks")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over ranks; "
+                   "default 256 (64 on digits)")
     p.add_argument("--lr", type=float, default=0.06)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--momentum", type=float, default=0.99, help="EMA momentum of the target encoder")
     p.add_argument("--momentum-schedule", choices=["constant", "cosine"], default="constant",
                    help="cosine: from --momentum to 1 over training")
-    p.add_argument("--queue-size", type=int, default=4096)
+    p.add_argument("--queue-size", type=int, default=None, help="default 4096 (1024 on digits)")
     p.add_argument("--coeff", type=float, default=0.5, help="SCE's λ")
     p.add_argument("--temperature", type=float, default=None, help="τ (default per loss)")
     p.add_argument("--target-temperature", type=float, default=None, help="τ_m (default per loss)")
@@ -123,8 +128,9 @@ class Run:
         if args.test_subset:
             self.dataset.x_test, self.dataset.y_test = (t[:args.test_subset] for t in
                                                         (self.dataset.x_test, self.dataset.y_test))
-        if args.epochs is None:
-            args.epochs = 20 if self.dataset.name == "digits" else 200
+        for name, value in RECIPES["digits" if self.dataset.name == "digits" else "cifar"].items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
         if args.batch_size % self.world:
             raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {self.world} ranks")
         self.images = self.dataset.x_train.to(self.device)  # uint8, augmented on the device

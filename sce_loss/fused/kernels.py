@@ -38,6 +38,13 @@ def _dot(x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _empty_state(BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A running (max, Σe, Σe·a, Σe·c) state over no column yet."""
+    zero = tl.zeros((BLOCK_R,), tl.float32)
+    return tl.full((BLOCK_R,), float("-inf"), tl.float32), zero, zero, tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+
+
+@triton.jit
 def _online_update(m, l, u, o, logits, valid, weights_of, c, PRECISION: tl.constexpr,
                    UPCAST: tl.constexpr):
     """One block of columns into a running (max, Σe, Σe·a, Σe·c) state; ``weights_of`` is a."""
@@ -77,14 +84,8 @@ def partial_stats_kernel(
     else:
         pos = key_rows * 0 - 1
 
-    m_a = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l_a = tl.zeros((BLOCK_R,), tl.float32)
-    u_a = tl.zeros((BLOCK_R,), tl.float32)
-    o_a = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    m_b = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l_b = tl.zeros((BLOCK_R,), tl.float32)
-    u_b = tl.zeros((BLOCK_R,), tl.float32)
-    o_b = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    m_a, l_a, u_a, o_a = _empty_state(BLOCK_R, BLOCK_D)
+    m_b, l_b, u_b, o_b = _empty_state(BLOCK_R, BLOCK_D)
     a_pos = tl.zeros((BLOCK_R,), tl.float32)
 
     start = split * COLS_PER_SPLIT
@@ -145,14 +146,8 @@ def finalize_kernel(
     vec_ok = row_ok[:, None] & (dims < D)[None, :]
     key = tl.load(K + (rows % N)[:, None] * D + dims[None, :], mask=vec_ok, other=0.0).to(tl.float32)
 
-    m_a = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l_a = tl.zeros((BLOCK_R,), tl.float32)
-    u_a = tl.zeros((BLOCK_R,), tl.float32)
-    o_a = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    m_b = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l_b = tl.zeros((BLOCK_R,), tl.float32)
-    u_b = tl.zeros((BLOCK_R,), tl.float32)
-    o_b = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    m_a, l_a, u_a, o_a = _empty_state(BLOCK_R, BLOCK_D)
+    m_b, l_b, u_b, o_b = _empty_state(BLOCK_R, BLOCK_D)
     a_pos = tl.zeros((BLOCK_R,), tl.float32)
     if EXTRA_POS:
         a_pos = tl.load(A_POS_EXTRA + rows, mask=row_ok, other=0.0)
