@@ -4,6 +4,7 @@ memory and agreement, in one run.
     python benchmarks/gpu.py                          # the grid of the design, on CUDA
     python benchmarks/gpu.py --losses sce --n 256 --d 128 --m 65536 --dtypes bf16
     python benchmarks/gpu.py --smoke --device cpu     # tiny shapes, checks the script itself
+                                                      # (writes to a temporary folder)
 
 Timing: CUDA events around forward+backward of the mean loss (query requires grad, queue mode),
 the L2 cache flushed before every repetition, warm-up first, median of --reps. Memory: peak bytes
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +38,8 @@ BACKENDS = ("fused", "eager", "compile")
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     parser.add_argument("--n", nargs="+", type=int, default=[256, 1024, 4096])
     parser.add_argument("--d", nargs="+", type=int, default=[128, 256])
@@ -44,13 +47,22 @@ def parse_args():
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--tf32", action="store_true", help="float32 matmul precision 'high' (TF32)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="float32 matmul precision 'high' (TF32)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results, or a temporary "
+                        "folder with --smoke")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is available here "
+                     "(torch.cuda.is_available() is False); run it on a machine with an NVIDIA "
+                     "GPU, or check the script with --smoke --device cpu")
     if args.smoke:
         args.n, args.d, args.m, args.reps = [16], [16], [64, 256], 3
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix="sce-loss-gpu-smoke-")) if args.smoke
+                    else Path(__file__).resolve().parent / "results")
     return args
 
 
@@ -70,7 +82,8 @@ class Timer:
         for _ in range(self.reps):
             self.flush.zero_()
             if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 start.record()
                 step()
                 end.record()
@@ -120,13 +133,15 @@ def measure(loss_name, n, d, m, dtype, backends, timer, device):
             loss.backward()
             return loss
 
-        row = dict(loss=loss_name, n=n, d=d, m=m, dtype=str(dtype).removeprefix("torch."), backend=backend)
+        row = dict(loss=loss_name, n=n, d=d, m=m, dtype=str(dtype).removeprefix("torch."),
+                   backend=backend)
         try:
             loss = step()
             row["loss_rel_err"] = relative_error(loss.detach(), exact.detach())
             row["grad_rel_err"] = relative_error(query.grad, exact_grad)
             row["time_us"] = timer(step)
-            row["peak_extra_mib"] = (lambda b: None if b is None else b / 2**20)(peak_extra_bytes(device, step))
+            extra = peak_extra_bytes(device, step)
+            row["peak_extra_mib"] = None if extra is None else extra / 2**20
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
         except Exception as error:  # a failed backend is reported, the sweep goes on
@@ -147,7 +162,8 @@ def environment(device: torch.device) -> dict:
         triton_version = None
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                else platform.processor() or "cpu"),
         torch=torch.__version__, triton=triton_version,
         float32_matmul_precision=torch.get_float32_matmul_precision(),
         command="python " + " ".join(os.sys.argv),
@@ -166,7 +182,8 @@ def markdown(rows, env) -> str:
              "|" + "---|" * 15]
     grouped = {}
     for row in rows:
-        grouped.setdefault((row["loss"], row["dtype"], row["n"], row["d"], row["m"]), {})[row["backend"]] = row
+        point = (row["loss"], row["dtype"], row["n"], row["d"], row["m"])
+        grouped.setdefault(point, {})[row["backend"]] = row
 
     def cell(row, field, fmt):
         if row is None:
@@ -179,12 +196,16 @@ def markdown(rows, env) -> str:
     for (loss, dtype, n, d, m), by in grouped.items():
         fused, eager, compiled = by.get("fused"), by.get("eager"), by.get("compile")
         ratio = lambda other: (f"{other['time_us'] / fused['time_us']:.1f}"  # noqa: E731
-                               if fused and other and "time_us" in fused and "time_us" in other else "–")
+                               if fused and other and "time_us" in fused and "time_us" in other
+                               else "–")
         lines.append(f"| {loss} | {dtype} | {n} | {d} | {m} | {cell(fused, 'time_us', '.1f')} | "
-                     f"{cell(eager, 'time_us', '.1f')} | {cell(compiled, 'time_us', '.1f')} | {ratio(eager)} | "
+                     f"{cell(eager, 'time_us', '.1f')} | {cell(compiled, 'time_us', '.1f')} | "
+                     f"{ratio(eager)} | "
                      f"{ratio(compiled)} | {cell(fused, 'peak_extra_mib', '.2f')} | "
-                     f"{cell(eager, 'peak_extra_mib', '.1f')} | {cell(compiled, 'peak_extra_mib', '.1f')} | "
-                     f"{cell(fused, 'loss_rel_err', '.1e')} | {cell(fused, 'grad_rel_err', '.1e')} |")
+                     f"{cell(eager, 'peak_extra_mib', '.1f')} | "
+                     f"{cell(compiled, 'peak_extra_mib', '.1f')} | "
+                     f"{cell(fused, 'loss_rel_err', '.1e')} | "
+                     f"{cell(fused, 'grad_rel_err', '.1e')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,12 +247,14 @@ def main():
                         rows += measure(loss, n, d, m, DTYPES[dtype], args.backends, timer, device)
     env = environment(device)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "smoke" if args.smoke else env["device"].replace(" ", "-") + ("-tf32" if args.tf32 else "")
+    stem = ("smoke" if args.smoke
+            else env["device"].replace(" ", "-") + ("-tf32" if args.tf32 else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
     table = markdown(rows, env)
     (args.out / f"{stem}.md").write_text(table)
     plot(rows, args.out / f"{stem}.png")
     print(table)
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

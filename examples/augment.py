@@ -3,6 +3,7 @@
 strong (SCE/ReSSL online view): random resized crop (area 0.2–1, ratio 3/4–4/3), horizontal flip,
 colour jitter (brightness, contrast, saturation 0.4, hue 0.1) with p=0.8, greyscale with p=0.2.
 weak (target view): random resized crop and flip only.
+cutmix (ReCo's mixed view): a box of each image replaced by the same box of a partner image.
 
 Crops are one ``affine_grid`` + ``grid_sample`` per batch; jitter is applied in a fixed order
 (brightness, contrast, saturation, hue) and hue is rotated in YIQ space, a close and cheap stand-in
@@ -24,7 +25,8 @@ def _uniform(n, low, high, device, generator):
     return torch.rand(n, device=device, generator=generator) * (high - low) + low
 
 
-def random_resized_crop_and_flip(x: torch.Tensor, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_and_flip(x: torch.Tensor, generator, scale=(0.2, 1.0),
+                                 ratio=(3 / 4, 4 / 3)):
     """x (B, C, H, W) float → crops of random area fraction and aspect ratio, resized back, and
     flipped with p=0.5; crops that would overflow the image are shrunk to fit."""
     b, device = x.shape[0], x.device
@@ -93,3 +95,20 @@ def strong(images_uint8, generator):
 
 def plain(images_uint8):
     return normalise(to_float(images_uint8))
+
+
+def cutmix(images, partners, generator):
+    """CutMix as in ReCo's official code: r ~ Beta(1, 1) (uniform), one box of sides
+    ⌊side·√(1 − r)⌋ centred uniformly and clipped to the image, copied from ``partners`` into every
+    image of the batch. Returns the mixed batch and the share of each image that was kept,
+    1 − box area / image area."""
+    height, width = images.shape[-2:]
+    draws = torch.rand(3, device=images.device, generator=generator).tolist()
+    cut = math.sqrt(1 - draws[0])
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    centre_y, centre_x = int(draws[1] * height), int(draws[2] * width)
+    top, bottom = max(centre_y - cut_h // 2, 0), min(centre_y + cut_h // 2, height)
+    left, right = max(centre_x - cut_w // 2, 0), min(centre_x + cut_w // 2, width)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = partners[..., top:bottom, left:right]
+    return mixed, 1 - (bottom - top) * (right - left) / (height * width)

@@ -1,7 +1,7 @@
 """Image datasets for the pretraining example, as uint8 tensors (N, 3, H, W) plus labels.
 
-Sources: a ``.npz`` in the format of the offline CIFAR-10 copies (raw arrays ``x_train``... or a JPEG
-pack ``train_jpeg``/``train_offsets``...), ``cifar10`` through torchvision (downloaded into
+Sources: a ``.npz`` in the format of the offline CIFAR-10 copies (raw arrays ``x_train``... or a
+JPEG pack ``train_jpeg``/``train_offsets``...), ``cifar10`` through torchvision (downloaded into
 ``data_dir`` when online), an ImageFolder directory (with ``train``/``test`` or ``train``/``val``
 sub-folders, resized to 32×32), or scikit-learn's bundled digits (8×8, upsampled to 16×16) as the
 offline fallback.
@@ -32,14 +32,16 @@ class Dataset:
 
 
 def load(data: str | None, data_dir: Path) -> Dataset:
-    """The dataset named by ``--data``; with none, CIFAR-10 if on disk or downloadable, else digits."""
+    """The dataset named by ``--data``; with none, CIFAR-10 if on disk or downloadable, else
+    digits."""
     if data is None:
         try:
             return _cifar10_torchvision(data_dir)
         except Exception as error:  # offline, or torchvision missing: say so and fall back
             dataset = _digits()
-            dataset.note = (f"CIFAR-10 is neither in {data_dir} nor downloadable ({type(error).__name__}: "
-                            f"{str(error)[:100]}); using scikit-learn's bundled digits (8x8, shown at 16x16)")
+            dataset.note = (f"CIFAR-10 is neither in {data_dir} nor downloadable "
+                            f"({type(error).__name__}: {str(error)[:100]}); using scikit-learn's "
+                            "bundled digits (8x8, shown at 16x16)")
             return dataset
     if data == "cifar10":
         return _cifar10_torchvision(data_dir)
@@ -50,7 +52,7 @@ def load(data: str | None, data_dir: Path) -> Dataset:
         return _npz(path)
     if path.is_dir():
         return _image_folder(path)
-    raise ValueError(f"--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory; "
+    raise ValueError("--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory; "
                      f"{data!r} is none of these")
 
 
@@ -64,7 +66,8 @@ def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     first = np.asarray(Image.open(io.BytesIO(blob[offsets[0]:offsets[1]].tobytes())).convert("RGB"))
     out = np.empty((len(offsets) - 1, *first.shape), dtype=np.uint8)
     for i in range(len(out)):
-        out[i] = np.asarray(Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+        jpeg = io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())
+        out[i] = np.asarray(Image.open(jpeg).convert("RGB"))
     return out
 
 
@@ -73,8 +76,10 @@ def _npz(path: Path) -> Dataset:
         if "x_train" in archive:
             parts = archive["x_train"], archive["y_train"], archive["x_test"], archive["y_test"]
         elif "train_jpeg" in archive:
-            parts = (_decode_jpegs(archive["train_jpeg"], archive["train_offsets"]), archive["y_train"],
-                     _decode_jpegs(archive["test_jpeg"], archive["test_offsets"]), archive["y_test"])
+            parts = (_decode_jpegs(archive["train_jpeg"], archive["train_offsets"]),
+                     archive["y_train"],
+                     _decode_jpegs(archive["test_jpeg"], archive["test_offsets"]),
+                     archive["y_test"])
         else:
             raise ValueError(f"--data {path}: expected keys x_train/y_train/x_test/y_test or "
                              f"train_jpeg/train_offsets/..., found {sorted(archive.files)}")
@@ -98,7 +103,8 @@ def _image_folder(root: Path) -> Dataset:
 
     splits = [s for s in ("train", "test", "val") if (root / s).is_dir()]
     if "train" not in splits or len(splits) < 2:
-        raise ValueError(f"--data {root}: an ImageFolder needs train/ and test/ (or val/) sub-folders")
+        raise ValueError(f"--data {root}: an ImageFolder needs train/ and test/ (or val/) "
+                         "sub-folders")
     tensors = []
     for split in ("train", splits[1]):
         folder = ImageFolder(str(root / split))
@@ -113,7 +119,8 @@ def _digits() -> Dataset:
 
     digits = load_digits()
     images = torch.from_numpy(digits.images).float() / 16.0  # (1797, 8, 8) in [0, 1]
-    images = torch.nn.functional.interpolate(images[:, None], size=16, mode="bilinear", align_corners=False)
+    images = torch.nn.functional.interpolate(images[:, None], size=16, mode="bilinear",
+                                             align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target).long()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,5 @@
-"""Evaluation of frozen features: the weighted kNN monitor of the MoCo CIFAR demo, and a linear probe."""
+"""Evaluation of frozen features: the weighted kNN monitor of the MoCo CIFAR demo, and a linear
+probe."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def features(backbone, images_uint8, device, batch_size=1024, autocast=False):
     for start in range(0, len(images_uint8), batch_size):
         batch = augment.plain(images_uint8[start:start + batch_size].to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out.append(F.normalize(backbone(batch.contiguous(memory_format=torch.channels_last)).float(), dim=1))
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            out.append(F.normalize(backbone(batch).float(), dim=1))
     backbone.train(was_training)
     return torch.cat(out)
 

@@ -1,4 +1,5 @@
-"""ResNet-18 with the CIFAR stem (3×3 convolution, stride 1, no max-pool), returning 512-d features."""
+"""ResNet-18 with the CIFAR stem (3×3 convolution, stride 1, no max-pool), returning 512-d
+features."""
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ class ResNet18(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
+                                  nn.ReLU())
         layers, inputs = [], 64
         for outputs, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers += [BasicBlock(inputs, outputs, stride), BasicBlock(outputs, outputs, 1)]

@@ -1,4 +1,5 @@
-"""The public loss functions: check the arguments, prepare the inputs, run a backend, reduce.
+"""The public loss functions: check the arguments, prepare a :class:`~sce_loss.problem.Problem`,
+pick a backend, reduce.
 
 Every function takes ``query`` (N, D) or (V, N, D), ``key`` (N, D) and an optional ``queue``
 (M, D) and returns the loss as float64 for float64 inputs and float32 otherwise.
@@ -6,61 +7,121 @@ Every function takes ``query`` (N, D) or (V, N, D), ``key`` (N, D) and an option
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed, fused, reference
-
-Scalar = float | Tensor
+from . import chunked, distributed, fused, reference
+from .problem import Problem, Scalar
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "reference", "chunked", "fused")
+# Below this τ (or τ_m) logits of unit vectors exceed 1e4 and float32 statistics lose the loss's
+# digits (and a learnable τ's gradient, which grows as 1/τ², overflows soon after).
+MIN_TEMPERATURE = 1e-4
+_MIN_TEMPERATURE_FLOAT32 = float(torch.tensor(MIN_TEMPERATURE, dtype=torch.float32))
+# ``auto`` off the fused path streams (chunked) from this many (row, candidate) pairs on; below it
+# the reference's few large products are faster. Measured on a 2-core CPU (README, "Backends").
+CHUNKED_FROM_PAIRS = 1 << 20
 
 
-def info_nce_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *,
-                  temperature: Scalar = 0.2, include_keys: bool = False, normalize: bool = False,
-                  reduction: str = "mean", gather=False, backend: str = "auto") -> Tensor:
+def info_nce_loss(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    temperature: Scalar = 0.2,
+    include_keys: bool = False,
+    normalize: bool = False,
+    reduction: str = "mean",
+    gather=False,
+    backend: str = "auto",
+) -> Tensor:
     """InfoNCE (MoCo v2): loss_i = −log softmax_k(z¹_i·c_k / τ)[pos].
 
     Args:
         query: online embeddings z¹, (N, D) or (V, N, D) for V crops; gradients flow through it.
         key: target embeddings z², (N, D); gets gradient only where it is an online candidate.
-        queue: optional (M, D) bank of past keys; never gets a gradient.
-        temperature: τ > 0, a float or a 0-d tensor (which may require grad).
+        queue: optional (M, D) bank of past keys, read when the loss is called (it may be updated
+            in place before the backward); never gets a gradient.
+        temperature: τ ≥ 1e-4, a float or a 0-d tensor (which may require grad).
         include_keys: with a queue, every in-batch key is a candidate too (positive at column i).
         normalize: L2-normalise query, key and queue first.
         reduction: "mean" (default), "sum" or "none" (per-row losses, shape (N,) or (V, N)).
         gather: True or a process group: under torch.distributed, the keys of every rank are
             candidates (in-batch mode and ``include_keys``), as if one process held every batch.
-        backend: "auto" (the fused kernels on CUDA when Triton is installed and the case is
-            supported, else the reference), "reference" or "fused".
+        backend: "auto" (the fused kernels on CUDA when Triton is installed and they pass their
+            first-use check, else chunked or reference, whichever is faster for the size),
+            "reference", "chunked" or "fused".
     """
-    _check_temperature("temperature", temperature)
-    return _run("info_nce", query, key, queue, dict(temperature=temperature), include_keys,
-                normalize, reduction, gather, backend)
+    check_options(temperature=temperature)
+    return _loss(
+        "info_nce",
+        query,
+        key,
+        queue,
+        include_keys,
+        normalize,
+        reduction,
+        gather,
+        backend,
+        temperature=temperature,
+    )
 
 
-def ressl_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *,
-               temperature: Scalar = 0.1, target_temperature: Scalar = 0.04,
-               include_keys: bool = False, normalize: bool = False, reduction: str = "mean",
-               gather=False, backend: str = "auto") -> Tensor:
+def ressl_loss(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    temperature: Scalar = 0.1,
+    target_temperature: Scalar = 0.04,
+    include_keys: bool = False,
+    normalize: bool = False,
+    reduction: str = "mean",
+    gather=False,
+    backend: str = "auto",
+) -> Tensor:
     """ReSSL: loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, where s¹ = softmax(z¹_i·c_k / τ) and
     s² = softmax(z²_i·c_k / τ_m) both run over the candidates without the positive (s² is a
-    constant target). Arguments as :func:`info_nce_loss`; ``target_temperature`` is τ_m > 0."""
-    _check_temperature("temperature", temperature)
-    _check_temperature("target_temperature", target_temperature)
-    return _run("ressl", query, key, queue,
-                dict(temperature=temperature, target_temperature=target_temperature), include_keys,
-                normalize, reduction, gather, backend)
+    constant target). Arguments as :func:`info_nce_loss`; ``target_temperature`` is τ_m."""
+    check_options(temperature=temperature, target_temperature=target_temperature)
+    return _loss(
+        "ressl",
+        query,
+        key,
+        queue,
+        include_keys,
+        normalize,
+        reduction,
+        gather,
+        backend,
+        temperature=temperature,
+        target_temperature=target_temperature,
+        coeff=0.0,
+    )
 
 
-def sce_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *, coeff: Scalar = 0.5,
-             temperature: Scalar = 0.1, target_temperature: Scalar = 0.05,
-             include_keys: bool = False, normalize: bool = False, reduction: str = "mean",
-             gather=False, backend: str = "auto") -> Tensor:
+def sce_loss(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    coeff: Scalar = 0.5,
+    temperature: Scalar = 0.1,
+    target_temperature: Scalar = 0.05,
+    include_keys: bool = False,
+    normalize: bool = False,
+    reduction: str = "mean",
+    gather=False,
+    backend: str = "auto",
+) -> Tensor:
     """SCE (Similarity Contrastive Estimation): loss_i = −Σ_k w_ik log p_ik with
     p_i = softmax_k(z¹_i·c_k / τ) over all candidates and the constant target
     w_ik = λ·[k = pos] + (1−λ)·softmax_{k≠pos}(z²_i·c_k / τ_m).
@@ -68,58 +129,132 @@ def sce_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *, coeff: 
     ``coeff`` is λ in [0, 1] (λ=1 is InfoNCE); λ and τ_m shape the target, which carries no
     gradient. Other arguments as :func:`info_nce_loss`.
     """
-    _check_coeff(coeff)
-    _check_temperature("temperature", temperature)
-    _check_temperature("target_temperature", target_temperature)
-    return _run("sce", query, key, queue,
-                dict(coeff=coeff, temperature=temperature, target_temperature=target_temperature),
-                include_keys, normalize, reduction, gather, backend)
+    check_options(coeff=coeff, temperature=temperature, target_temperature=target_temperature)
+    return _loss(
+        "sce",
+        query,
+        key,
+        queue,
+        include_keys,
+        normalize,
+        reduction,
+        gather,
+        backend,
+        temperature=temperature,
+        target_temperature=target_temperature,
+        coeff=coeff,
+    )
 
 
-def _run(loss: str, query, key, queue, hyper_parameters: dict, include_keys, normalize, reduction,
-         gather, backend) -> Tensor:
-    """Check the inputs, prepare them for the chosen backend, compute the per-row losses, reduce."""
-    _check_reduction(reduction)
+def _loss(
+    loss: str,
+    query,
+    key,
+    queue,
+    include_keys,
+    normalize,
+    reduction,
+    gather,
+    backend,
+    **hyper_parameters,
+) -> Tensor:
+    """Check the inputs, build the problem, compute its per-row losses on a backend, reduce."""
+    check_options(
+        include_keys=include_keys,
+        normalize=normalize,
+        reduction=reduction,
+        gather=gather,
+        backend=backend,
+    )
     _check_tensors(query, key, queue)
-    if not isinstance(include_keys, bool):
-        raise TypeError(f"include_keys must be a bool, got {type(include_keys).__name__}")
+    hyper_parameters = {
+        name: _hyper_parameter(name, value, query.device)
+        for name, value in hyper_parameters.items()
+    }
     group = distributed.resolve_group(gather)
-    implementation = _backend(backend, query)
-    # The reference computes in float32 (float64 for float64 inputs); the fused kernels read the
-    # inputs as they are and accumulate in float32.
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    kernel_dtype = compute if implementation is reference else query.dtype
-    query, key = _prepared(query, normalize, kernel_dtype), _prepared(key, normalize, kernel_dtype)
-    if queue is not None:  # a constant: never a gradient
-        queue = _prepared(queue.detach(), normalize, compute if implementation is reference else queue.dtype)
-    key_bank, offset = key, 0
-    if queue is None or include_keys:
-        key_bank, offset = distributed.gather_keys(key, group)
-    _check_has_negatives(key, queue, include_keys, key_bank)
-    losses = getattr(implementation, loss)(query, key, queue, include_keys=include_keys,
-                                           key_bank=key_bank, offset=offset, **hyper_parameters)
-    return _reduce(losses, reduction)
+    # The losses compute as outside autocast: float32 statistics and products for float32 inputs.
+    with _autocast_disabled(query.device.type):
+        if normalize:
+            query, key = _normalized(query), _normalized(key)
+            queue = None if queue is None else _normalized(queue)
+        bank, offset = None, 0
+        if queue is None or include_keys:
+            bank, offset = distributed.gather_keys(key, group)
+        _check_has_negatives(bank, queue)
+        problem = Problem(
+            loss,
+            query if query.dim() == 3 else query.unsqueeze(0),
+            key,
+            bank,
+            None if queue is None else queue.detach(),
+            offset,
+            **hyper_parameters,
+        )
+        losses = _backend(backend, problem).losses(problem)
+    return _reduce(losses if query.dim() == 3 else losses.squeeze(0), reduction)
 
 
-def _prepared(x: Tensor, normalize: bool, dtype: torch.dtype) -> Tensor:
-    """``x`` in ``dtype``, L2-normalised (in at least float32) if asked."""
-    if normalize:
-        x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
-    return x.to(dtype)
+def _hyper_parameter(name: str, value, device: torch.device):
+    """A checked hyper-parameter as the backends take it: a 0-d tensor on the inputs' device or
+    the CPU, or a Python float (a NumPy number becomes one)."""
+    if isinstance(value, Tensor):
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(
+                f"{name} must be on the inputs' device {device} or the CPU, got {value.device}"
+            )
+        return value
+    return value if torch.compiler.is_compiling() else float(value)
 
 
-def _backend(backend, query: Tensor):
-    """The module computing the per-row losses: reference or fused."""
-    if backend == "reference":
+def _normalized(x: Tensor) -> Tensor:
+    """``x`` L2-normalised along its last dimension (in at least float32), in its own dtype."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
+
+
+def _autocast_disabled(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _backend(name: str, problem: Problem):
+    """The backend module that computes ``problem``: the named one, or ``auto``'s choice."""
+    if name == "reference":
         return reference
-    if backend not in ("auto", "fused"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'fused', got {backend!r}")
-    reason = fused.unsupported_reason(query)
-    if reason is None and (backend == "fused" or query.device.type == "cuda"):
+    if name == "chunked":
+        return chunked
+    if name == "fused":
+        reason = fused.unsupported_reason(problem)
+        if reason is not None:
+            raise ValueError(f"backend='fused' cannot run here: {reason}")
         return fused
-    if backend == "fused":
-        raise ValueError(f"backend='fused' cannot run here: {reason}")
-    return reference
+    if problem.query.device.type == "cuda":
+        reason = fused.unsupported_reason(problem)
+        if reason is None and fused.verified(problem):
+            return fused
+        if reason is not None:
+            _explain_once(
+                f"sce_loss: the fused kernels cannot serve this call ({reason}); "
+                "using the chunked backend"
+            )
+        return chunked
+    pairs = problem.query.shape[0] * problem.query.shape[1] * _candidates(problem)
+    return chunked if pairs >= CHUNKED_FROM_PAIRS else reference
+
+
+def _candidates(problem: Problem) -> int:
+    """K, the number of candidates of a row."""
+    queue = 0 if problem.queue is None else problem.queue.shape[0]
+    return queue + (1 if problem.bank is None else problem.bank.shape[0])
+
+
+_EXPLAINED: set[str] = set()
+
+
+def _explain_once(message: str) -> None:
+    if message not in _EXPLAINED and not torch.compiler.is_compiling():
+        _EXPLAINED.add(message)
+        warnings.warn(message, stacklevel=4)
 
 
 def _check_tensors(query, key, queue) -> None:
@@ -129,24 +264,32 @@ def _check_tensors(query, key, queue) -> None:
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if value.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {value.dtype}")
+            raise TypeError(
+                f"{name} must be float64, float32, bfloat16 or float16, got {value.dtype}"
+            )
     if query.dim() not in (2, 3):
         raise ValueError(f"query must be (N, D) or (V, N, D), got shape {tuple(query.shape)}")
     if key.dim() != 2:
         raise ValueError(f"key must be (N, D), got shape {tuple(key.shape)}")
     if query.shape[-2:] != key.shape:
-        raise ValueError(f"query rows and dim {tuple(query.shape[-2:])} must match key's (N, D) "
-                         f"{tuple(key.shape)}")
+        raise ValueError(
+            f"query rows and dim {tuple(query.shape[-2:])} must match key's (N, D) "
+            f"{tuple(key.shape)}"
+        )
     if key.shape[0] == 0 or key.shape[1] == 0 or query.shape[0] == 0:
-        raise ValueError(f"query and key must be non-empty, got shapes {tuple(query.shape)} and "
-                         f"{tuple(key.shape)}")
+        raise ValueError(
+            f"query and key must be non-empty, got shapes {tuple(query.shape)} and "
+            f"{tuple(key.shape)}"
+        )
     if key.dtype != query.dtype:
         raise TypeError(f"key must have query's dtype {query.dtype}, got {key.dtype}")
     if key.device != query.device:
         raise ValueError(f"key must be on query's device {query.device}, got {key.device}")
     if queue is not None:
         if queue.dim() != 2 or queue.shape[1] != key.shape[1]:
-            raise ValueError(f"queue must be (M, D) with D={key.shape[1]}, got shape {tuple(queue.shape)}")
+            raise ValueError(
+                f"queue must be (M, D) with D={key.shape[1]}, got shape {tuple(queue.shape)}"
+            )
         if queue.device != query.device:
             raise ValueError(f"queue must be on query's device {query.device}, got {queue.device}")
     # Checking CUDA tensors would synchronise the device, and a compiled graph cannot branch on
@@ -158,42 +301,79 @@ def _check_tensors(query, key, queue) -> None:
             raise ValueError(f"{name} must be finite, got NaN or inf")
 
 
-def _check_has_negatives(key, queue, include_keys, key_bank) -> None:
-    negatives = (0 if queue is None else queue.shape[0]) + (
-        key_bank.shape[0] - 1 if queue is None or include_keys else 0)
-    if negatives < 1:
-        raise ValueError("each row needs at least one negative: got a batch of "
-                         f"{key_bank.shape[0]} key(s) and a queue of "
-                         f"{0 if queue is None else queue.shape[0]} entries")
+def _check_has_negatives(bank: Tensor | None, queue: Tensor | None) -> None:
+    queued = 0 if queue is None else queue.shape[0]
+    if queued + (0 if bank is None else bank.shape[0] - 1) < 1:
+        raise ValueError(
+            "each row needs at least one negative: got a batch of "
+            f"{0 if bank is None else bank.shape[0]} key(s) and a queue of "
+            f"{queued} entries"
+        )
 
 
-def _scalar_value(name: str, value) -> float | None:
-    """The value of a float or 0-d tensor hyper-parameter; None for a CUDA tensor (no sync)."""
-    if isinstance(value, Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
-            raise TypeError(f"{name} must be a float or a 0-d float tensor, got a {value.dtype} "
-                            f"tensor of shape {tuple(value.shape)}")
-        return float(value.detach()) if value.device.type == "cpu" else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a 0-d float tensor, got {type(value).__name__}")
-    return float(value)
+def check_options(**options) -> None:
+    """Check keyword arguments by name: the hyper-parameters and the flags of the functions (the
+    modules call this in ``__init__``). Values of hyper-parameters are checked where they are
+    known without a device synchronisation (floats, CPU tensors) and not while compiling."""
+    for name, value in options.items():
+        _CHECKS[name](name, value)
 
 
 def _check_temperature(name: str, value) -> None:
     number = _scalar_value(name, value)
-    if number is not None and not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {number}")
+    # Compared in float32, so that a float32 tensor holding 1e-4 passes as the float 1e-4 does.
+    if number is not None and not (math.isfinite(number) and number >= _MIN_TEMPERATURE_FLOAT32):
+        raise ValueError(f"{name} must be a finite number ≥ {MIN_TEMPERATURE}, got {number}")
 
 
-def _check_coeff(value) -> None:
-    number = _scalar_value("coeff", value)
+def _check_coeff(name: str, value) -> None:
+    number = _scalar_value(name, value)
     if number is not None and not 0 <= number <= 1:
-        raise ValueError(f"coeff must be in [0, 1], got {number}")
+        raise ValueError(f"{name} must be in [0, 1], got {number}")
 
 
-def _check_reduction(reduction) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+def _scalar_value(name: str, value) -> float | None:
+    """The value of a real number or 0-d float tensor, None when it cannot be read for free (a
+    device tensor, or while compiling); a TypeError for anything else."""
+    if torch.compiler.is_compiling():
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a float or a 0-d float tensor, got a {value.dtype} "
+                f"tensor of shape {tuple(value.shape)}"
+            )
+        return float(value.detach()) if value.device.type == "cpu" else None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a float or a 0-d float tensor, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_reduction(name: str, value) -> None:
+    if not isinstance(value, str) or value not in _REDUCTIONS:
+        raise ValueError(f"{name} must be one of {_REDUCTIONS}, got {value!r}")
+
+
+def _check_backend(name: str, value) -> None:
+    if not isinstance(value, str) or value not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {value!r}")
+
+
+_CHECKS = {
+    "coeff": _check_coeff,
+    "temperature": _check_temperature,
+    "target_temperature": _check_temperature,
+    "include_keys": _check_bool,
+    "normalize": _check_bool,
+    "reduction": _check_reduction,
+    "gather": lambda name, value: distributed.resolve_group(value),
+    "backend": _check_backend,
+}
 
 
 def _reduce(losses: Tensor, reduction: str) -> Tensor:

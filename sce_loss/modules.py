@@ -1,5 +1,11 @@
-"""Thin nn.Module wrappers: they hold the hyper-parameters (and optionally a queue) and call the
-functions of :mod:`sce_loss.functional`."""
+"""nn.Module wrappers: they hold the hyper-parameters (and optionally a queue) and call the
+functions of :mod:`sce_loss.functional`.
+
+Hyper-parameters are plain attributes, checked in ``__init__``, so a scheduler may set them
+(``criterion.temperature = 0.05``); an ``nn.Parameter`` (a learnable τ) is a registered parameter:
+in ``parameters()`` and ``state_dict``, moved by ``.to()``. The keyword arguments of each module are
+those of its function (tests/test_queue_and_modules.py checks that they cannot drift).
+"""
 
 from __future__ import annotations
 
@@ -10,26 +16,35 @@ from .queue import MemoryQueue
 
 
 class _ContrastiveLoss(nn.Module):
-    """Calls ``loss_fn(query, key, queue, **hyper_parameters)``; the queue is the one passed to
-    ``forward``, else the held ``MemoryQueue``'s keys, else none (in-batch mode). A held queue is
-    saved in ``state_dict``; push to it (``module.queue.push(key)``) after the backward."""
+    """Calls ``loss_fn(query, key, queue, **options)``; the queue is the one passed to ``forward``,
+    else the held ``MemoryQueue``'s keys, else none (in-batch mode). A held queue is saved in
+    ``state_dict``; push to it (``module.queue.push(key)``) after the loss."""
 
     loss_fn = staticmethod(functional.info_nce_loss)
 
-    def __init__(self, queue: MemoryQueue | None = None, **hyper_parameters):
+    def __init__(self, queue: MemoryQueue | None, **options):
         super().__init__()
         if queue is not None and not isinstance(queue, MemoryQueue):
             raise TypeError(f"queue must be a MemoryQueue or None, got {type(queue).__name__}")
+        functional.check_options(**options)
         self.queue = queue
-        self.hyper_parameters = hyper_parameters
+        self._option_names = tuple(options)
+        for name, value in options.items():
+            setattr(self, name, value)  # an nn.Parameter registers itself
 
     def forward(self, query: Tensor, key: Tensor, queue: Tensor | None = None) -> Tensor:
         if queue is None and self.queue is not None:
             queue = self.queue.keys
-        return self.loss_fn(query, key, queue, **self.hyper_parameters)
+        return self.loss_fn(
+            query, key, queue, **{name: getattr(self, name) for name in self._option_names}
+        )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={value}" for name, value in self.hyper_parameters.items())
+        return ", ".join(
+            f"{name}={getattr(self, name)}"
+            for name in self._option_names
+            if not isinstance(getattr(self, name), nn.Parameter)
+        )
 
 
 class InfoNCELoss(_ContrastiveLoss):
@@ -37,10 +52,26 @@ class InfoNCELoss(_ContrastiveLoss):
 
     loss_fn = staticmethod(functional.info_nce_loss)
 
-    def __init__(self, temperature=0.2, *, queue: MemoryQueue | None = None, include_keys=False,
-                 normalize=False, reduction="mean", gather=False):
-        super().__init__(queue, temperature=temperature, include_keys=include_keys,
-                         normalize=normalize, reduction=reduction, gather=gather)
+    def __init__(
+        self,
+        temperature=0.2,
+        *,
+        queue: MemoryQueue | None = None,
+        include_keys=False,
+        normalize=False,
+        reduction="mean",
+        gather=False,
+        backend="auto",
+    ):
+        super().__init__(
+            queue,
+            temperature=temperature,
+            include_keys=include_keys,
+            normalize=normalize,
+            reduction=reduction,
+            gather=gather,
+            backend=backend,
+        )
 
 
 class ReSSLLoss(_ContrastiveLoss):
@@ -48,11 +79,28 @@ class ReSSLLoss(_ContrastiveLoss):
 
     loss_fn = staticmethod(functional.ressl_loss)
 
-    def __init__(self, temperature=0.1, target_temperature=0.04, *, queue: MemoryQueue | None = None,
-                 include_keys=False, normalize=False, reduction="mean", gather=False):
-        super().__init__(queue, temperature=temperature, target_temperature=target_temperature,
-                         include_keys=include_keys, normalize=normalize, reduction=reduction,
-                         gather=gather)
+    def __init__(
+        self,
+        temperature=0.1,
+        target_temperature=0.04,
+        *,
+        queue: MemoryQueue | None = None,
+        include_keys=False,
+        normalize=False,
+        reduction="mean",
+        gather=False,
+        backend="auto",
+    ):
+        super().__init__(
+            queue,
+            temperature=temperature,
+            target_temperature=target_temperature,
+            include_keys=include_keys,
+            normalize=normalize,
+            reduction=reduction,
+            gather=gather,
+            backend=backend,
+        )
 
 
 class SCELoss(_ContrastiveLoss):
@@ -60,9 +108,27 @@ class SCELoss(_ContrastiveLoss):
 
     loss_fn = staticmethod(functional.sce_loss)
 
-    def __init__(self, coeff=0.5, temperature=0.1, target_temperature=0.05, *,
-                 queue: MemoryQueue | None = None, include_keys=False, normalize=False,
-                 reduction="mean", gather=False):
-        super().__init__(queue, coeff=coeff, temperature=temperature,
-                         target_temperature=target_temperature, include_keys=include_keys,
-                         normalize=normalize, reduction=reduction, gather=gather)
+    def __init__(
+        self,
+        coeff=0.5,
+        temperature=0.1,
+        target_temperature=0.05,
+        *,
+        queue: MemoryQueue | None = None,
+        include_keys=False,
+        normalize=False,
+        reduction="mean",
+        gather=False,
+        backend="auto",
+    ):
+        super().__init__(
+            queue,
+            coeff=coeff,
+            temperature=temperature,
+            target_temperature=target_temperature,
+            include_keys=include_keys,
+            normalize=normalize,
+            reduction=reduction,
+            gather=gather,
+            backend=backend,
+        )

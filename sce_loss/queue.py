@@ -9,27 +9,41 @@ from torch import Tensor, nn
 from . import distributed
 
 
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
 class MemoryQueue(nn.Module):
     """A first-in first-out bank of ``size`` keys of dimension ``dim``, kept as persistent buffers
     (saved in ``state_dict``). It starts filled with random unit vectors, as in MoCo, drawn from a
     private generator seeded with ``seed``, so every rank starts with the same queue.
 
-    Use it in MoCo order: the loss reads ``queue.keys`` (all ``size`` entries), then, after the
-    backward, ``queue.push(key)`` overwrites the oldest entries. Any batch size works: writes wrap
-    around the end. ``push`` updates the buffer in place, so pushing between a loss and its backward
-    is refused by autograd (the loss's saved queue changed); that order would be a bug anyway.
-    Under torch.distributed (``gather=True`` or a process group), ``push`` enqueues the keys of every
-    rank in rank order, so all ranks hold the same queue.
+    Use it in MoCo order: the loss reads ``queue.keys`` (all ``size`` entries), then
+    ``queue.push(key)`` overwrites the oldest entries. Any batch size works: writes wrap around the
+    end. ``push`` updates the buffer in place; the losses read the queue when they are called, so a
+    push before the backward (the official MoCo code enqueues inside ``forward``) changes nothing.
+    Under torch.distributed (``gather=True`` or a process group), ``push`` enqueues the keys of
+    every rank in rank order, so all ranks hold the same queue.
     """
 
-    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, gather=True, seed: int = 0):
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        gather=True,
+        seed: int = 0,
+    ):
         super().__init__()
         for name, value in (("size", size), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        distributed.resolve_group(gather)  # a TypeError for anything but a bool or a group
         self.gather = gather
         generator = torch.Generator().manual_seed(seed)
         initial = F.normalize(torch.randn(size, dim, generator=generator), dim=1).to(device, dtype)
@@ -42,16 +56,28 @@ class MemoryQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, keys: Tensor) -> None:
-        """Enqueue ``keys`` (B, dim), every rank's when distributed, replacing the oldest entries."""
+        """Enqueue ``keys`` (B, dim), every rank's when distributed, over the oldest entries."""
         if not isinstance(keys, Tensor):
             raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
+        if keys.dtype not in _DTYPES:
+            raise TypeError(f"keys must have a dtype in {_DTYPES}, got {keys.dtype}")
         if keys.dim() != 2 or keys.shape[1] != self.keys.shape[1]:
-            raise ValueError(f"keys must be (B, {self.keys.shape[1]}), got shape {tuple(keys.shape)}")
+            raise ValueError(
+                f"keys must be (B, {self.keys.shape[1]}), got shape {tuple(keys.shape)}"
+            )
+        if keys.device != self.keys.device:
+            raise ValueError(
+                f"keys must be on the queue's device {self.keys.device}, got {keys.device}"
+            )
+        # As for the losses' inputs: checked on the CPU in eager mode, the caller's contract else.
+        if keys.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not torch.isfinite(keys).all():
+                raise ValueError("keys must be finite, got NaN or inf")
         group = distributed.resolve_group(self.gather)
         if group is not None:
             keys = distributed.all_gather_constant(keys.detach(), group)
         pushed = keys.shape[0]
-        kept = keys.detach()[-self.size:].to(device=self.keys.device, dtype=self.keys.dtype)
+        kept = keys.detach()[-self.size :].to(device=self.keys.device, dtype=self.keys.dtype)
         # As if pushed one by one: key t lands at (pointer + t) % size, later ones overwriting.
         first = self.pointer + (pushed - kept.shape[0])
         index = (first + torch.arange(kept.shape[0], device=self.keys.device)) % self.size

@@ -13,6 +13,7 @@ With a_ik = z¹_i·c_k / τ and b_ik = z²_i·c_k / τ_m:
   SCE      loss_i = −Σ_k w_ik log softmax_k(a_i)_k,  w_ik = λ[k=pos] + (1−λ) softmax_{k≠pos}(b_i)_k
 The target (everything built from b) carries no gradient. Every function returns per-row losses
 of shape (V, N), computed in the dtype of its inputs (all of one dtype and device).
+:func:`losses` is the backend seam (:mod:`sce_loss.problem`): it computes a problem with them.
 """
 
 from __future__ import annotations
@@ -20,11 +21,53 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-Scalar = float | Tensor
+from .problem import Problem, Scalar
 
 
-def similarities(x: Tensor, key: Tensor, queue: Tensor | None, include_keys: bool,
-                 key_bank: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("sce_loss::snapshot", mutates_args=())
+def snapshot(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy of ``x`` in ``dtype``. An opaque op, so that a compiled graph saves the
+    copy for its backward rather than recomputing it from ``x``, which may have changed by then."""
+    return x.new_empty(x.shape, dtype=dtype).copy_(x)
+
+
+@snapshot.register_fake
+def _(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+def unsupported_reason(problem: Problem) -> str | None:
+    """The reference serves every problem."""
+    return None
+
+
+def losses(problem: Problem) -> Tensor:
+    """Per-row losses (V, N) of ``problem``, in float64 for float64 inputs and float32 otherwise."""
+    dtype = problem.compute_dtype
+    query, key = problem.query.to(dtype), problem.key.to(dtype)
+    bank = None if problem.bank is None else problem.bank.to(dtype)
+    queue = problem.queue
+    if queue is not None:
+        # A private copy when a backward will read it: the caller may update its queue in place
+        # (MoCo enqueues inside forward) before the backward.
+        queue = snapshot(queue, dtype) if torch.is_grad_enabled() else queue.to(dtype)
+    options = dict(
+        include_keys=bank is not None and queue is not None,
+        key_bank=key if bank is None else bank,
+        offset=problem.offset,
+        temperature=problem.temperature,
+    )
+    if problem.loss == "info_nce":
+        return info_nce(query, key, queue, **options)
+    options.update(target_temperature=problem.target_temperature)
+    if problem.loss == "ressl":
+        return ressl(query, key, queue, **options)
+    return sce(query, key, queue, coeff=problem.coeff, **options)
+
+
+def similarities(
+    x: Tensor, key: Tensor, queue: Tensor | None, include_keys: bool, key_bank: Tensor, offset: int
+) -> tuple[Tensor, Tensor]:
     """Dot products x_i·c_k of each row with its candidates, shape (..., N, K), and each row's
     positive column, shape (N,)."""
     n = key.shape[0]
@@ -56,8 +99,16 @@ def _gather_positive(values: Tensor, pos: Tensor) -> Tensor:
     return values.gather(-1, index).squeeze(-1)
 
 
-def info_nce(query: Tensor, key: Tensor, queue: Tensor | None = None, *, temperature: Scalar,
-             include_keys: bool = False, key_bank: Tensor | None = None, offset: int = 0) -> Tensor:
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    temperature: Scalar,
+    include_keys: bool = False,
+    key_bank: Tensor | None = None,
+    offset: int = 0,
+) -> Tensor:
     """loss_i = −log p_i,pos with p_i = softmax_k(z¹_i·c_k / τ)."""
     bank = key if key_bank is None else key_bank
     sims, pos = similarities(query, key, queue, include_keys, bank, offset)
@@ -65,10 +116,18 @@ def info_nce(query: Tensor, key: Tensor, queue: Tensor | None = None, *, tempera
     return -_gather_positive(torch.log_softmax(logits, -1), pos)
 
 
-def ressl(query: Tensor, key: Tensor, queue: Tensor | None = None, *, temperature: Scalar,
-          target_temperature: Scalar, include_keys: bool = False, key_bank: Tensor | None = None,
-          offset: int = 0) -> Tensor:
-    """loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, both softmaxes over the candidates without the positive."""
+def ressl(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    temperature: Scalar,
+    target_temperature: Scalar,
+    include_keys: bool = False,
+    key_bank: Tensor | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, both softmaxes over the candidates but the positive."""
     bank = key if key_bank is None else key_bank
     target = _target_distribution(key, queue, include_keys, bank, offset, target_temperature)
     sims, pos = similarities(query, key, queue, include_keys, bank, offset)
@@ -78,9 +137,18 @@ def ressl(query: Tensor, key: Tensor, queue: Tensor | None = None, *, temperatur
     return -(target * log_s1).sum(-1)
 
 
-def sce(query: Tensor, key: Tensor, queue: Tensor | None = None, *, coeff: Scalar,
-        temperature: Scalar, target_temperature: Scalar, include_keys: bool = False,
-        key_bank: Tensor | None = None, offset: int = 0) -> Tensor:
+def sce(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    coeff: Scalar,
+    temperature: Scalar,
+    target_temperature: Scalar,
+    include_keys: bool = False,
+    key_bank: Tensor | None = None,
+    offset: int = 0,
+) -> Tensor:
     """loss_i = −λ log p_i,pos − (1−λ) Σ_k s²_ik log p_ik, i.e. −Σ_k w_ik log p_ik."""
     bank = key if key_bank is None else key_bank
     target = _target_distribution(key, queue, include_keys, bank, offset, target_temperature)

@@ -14,7 +14,9 @@ MODES = ("in-batch", "queue", "queue+keys")
 
 def unit(*shape, dtype=torch.float64, generator=None):
     """Random unit vectors along the last dimension."""
-    return F.normalize(torch.randn(*shape, dtype=torch.float64, generator=generator), dim=-1).to(dtype)
+    return F.normalize(torch.randn(*shape, dtype=torch.float64, generator=generator), dim=-1).to(
+        dtype
+    )
 
 
 def make_inputs(mode, *, n=5, d=8, m=7, crops=None, dtype=torch.float64, seed=0):

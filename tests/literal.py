@@ -18,8 +18,17 @@ def _softmax(logits, ks):
     return {k: math.exp(logits[k] - top) / total for k in ks}
 
 
-def rows(loss, query, key, queue=None, *, temperature, target_temperature=1.0, coeff=None,
-         include_keys=False):
+def rows(
+    loss,
+    query,
+    key,
+    queue=None,
+    *,
+    temperature,
+    target_temperature=1.0,
+    coeff=None,
+    include_keys=False,
+):
     """[(crop, row, loss_i, P_i, w_i, origin)] where origin[k] is ("key", j) or ("queue", j)."""
     query, key = query.tolist(), key.tolist()
     crops = query if isinstance(query[0][0], list) else [query]
@@ -30,7 +39,9 @@ def rows(loss, query, key, queue=None, *, temperature, target_temperature=1.0, c
             if queue is None:
                 origin, pos = [("key", j) for j in range(len(key))], i
             elif include_keys:
-                origin = [("key", j) for j in range(len(key))] + [("queue", j) for j in range(len(queue))]
+                origin = [("key", j) for j in range(len(key))] + [
+                    ("queue", j) for j in range(len(queue))
+                ]
                 pos = i
             else:
                 origin, pos = [("key", i)] + [("queue", j) for j in range(len(queue))], 0

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import MODES, make_inputs
+
 from sce_loss import MemoryQueue, info_nce_loss, ressl_loss, sce_loss
 
 LOSSES = {
@@ -44,11 +44,15 @@ def _worker(rank, world, init_file, out_dir):
         for name, mode, crops in CASES:
             query, key, queue, include_keys = full_batch(mode, world, crops)
             results[name, mode, crops] = loss_and_gradients(
-                name, query[..., rows, :], key[rows], queue, include_keys, gather=True)
+                name, query[..., rows, :], key[rows], queue, include_keys, gather=True
+            )
         for name, mode, crops in FUSED_CASES if HAS_TRITON else ():
             query, key, queue, include_keys = full_batch(mode, world, crops, torch.float32)
             results["fused", name, mode] = loss_and_gradients(
-                name, query[rows], key[rows], queue, include_keys, gather=True, backend="fused")
+                name, query[rows], key[rows], queue, include_keys, gather=True, backend="fused"
+            )
+        results["compiled"] = _compiled_gather(rank, world)
+        results["host reads"] = _host_reads_of_a_gathered_step(rank, world)
         queue = MemoryQueue(7, 2, dtype=torch.float64)
         torch.manual_seed(rank)
         for step in range(5):
@@ -58,14 +62,49 @@ def _worker(rank, world, init_file, out_dir):
         partly_filled = MemoryQueue(100, 2, dtype=torch.float64)
         partly_filled.push(torch.full((N_PER_RANK, 2), float(rank), dtype=torch.float64))
         results["partly filled"] = partly_filled.keys.clone()
-        try:
-            queue.push(torch.zeros(N_PER_RANK + rank, 2, dtype=torch.float64))
-            results["uneven"] = None
-        except ValueError as error:
-            results["uneven"] = str(error)
+        dist.set_debug_level(dist.DebugLevel.DETAIL)  # TORCH_DISTRIBUTED_DEBUG=DETAIL
+        results["uneven"] = []
+        for uneven in (lambda x: queue.push(x), lambda x: sce_loss(x, x, gather=True)):
+            try:
+                uneven(torch.zeros(N_PER_RANK + rank, 2, dtype=torch.float64))
+                results["uneven"].append(None)
+            except ValueError as error:
+                results["uneven"].append(str(error))
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _compiled_gather(rank, world):
+    """A step with a gathered in-batch loss compiles fullgraph and gives the eager numbers."""
+    query, key, _, _ = full_batch("in-batch", world, None, torch.float32)
+    rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+
+    def step(query, key):
+        return sce_loss(query, key, gather=True, backend="reference")
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    outputs = []
+    for fn in (step, compiled):
+        q, k = query[rows].clone().requires_grad_(), key[rows].clone().requires_grad_()
+        loss = fn(q, k)
+        loss.backward()
+        outputs.append((loss.detach(), q.grad, k.grad))
+    return outputs
+
+
+def _host_reads_of_a_gathered_step(rank, world):
+    """The number of host-side collectives (dist.all_gather of sizes) a gathered step makes."""
+    calls = []
+    original = dist.all_gather
+    dist.all_gather = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    try:
+        query, key, _, _ = full_batch("in-batch", world, None)
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        sce_loss(query[rows], key[rows].requires_grad_(), gather=True).backward()
+    finally:
+        dist.all_gather = original
+    return len(calls)
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -81,12 +120,18 @@ def test_ranks_match_one_process_on_the_concatenated_batch(ranks, name, mode, cr
     """mean_r L_r = L, and each rank's gradients are W × the one-process gradients (DDP divides)."""
     world, results = ranks
     query, key, queue, include_keys = full_batch(mode, world, crops)
-    loss, grad_query, grad_key = loss_and_gradients(name, query, key, queue, include_keys, gather=False)
+    loss, grad_query, grad_key = loss_and_gradients(
+        name, query, key, queue, include_keys, gather=False
+    )
     per_rank = [r[name, mode, crops] for r in results]
-    torch.testing.assert_close(torch.stack([r[0] for r in per_rank]).mean(), loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        torch.stack([r[0] for r in per_rank]).mean(), loss, rtol=1e-12, atol=1e-14
+    )
     for rank, (_, rank_grad_query, rank_grad_key) in enumerate(per_rank):
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-        torch.testing.assert_close(rank_grad_query, world * grad_query[..., rows, :], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(
+            rank_grad_query, world * grad_query[..., rows, :], rtol=1e-10, atol=1e-13
+        )
         torch.testing.assert_close(rank_grad_key, world * grad_key[rows], rtol=1e-10, atol=1e-13)
 
 
@@ -95,10 +140,13 @@ def test_ranks_match_one_process_on_the_concatenated_batch(ranks, name, mode, cr
 def test_fused_ranks_match_one_fused_process(ranks, name, mode, crops):
     world, results = ranks
     query, key, queue, include_keys = full_batch(mode, world, crops, torch.float32)
-    loss, grad_query, grad_key = loss_and_gradients(name, query, key, queue, include_keys,
-                                                    gather=False, backend="fused")
+    loss, grad_query, grad_key = loss_and_gradients(
+        name, query, key, queue, include_keys, gather=False, backend="fused"
+    )
     per_rank = [r["fused", name, mode] for r in results]
-    torch.testing.assert_close(torch.stack([r[0] for r in per_rank]).mean(), loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.stack([r[0] for r in per_rank]).mean(), loss, rtol=1e-5, atol=1e-6
+    )
     for rank, (_, rank_grad_query, rank_grad_key) in enumerate(per_rank):
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
         torch.testing.assert_close(rank_grad_query, world * grad_query[rows], rtol=1e-5, atol=1e-6)
@@ -131,13 +179,25 @@ def test_a_partly_filled_queue_is_identical_across_ranks(ranks):
         assert torch.equal(r["partly filled"], results[0]["partly filled"])
 
 
-def test_uneven_batches_are_refused_on_every_rank(ranks):
+def test_uneven_batches_are_refused_on_every_rank_in_detail_debug_mode(ranks):
+    """With TORCH_DISTRIBUTED_DEBUG=DETAIL, by MemoryQueue.push and by a gathered loss."""
     _, results = ranks
     for r in results:
-        assert r["uneven"] is not None and "same number of keys" in r["uneven"]
+        assert all(e is not None and "same number of keys" in e for e in r["uneven"]), r["uneven"]
+
+
+def test_a_gathered_step_compiles_and_reads_nothing_on_the_host_by_default(ranks):
+    _, results = ranks
+    for r in results:
+        eager, compiled = r["compiled"]
+        for got, want in zip(compiled, eager):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert r["host reads"] == 0
 
 
 def test_gather_without_a_process_group_is_one_process():
     query, key, queue, _ = make_inputs("in-batch", seed=14)
     assert not dist.is_initialized()
-    torch.testing.assert_close(sce_loss(query, key, gather=True), sce_loss(query, key), rtol=0, atol=0)
+    torch.testing.assert_close(
+        sce_loss(query, key, gather=True), sce_loss(query, key), rtol=0, atol=0
+    )

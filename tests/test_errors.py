@@ -1,12 +1,19 @@
 """Bad input raises a clear error naming the argument; inputs are never mutated."""
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
-
 from conftest import make_inputs, unit
+
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
 
-q, k, Q = unit(4, 8, dtype=torch.float32), unit(4, 8, dtype=torch.float32), unit(6, 8, dtype=torch.float32)
+q, k, Q = (
+    unit(4, 8, dtype=torch.float32),
+    unit(4, 8, dtype=torch.float32),
+    unit(6, 8, dtype=torch.float32),
+)
 nan = q.clone()
 nan[1, 2] = float("nan")
 inf = Q.clone()
@@ -23,24 +30,60 @@ BAD = [
     (dict(key=unit(4, 7, dtype=torch.float32)), ValueError, "must match key's"),
     (dict(queue=unit(6, 7, dtype=torch.float32)), ValueError, r"queue must be \(M, D\) with D=8"),
     (dict(query=q[:0], key=k[:0]), ValueError, "must be non-empty"),
-    (dict(key=k.double()), TypeError, "key must have query's dtype torch.float32, got torch.float64"),
+    (
+        dict(key=k.double()),
+        TypeError,
+        "key must have query's dtype torch.float32, got torch.float64",
+    ),
     (dict(query=nan), ValueError, "query must be finite"),
     (dict(queue=inf), ValueError, "queue must be finite"),
     (dict(query=q[:1], key=k[:1], queue=None), ValueError, "at least one negative"),
     (dict(queue=Q[:0]), ValueError, "at least one negative"),
     (dict(reduction="avg"), ValueError, "reduction must be one of .* got 'avg'"),
-    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0, got 0.0"),
-    (dict(temperature=-1), ValueError, "temperature must be a finite number > 0"),
-    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0"),
-    (dict(temperature="0.1"), TypeError, "temperature must be a float or a 0-d float tensor, got str"),
+    (dict(temperature=0.0), ValueError, "temperature must be a finite number ≥ 0.0001, got 0.0"),
+    (dict(temperature=-1), ValueError, "temperature must be a finite number ≥ 0.0001"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number ≥ 0.0001"),
+    (
+        dict(temperature="0.1"),
+        TypeError,
+        "temperature must be a float or a 0-d float tensor, got str",
+    ),
     (dict(temperature=torch.tensor([0.1])), TypeError, "temperature must be a float or a 0-d"),
-    (dict(temperature=torch.tensor(-0.1)), ValueError, "temperature must be a finite number > 0"),
+    (
+        dict(temperature=torch.tensor(-0.1)),
+        ValueError,
+        "temperature must be a finite number ≥ 0.0001",
+    ),
+    (
+        dict(temperature=1e-39),
+        ValueError,
+        "temperature must be a finite number ≥ 0.0001, got 1e-39",
+    ),
+    (dict(temperature=torch.tensor(5e-5)), ValueError, "temperature must be a finite number ≥"),
+    (dict(temperature=Fraction(1, 10)), TypeError, "temperature must be a float .* got Fraction"),
+    (
+        dict(temperature=torch.tensor(0.1, device="meta")),
+        ValueError,
+        "temperature must be on the inputs' device cpu or the CPU, got meta",
+    ),
+    (dict(reduction=np.array(["mean", "sum"])), ValueError, "reduction must be one of"),
     (dict(include_keys=1), TypeError, "include_keys must be a bool"),
+    (dict(normalize="no"), TypeError, "normalize must be a bool, got str"),
+    (dict(backend="triton"), ValueError, "backend must be one of .* got 'triton'"),
     (dict(gather="yes"), TypeError, "gather must be a bool or a torch.distributed.ProcessGroup"),
 ]
 TARGETED = [
-    (dict(target_temperature=0.0), ValueError, "target_temperature must be a finite number > 0"),
-    (dict(query=q[:1], key=k[:1], queue=Q[:0], include_keys=True), ValueError, "at least one negative"),
+    (dict(target_temperature=1e-39), ValueError, "target_temperature must be a finite number ≥"),
+    (
+        dict(target_temperature=0.0),
+        ValueError,
+        "target_temperature must be a finite number ≥ 0.0001",
+    ),
+    (
+        dict(query=q[:1], key=k[:1], queue=Q[:0], include_keys=True),
+        ValueError,
+        "at least one negative",
+    ),
 ]
 SCE_ONLY = [
     (dict(coeff=1.5), ValueError, r"coeff must be in \[0, 1\], got 1.5"),
@@ -83,10 +126,28 @@ def test_queue_on_another_device_is_refused():
 @pytest.mark.parametrize("normalize", [False, True])
 def test_inputs_are_unchanged_bit_for_bit(fn, normalize, mode):
     inputs = make_inputs(mode, crops=2, dtype=torch.float32, seed=10)
-    query, key, queue, include_keys = (x * 2.5 if isinstance(x, torch.Tensor) else x for x in inputs)
+    query, key, queue, include_keys = (
+        x * 2.5 if isinstance(x, torch.Tensor) else x for x in inputs
+    )
     query.requires_grad_()
     key.requires_grad_()
     before = [None if x is None else x.detach().clone() for x in (query, key, queue)]
     fn(query, key, queue, include_keys=include_keys, normalize=normalize).backward()
     for x, was in zip((query, key, queue), before):
         assert x is None or torch.equal(x.detach(), was)
+
+
+@pytest.mark.parametrize("fn", [info_nce_loss, ressl_loss, sce_loss])
+def test_numpy_and_integer_hyper_parameters_are_numbers(fn):
+    """A NumPy float32 τ (what a NumPy schedule yields) or an int τ means its value."""
+    want = call(fn, dict(temperature=0.25))
+    torch.testing.assert_close(call(fn, dict(temperature=np.float32(0.25))), want, rtol=0, atol=0)
+    torch.testing.assert_close(call(fn, dict(temperature=np.float64(0.25))), want, rtol=0, atol=0)
+    torch.testing.assert_close(call(fn, dict(temperature=1)), call(fn, dict(temperature=1.0)))
+
+
+@pytest.mark.parametrize("fn", [info_nce_loss, ressl_loss, sce_loss])
+def test_the_smallest_temperature_passes_in_float32_too(fn):
+    """τ = 1e-4 is allowed however it is given: a float, a float32 tensor or NumPy float32."""
+    for temperature in (1e-4, torch.tensor(1e-4), np.float32(1e-4)):
+        assert torch.isfinite(call(fn, dict(temperature=temperature)))

@@ -1,4 +1,5 @@
-"""The pretraining example end to end on the CPU: smoke run, resume, bad input, two processes."""
+"""The pretraining example end to end on the CPU: smoke runs of every loss, resume, bad input, two
+processes."""
 
 import json
 import os
@@ -7,27 +8,44 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain.py"
 # The offline CIFAR-10 subset beside the checkout; scikit-learn's bundled digits where it is absent.
-SMALL = Path(os.environ.get("SCE_LOSS_TEST_DATA", ROOT.parent / "shared" / "data" / "cifar10-small.npz"))
+SMALL = Path(os.environ.get("SCE_LOSS_TEST_DATA",
+                            ROOT.parent / "shared" / "data" / "cifar10-small.npz"))
 DATA = str(SMALL) if SMALL.is_file() else "digits"
 pytest.importorskip("tqdm", reason="the example needs its extra: pip install '.[examples]'")
+OFFICIAL = {
+    "cacr": dict(attraction_temperature=1.0, repulsion_temperature=1.0, attraction_weight=1.0,
+                 repulsion_weight=1.0),
+    "reco": dict(temperature=0.2, relation_temperature=0.1, target_temperature=0.04,
+                 global_weight=1.0, local_weight=2.0),
+}
 
 
-def pretrain(*args, launcher=(sys.executable,), timeout=300):
+def pretrain(*args, launcher=(sys.executable,), timeout=300, cwd=ROOT):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, str(SCRIPT), "--smoke", "--device", "cpu", "--data", DATA, *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run([*launcher, str(SCRIPT), "--smoke", "--device", "cpu", "--data", DATA,
+                           *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=env)
+
+
+def assert_clear_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    result = pretrain("--out", str(out))
+    """SCE's smoke run with no --out: it writes into runs/smoke under the working directory."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    result = pretrain(cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+    return cwd / "runs" / "smoke", result
 
 
 def test_smoke_run_writes_a_sane_summary_checkpoint_and_plot(smoke_run):
@@ -40,6 +58,32 @@ def test_smoke_run_writes_a_sane_summary_checkpoint_and_plot(smoke_run):
     assert summary["wall_s"] > 0 and summary["images_per_s"] > 0 and summary["torch"]
     assert summary["final_train_loss"] > 0
     assert (out / "checkpoint.pt").is_file() and (out / "curves.png").stat().st_size > 1000
+
+
+def test_smoke_runs_have_their_own_folder_and_say_where_they_wrote(smoke_run):
+    """--smoke never writes into the main run's default folder (runs/pretrain), and the script
+    names its output folder at the start and its files at the end."""
+    out, result = smoke_run
+    assert not (out.parent / "pretrain").exists()
+    assert f"output folder: {out}" in result.stdout
+    assert result.stdout.rstrip().endswith(", ".join(
+        str(Path("runs/smoke") / name) for name in ("checkpoint.pt", "summary.json", "curves.png")))
+
+
+@pytest.mark.parametrize("loss", ["cacr", "reco"])
+def test_relational_losses_run_with_their_official_values(loss, tmp_path):
+    result = pretrain("--loss", loss, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["loss"] == loss and summary["hyper_parameters"] == OFFICIAL[loss]
+    assert summary["epochs"] == 2 and 0.0 <= summary["linear_top1"] <= 100.0
+    assert summary["final_train_loss"] == summary["final_train_loss"]  # not NaN
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ("weak_queue" in checkpoint) == (loss == "reco")
+    if loss == "reco":  # it resumes with its second queue
+        resumed = pretrain("--loss", loss, "--out", str(tmp_path), "--resume", "--epochs", "3")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "after epoch 2" in resumed.stdout
 
 
 def test_resume_continues_the_same_run(smoke_run, tmp_path):
@@ -57,16 +101,38 @@ def test_resume_continues_the_same_run(smoke_run, tmp_path):
     assert summary["wall_s"] > first["wall_s"]  # the first two epochs' time is carried over
 
 
+def test_resume_of_another_runs_checkpoint_names_it_and_what_differs(smoke_run, tmp_path):
+    out, _ = smoke_run
+    (tmp_path / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    result = pretrain("--out", str(tmp_path), "--resume", "--loss", "cacr", "--queue-size", "64")
+    assert_clear_error(result, f"the checkpoint {tmp_path / 'checkpoint.pt'} is from another run",
+                       "loss 'sce' there, 'cacr' here", "queue_size 128 there, 64 here")
+
+
+def test_resume_of_a_checkpoint_that_does_not_fit_the_model_gives_a_clear_error(smoke_run,
+                                                                                tmp_path):
+    out, _ = smoke_run
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["online"]["projector.3.weight"] = state["online"]["projector.3.weight"][:64]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    result = pretrain("--out", str(tmp_path), "--resume")
+    assert_clear_error(result, f"the checkpoint {tmp_path / 'checkpoint.pt'} does not fit this run",
+                       "size mismatch for projector.3.weight")
+
+
+def test_a_hyper_parameter_of_another_loss_is_refused(tmp_path):
+    result = pretrain("--out", str(tmp_path), "--loss", "infonce", "--coeff", "0.3")
+    assert_clear_error(result, "--coeff does not apply to --loss infonce")
+
+
 def test_bad_data_gives_a_clear_error(tmp_path):
     result = pretrain("--out", str(tmp_path), "--data", str(tmp_path / "missing.npz"))
-    assert result.returncode != 0
-    assert "--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_clear_error(result, "--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder "
+                       "directory")
 
 
 def test_resume_without_a_checkpoint_gives_a_clear_error(tmp_path):
-    result = pretrain("--out", str(tmp_path), "--resume")
-    assert result.returncode != 0 and "no checkpoint at" in result.stderr and "Traceback" not in result.stderr
+    assert_clear_error(pretrain("--out", str(tmp_path), "--resume"), "no checkpoint at")
 
 
 def test_two_processes_under_torchrun_end_with_identical_queues(tmp_path):

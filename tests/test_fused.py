@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import make_inputs
-from sce_loss import info_nce_loss, ressl_loss, sce_loss
+from sce_loss import fused, info_nce_loss, ressl_loss, sce_loss
+from sce_loss.fused import first_use, plan
+from sce_loss.problem import Problem
 
 pytest.importorskip("triton", reason="the fused backend needs Triton (pip install '.[triton]')")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,11 +23,13 @@ LOSSES = {
 }
 # Relative error bars: float32 with full-precision products; 16-bit operands on tensor cores.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-SHAPES = [(19, 37, 20), (5, 150, 8)]  # (N, M, D): 2 row blocks x 3 column blocks; 1 x 10 with 4 splits
+# (N, M, D): 2 row blocks × 3 column blocks; 1 × 10 with several splits
+SHAPES = [(19, 37, 20), (5, 150, 8)]
 
 
 def relative_error(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+    """‖got − want‖ / ‖want‖ (‖got‖ when ``want`` is zero: a key that is no candidate)."""
+    return first_use.relative_error(got, want)
 
 
 def run(fn, backend, query, key, queue, hyper, include_keys, temperature):
@@ -86,8 +90,10 @@ def test_fused_op_registration_passes_opcheck():
     from sce_loss.fused.ops import fused_forward
 
     query, key, queue, _ = make_inputs("queue+keys", n=6, d=8, m=11, dtype=torch.float32)
+    hyper = [torch.tensor(v, device=DEVICE) for v in (0.5, 0.1, 0.05)]
+    hyper[1].requires_grad_()
     args = (query.to(DEVICE).requires_grad_(), key.to(DEVICE).requires_grad_(), key.to(DEVICE),
-            queue.to(DEVICE), 0, 0.5, 0.1, 0.05, True, True, True)
+            queue.to(DEVICE), 0, *hyper, True, True, True)
     torch.library.opcheck(fused_forward, args, test_utils=("test_schema", "test_faketensor",
                                                            "test_autograd_registration"))
 
@@ -109,7 +115,7 @@ def test_fused_under_torch_compile_matches_eager():
 
 def test_backend_choice_and_errors():
     query, key, queue, _ = make_inputs("queue", dtype=torch.float64)
-    with pytest.raises(ValueError, match="backend must be 'auto', 'reference' or 'fused', got 'fast'"):
+    with pytest.raises(ValueError, match="backend must be one of .*, got 'fast'"):
         sce_loss(query, key, queue, backend="fast")
     with pytest.raises(ValueError, match="backend='fused' cannot run here: .*float64"):
         sce_loss(query.to(DEVICE), key.to(DEVICE), queue.to(DEVICE), backend="fused")
@@ -119,3 +125,103 @@ def test_backend_choice_and_errors():
     # auto on CPU tensors is the reference, bit for bit.
     cpu = make_inputs("queue", dtype=torch.float32)[:3]
     assert torch.equal(sce_loss(*cpu), sce_loss(*cpu, backend="reference"))
+
+
+def problem_of(loss, mode, *, n=19, d=20, m=37, crops=1, dtype=torch.float32, queue_dtype=None,
+               seed=0, **hyper):
+    """A Problem for the fused backend's seam, on DEVICE."""
+    query, key, queue, include_keys = make_inputs(mode, n=n, d=d, m=m, crops=crops, dtype=dtype,
+                                                  seed=seed)
+    query = (query if crops else query[None]).to(DEVICE)
+    key = key.to(DEVICE)
+    if queue is not None:
+        queue = queue.to(DEVICE, queue_dtype or dtype)
+    bank = key if queue is None or include_keys else None
+    return Problem(loss, query, key, bank, queue, 0, **hyper)
+
+
+SCE = dict(coeff=0.4, temperature=0.1, target_temperature=0.05)
+
+
+@pytest.mark.parametrize("name", ["info_nce", "ressl", "sce"])
+def test_the_no_grad_forward_gives_the_same_losses_without_the_vector_workspace(name, mode):
+    """Without a query gradient the kernels accumulate no D-vectors (NEED_GRAD) and the plan
+    holds only the 7 scalars of each (split, row)."""
+    hyper = dict(info_nce=dict(temperature=0.2), ressl=dict(SCE, coeff=0.0), sce=SCE)[name]
+    problem = problem_of(name, mode, crops=2, **hyper)
+    query = problem.query.requires_grad_()
+    with_grad = fused.losses(problem)
+    with torch.no_grad():
+        without = fused.losses(problem)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
+
+    rows, dim = query.shape[0] * query.shape[1], query.shape[2]
+    options = dict(rows=rows, dim=dim, bank=0 if problem.bank is None else len(problem.bank),
+                   queue=0 if problem.queue is None else len(problem.queue), kind="bf16",
+                   key_grad=False)
+    for device in (plan.H100, plan.L4, plan.INTERPRETER):
+        scalars_only = plan.plan(device, need_grad=False, **options)
+        assert scalars_only.workspace == 4 * rows * plan.STATE_SCALARS * scalars_only.total_splits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float32_queue_is_rounded_to_16_bit_inputs_dtype(dtype, mode):
+    """The documented behaviour: with 16-bit inputs the products run in their dtype, so a float32
+    queue gives exactly the losses and gradients of that queue rounded to it."""
+    if mode == "in-batch":
+        pytest.skip("no queue")
+    results = []
+    for queue_dtype in (torch.float32, dtype):
+        problem = problem_of("sce", mode, dtype=dtype, queue_dtype=torch.float32, **SCE)
+        problem = Problem("sce", problem.query.requires_grad_(), problem.key, problem.bank,
+                          problem.queue.to(queue_dtype), 0, **SCE)
+        losses = fused.losses(problem)
+        (grad,) = torch.autograd.grad(losses.sum(), problem.query)
+        results.append((losses, grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_queue_is_not_saved_for_the_backward(mode):
+    """Updating the queue in place between the loss and its backward changes no gradient."""
+    if mode == "in-batch":
+        pytest.skip("no queue")
+    problem = problem_of("sce", mode, **SCE)
+    query, key = problem.query.requires_grad_(), problem.key.requires_grad_()
+    grads = []
+    for update in (False, True):
+        queue = problem.queue.clone()
+        live = Problem("sce", query, key, key if problem.bank is not None else None, queue, 0,
+                       **SCE)
+        losses = fused.losses(live)
+        if update:
+            queue.mul_(-1.0)
+        grads.append(torch.autograd.grad(losses.sum(), (query, key)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_ressl_queue_mode_key_gets_zeros_from_the_fused_backend():
+    problem = problem_of("ressl", "queue", **dict(SCE, coeff=0.0))
+    key = problem.key.requires_grad_()
+    (grad,) = torch.autograd.grad(fused.losses(problem).sum(), key)
+    assert torch.equal(grad, torch.zeros_like(key))
+
+
+def test_the_static_reasons_to_decline():
+    """Full-precision float32 products stop at D = 128 (larger tiles spill registers)."""
+    problem = problem_of("sce", "queue", d=200, **SCE)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert "D ≤ 128" in fused.unsupported_reason(problem)
+        torch.set_float32_matmul_precision("high")
+        assert fused.unsupported_reason(problem) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert fused.unsupported_reason(problem_of("sce", "queue", d=200, dtype=torch.bfloat16,
+                                               **SCE)) is None
+    wide = problem_of("sce", "queue", d=300, **SCE)
+    assert "D ≤ 256, got D=300" in fused.unsupported_reason(wide)
+    double = problem_of("sce", "queue", dtype=torch.float64, **SCE)
+    assert "got torch.float64" in fused.unsupported_reason(double)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_inputs
+
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
 
 # A finite-difference step on ``key`` also moves the target, which is a constant by definition, so
@@ -26,8 +26,15 @@ def test_gradcheck_query_key_and_learnable_temperature(name, mode, crops):
     key.requires_grad_(key_too)
 
     def loss(query, key, temperature):
-        return fn(query, key, queue, temperature=temperature, include_keys=include_keys,
-                  reduction="none", **hyper)
+        return fn(
+            query,
+            key,
+            queue,
+            temperature=temperature,
+            include_keys=include_keys,
+            reduction="none",
+            **hyper,
+        )
 
     assert torch.autograd.gradcheck(loss, (query, key, temperature))
 
@@ -44,8 +51,9 @@ def test_coeff_and_target_temperature_get_no_gradient():
     query, key, queue, _ = make_inputs("in-batch", seed=7)
     coeff = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     target_temperature = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-    loss = sce_loss(query.requires_grad_(), key, queue, coeff=coeff,
-                    target_temperature=target_temperature)
+    loss = sce_loss(
+        query.requires_grad_(), key, queue, coeff=coeff, target_temperature=target_temperature
+    )
     loss.backward()
     assert coeff.grad is None and target_temperature.grad is None
     assert query.grad is not None

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_inputs, unit
+
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
 
 LOSSES = [info_nce_loss, ressl_loss, sce_loss]
@@ -20,11 +20,13 @@ def test_low_precision_inputs_give_float32_losses_close_to_float64(fn, dtype, mo
     assert low[0].grad.dtype == dtype and torch.isfinite(low[0].grad).all()
     # Statistics are float32: on the rounded inputs, float64 agrees to float32 precision ...
     rounded = [None if x is None else x.detach().double() for x in low]
-    torch.testing.assert_close(loss.double(), fn(*rounded, include_keys=include_keys),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        loss.double(), fn(*rounded, include_keys=include_keys), rtol=1e-5, atol=1e-6
+    )
     # ... and the rounding of the inputs themselves moves the loss by about their precision.
-    torch.testing.assert_close(loss.double(), fn(query, key, queue, include_keys=include_keys),
-                               rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(
+        loss.double(), fn(query, key, queue, include_keys=include_keys), rtol=2e-2, atol=1e-3
+    )
 
 
 def test_float64_inputs_are_computed_in_float64():
@@ -57,4 +59,6 @@ def test_duplicated_embeddings_give_the_uniform_answer():
     """All candidates identical: p is uniform over K, so InfoNCE = log K exactly."""
     one = unit(1, 4)
     query, key, queue = one.expand(3, 4), one.expand(3, 4), one.expand(6, 4)
-    torch.testing.assert_close(info_nce_loss(query, key, queue), torch.log(torch.tensor(7.0)).double())
+    torch.testing.assert_close(
+        info_nce_loss(query, key, queue), torch.log(torch.tensor(7.0)).double()
+    )

@@ -2,12 +2,12 @@
 
 import math
 
+import literal
 import torch
+from conftest import MODES, unit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import literal
-from conftest import MODES, unit
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -25,9 +25,11 @@ def problems(draw, modes=MODES):
     query = unit(*((crops,) if crops else ()), n, d, generator=g).requires_grad_()
     key = unit(n, d, generator=g).requires_grad_()
     queue = None if mode == "in-batch" else unit(m, d, generator=g)
-    options = dict(include_keys=mode == "queue+keys",
-                   temperature=draw(st.floats(0.05, 1.0)),
-                   target_temperature=draw(st.floats(0.02, 1.0)))
+    options = dict(
+        include_keys=mode == "queue+keys",
+        temperature=draw(st.floats(0.05, 1.0)),
+        target_temperature=draw(st.floats(0.02, 1.0)),
+    )
     return query, key, queue, options
 
 
@@ -53,8 +55,10 @@ settings.load_profile("sce")
 @given(problems())
 def test_sce_at_coeff_one_is_infonce(problem):
     query, key, queue, options = problem
-    assert_all_close(values_and_gradients(sce_loss, query, key, queue, coeff=1.0, **options),
-                     values_and_gradients(info_nce_loss, query, key, queue, **infonce_options(options)))
+    assert_all_close(
+        values_and_gradients(sce_loss, query, key, queue, coeff=1.0, **options),
+        values_and_gradients(info_nce_loss, query, key, queue, **infonce_options(options)),
+    )
 
 
 def log_one_minus_positive_share(query, key, queue, include_keys, temperature):
@@ -79,34 +83,52 @@ def test_sce_at_coeff_zero_is_ressl_minus_log_one_minus_positive_share(problem):
     query, key, queue, options = problem
     sce0 = values_and_gradients(sce_loss, query, key, queue, coeff=0.0, **options)
 
-    def ressl_minus_correction(query, key, queue, reduction, include_keys, temperature,
-                               target_temperature):
-        ressl = ressl_loss(query, key, queue, reduction=reduction, include_keys=include_keys,
-                           temperature=temperature, target_temperature=target_temperature)
+    def ressl_minus_correction(
+        query, key, queue, reduction, include_keys, temperature, target_temperature
+    ):
+        ressl = ressl_loss(
+            query,
+            key,
+            queue,
+            reduction=reduction,
+            include_keys=include_keys,
+            temperature=temperature,
+            target_temperature=target_temperature,
+        )
         return ressl - log_one_minus_positive_share(query, key, queue, include_keys, temperature)
 
-    assert_all_close(sce0, values_and_gradients(ressl_minus_correction, query, key, queue, **options))
+    assert_all_close(
+        sce0, values_and_gradients(ressl_minus_correction, query, key, queue, **options)
+    )
 
 
 @given(problems(modes=("queue", "queue+keys")), st.floats(1e3, 1e5))
 def test_sce_at_coeff_zero_is_ressl_when_the_positive_logit_is_minus_infinity(problem, scale):
-    """Keys pointing away from their queries with a huge norm make the positive's share exactly 0."""
+    """Keys pointing away from their queries with a huge norm make the positive's share 0."""
     query, _, queue, options = problem
     query = query.detach()[0] if query.dim() == 3 else query.detach()
     key = -scale * query
-    positive_share = torch.exp(-info_nce_loss(query, key, queue, reduction="none",
-                                              **infonce_options(options)))
+    positive_share = torch.exp(
+        -info_nce_loss(query, key, queue, reduction="none", **infonce_options(options))
+    )
     assert (positive_share == 0).all()
-    torch.testing.assert_close(sce_loss(query, key, queue, coeff=0.0, reduction="none", **options),
-                               ressl_loss(query, key, queue, reduction="none", **options), **TIGHT)
+    torch.testing.assert_close(
+        sce_loss(query, key, queue, coeff=0.0, reduction="none", **options),
+        ressl_loss(query, key, queue, reduction="none", **options),
+        **TIGHT,
+    )
 
 
 @given(problems(), st.floats(0.0, 1.0))
 def test_sce_is_linear_in_coeff(problem, coeff):
     query, key, queue, options = problem
-    at = {c: values_and_gradients(sce_loss, query, key, queue, coeff=c, **options)
-          for c in (coeff, 0.0, 1.0)}
-    assert_all_close(at[coeff], [coeff * one + (1 - coeff) * zero for one, zero in zip(at[1.0], at[0.0])])
+    at = {
+        c: values_and_gradients(sce_loss, query, key, queue, coeff=c, **options)
+        for c in (coeff, 0.0, 1.0)
+    }
+    assert_all_close(
+        at[coeff], [coeff * one + (1 - coeff) * zero for one, zero in zip(at[1.0], at[0.0])]
+    )
 
 
 @given(problems(), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
@@ -126,8 +148,10 @@ def test_per_row_losses_are_invariant_under_a_queue_permutation(problem, coeff, 
     perm = torch.randperm(queue.shape[0], generator=torch.Generator().manual_seed(seed))
     for fn, extra in ((sce_loss, dict(coeff=coeff)), (ressl_loss, {}), (info_nce_loss, None)):
         opts = infonce_options(options) if extra is None else {**options, **extra}
-        assert_all_close(values_and_gradients(fn, query, key, queue[perm], **opts),
-                         values_and_gradients(fn, query, key, queue, **opts))
+        assert_all_close(
+            values_and_gradients(fn, query, key, queue[perm], **opts),
+            values_and_gradients(fn, query, key, queue, **opts),
+        )
 
 
 @given(problems(), st.floats(0.0, 1.0))

@@ -1,7 +1,8 @@
 """The fused streaming backend: Triton kernels that never build the N×M logit matrix.
 
-Same signatures and per-row results as :mod:`sce_loss.reference`. Triton is imported on first use
-only, so the package imports and runs without it.
+The backend seam (:mod:`sce_loss.problem`): :func:`unsupported_reason`, :func:`losses`, and
+:func:`verified`, the first-use check that ``backend="auto"`` asks before trusting the kernels on
+a device. Triton is imported on first use only, so the package imports and runs without it.
 """
 
 from __future__ import annotations
@@ -12,67 +13,72 @@ import os
 import torch
 from torch import Tensor
 
+from ..problem import Problem
+from . import plan
+from .first_use import SKIP_VARIABLE, verified
+
 MAX_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # found, not imported
 
+__all__ = ["MAX_DIM", "DTYPES", "SKIP_VARIABLE", "losses", "unsupported_reason", "verified"]
 
-def unsupported_reason(query: Tensor) -> str | None:
-    """Why the fused backend cannot run these inputs, or None if it can."""
+
+def unsupported_reason(problem: Problem) -> str | None:
+    """Why the fused backend cannot run this problem, or None if it can."""
+    query = problem.query
     if not TRITON_AVAILABLE:
         return "Triton is not installed (pip install 'sce-loss[triton]')"
     if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"it runs on CUDA tensors (or under TRITON_INTERPRET=1), got {query.device.type}"
+    if torch.version.hip is not None:
+        return "it is built and checked for NVIDIA GPUs, not ROCm"
     if query.dtype not in DTYPES:
         return f"it supports float32, bfloat16 and float16, got {query.dtype}"
+    if problem.queue is not None and problem.queue.dtype not in DTYPES:
+        return f"it reads float32, bfloat16 and float16 queues, got {problem.queue.dtype}"
     if query.shape[-1] > MAX_DIM:
         return f"it supports D ≤ {MAX_DIM}, got D={query.shape[-1]}"
+    kind = plan.kind_of(query.dtype)
+    if query.shape[-1] > plan.MAX_DIM[kind]:
+        return (f"full-precision float32 products (torch.get_float32_matmul_precision() is "
+                f"'highest') support D ≤ {plan.MAX_DIM[kind]}, got D={query.shape[-1]}; "
+                "'high' (TF32) or bfloat16 inputs support D ≤ 256")
+    if (query.device.type == "cuda" and query.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(query.device) < (8, 0)):
+        return "bfloat16 products need compute capability 8.0 (Ampere) or newer"
     return None
 
 
-def info_nce(query, key, queue=None, *, temperature, include_keys=False, key_bank=None, offset=0):
-    """InfoNCE per row: SCE with λ=1 and no target."""
-    return _losses(query, key, queue, include_keys, key_bank, offset, coeff=1.0,
-                   temperature=temperature, target_temperature=1.0, online_has_pos=True)
+def losses(problem: Problem) -> Tensor:
+    """Per-row losses (V, N) of ``problem`` from the fused kernels, float32.
 
-
-def ressl(query, key, queue=None, *, temperature, target_temperature, include_keys=False,
-          key_bank=None, offset=0):
-    """ReSSL per row: λ=0 with the positive left out of the online softmax."""
-    return _losses(query, key, queue, include_keys, key_bank, offset, coeff=0.0,
-                   temperature=temperature, target_temperature=target_temperature,
-                   online_has_pos=False)
-
-
-def sce(query, key, queue=None, *, coeff, temperature, target_temperature, include_keys=False,
-        key_bank=None, offset=0):
-    """SCE per row."""
-    return _losses(query, key, queue, include_keys, key_bank, offset, coeff=coeff,
-                   temperature=temperature, target_temperature=target_temperature,
-                   online_has_pos=True)
-
-
-def _losses(query, key, queue, include_keys, key_bank, offset, *, coeff, temperature,
-            target_temperature, online_has_pos):
+    λ, τ and τ_m reach the kernels as 0-d float32 tensors on the inputs' device; a τ that
+    requires grad gets dL/dτ from the forward pass's statistics.
+    """
     from .ops import fused_forward
 
-    bank = (key if key_bank is None else key_bank) if queue is None or include_keys else None
-    rows = query.reshape(-1, query.shape[-1]).contiguous()
+    query = problem.query
+    crops, batch, dim = query.shape
+    device = query.device
+
+    def tensor(value) -> Tensor:
+        if isinstance(value, Tensor):
+            return value.to(device=device, dtype=torch.float32)
+        # 1·value rather than torch.as_tensor(value): under torch.compile a float that changes
+        # every step becomes symbolic, and as_tensor would guard on (recompile for) its value.
+        return torch.ones((), dtype=torch.float32, device=device) * value
+
+    target_temperature = 1.0 if problem.target_temperature is None else problem.target_temperature
+    coeff = problem.coeff.detach() if isinstance(problem.coeff, Tensor) else problem.coeff
+    if isinstance(target_temperature, Tensor):
+        target_temperature = target_temperature.detach()
     need_grad = torch.is_grad_enabled() and query.requires_grad
-    coeff = _number(coeff)
-    need_target = coeff != 1.0 or not online_has_pos
-    losses, _, dtau, _, _ = fused_forward(
-        rows, key.contiguous(), None if bank is None else bank.contiguous(),
-        None if queue is None else queue.contiguous(), offset, coeff, _number(temperature),
-        _number(target_temperature), online_has_pos, need_target, need_grad)
-    if isinstance(temperature, Tensor) and temperature.requires_grad:
-        # Adds exactly zero, and carries dL/dτ = Σ_r g_r dL_r/dτ from the forward pass.
-        losses = losses + (temperature - temperature.detach()) * dtau.detach()
-    return losses.view(query.shape[:-1])
-
-
-def _number(value) -> float:
-    """A hyper-parameter as a Python float (a CUDA tensor costs one synchronisation)."""
-    return float(value.detach()) if isinstance(value, Tensor) else float(value)
+    per_row, *_ = fused_forward(
+        query.reshape(crops * batch, dim).contiguous(), problem.key.contiguous(),
+        None if problem.bank is None else problem.bank.contiguous(),
+        None if problem.queue is None else problem.queue.contiguous(), problem.offset,
+        tensor(coeff), tensor(problem.temperature), tensor(target_temperature),
+        problem.online_has_positive, problem.needs_target, need_grad)
+    return per_row.view(crops, batch)

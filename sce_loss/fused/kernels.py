@@ -1,13 +1,15 @@
-"""Triton kernels of the fused losses: one streaming pass over the candidates, flash-attention style.
+"""Triton kernels of the fused losses: one streaming pass over the candidates, flash-attention
+style.
 
 Rows r = 0..R−1 are the (crop, row) pairs of the flattened query X; row r's target key is
 K[r mod N]. A candidate block C (the key bank or the queue) is split along its columns; for each
 (row block, split) ``partial_stats_kernel`` streams its columns once and keeps, per row:
 
-    m_a, l_a = Σ e^{a−m_a}, u_a = Σ e^{a−m_a}·a, O_a = Σ e^{a−m_a}·c       (online,  a = x·c/τ)
-    m_b, l_b = Σ e^{b−m_b}, u_b = Σ e^{b−m_b}·a, O_b = Σ e^{b−m_b}·c       (target,  b = k·c/τ_m, k≠pos)
-    a_pos                                                                   (the positive's logit)
+    m_a, l_a = Σ e^{a−m_a}, u_a = Σ e^{a−m_a}·a, O_a = Σ e^{a−m_a}·c   (online, a = x·c/τ)
+    m_b, l_b = Σ e^{b−m_b}, u_b = Σ e^{b−m_b}·a, O_b = Σ e^{b−m_b}·c   (target, b = k·c/τ_m, k≠pos)
+    a_pos                                                               (the positive's logit)
 
+O_a and O_b are accumulated only when the query needs a gradient (NEED_GRAD).
 ``finalize_kernel`` merges the partial states of every split (rescaling by the running maxima) and
 writes, with λ the target's weight on the positive,
 
@@ -17,7 +19,8 @@ writes, with λ the target's weight on the positive,
 
 and LSE_a, LSE_b for the key pass. ``key_gradient_kernel`` is that key pass: column-parallel over a
 key bank, dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ with P and w recomputed from LSE_a and LSE_b.
-No N×M tensor is ever stored.
+No N×M tensor is ever stored. λ, τ and τ_m are read from 0-d float32 tensors (COEFF, TAU, TAU_M),
+so a new value never recompiles anything.
 """
 
 import triton
@@ -41,13 +44,15 @@ def _dot(x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _empty_state(BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """A running (max, Σe, Σe·a, Σe·c) state over no column yet."""
     zero = tl.zeros((BLOCK_R,), tl.float32)
-    return tl.full((BLOCK_R,), float("-inf"), tl.float32), zero, zero, tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    vector = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    return tl.full((BLOCK_R,), float("-inf"), tl.float32), zero, zero, vector
 
 
 @triton.jit
-def _online_update(m, l, u, o, logits, valid, weights_of, c, PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr):
-    """One block of columns into a running (max, Σe, Σe·a, Σe·c) state; ``weights_of`` is a."""
+def _online_update(m, l, u, o, logits, valid, weights_of, c, ACCUMULATE: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of columns into a running (max, Σe, Σe·a, Σe·c) state; ``weights_of`` is a.
+    Σe·c (a D-vector per row) is accumulated only if ACCUMULATE."""
     masked = tl.where(valid, logits, float("-inf"))
     new_m = tl.maximum(m, tl.max(masked, 1))
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
@@ -55,29 +60,33 @@ def _online_update(m, l, u, o, logits, valid, weights_of, c, PRECISION: tl.const
     p = tl.exp(masked - safe_m[:, None])
     l = l * alpha + tl.sum(p, 1)
     u = u * alpha + tl.sum(p * tl.where(valid, weights_of, 0.0), 1)
-    o = o * alpha[:, None] + _dot(p.to(c.dtype), c, PRECISION, UPCAST)
+    if ACCUMULATE:
+        o = o * alpha[:, None] + _dot(p.to(c.dtype), c, PRECISION, UPCAST)
     return new_m, l, u, o
 
 
 @triton.jit
 def partial_stats_kernel(
-    X, K, C, STATS, VECS,
+    X, K, C, STATS, VECS, TAU, TAU_M,
     R, N, NUM_C, D, COLS_PER_SPLIT, SPLIT_BASE, TOTAL_SPLITS, POS_OFFSET,
-    inv_tau, inv_tau_m,
     HAS_POS: tl.constexpr, ONLINE_HAS_POS: tl.constexpr, NEED_TARGET: tl.constexpr,
     NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """The running states of one row block over one split of the columns of C."""
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
+    inv_tau = 1.0 / tl.load(TAU)
+    inv_tau_m = 1.0 / tl.load(TAU_M)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < R
     dim_ok = dims < D
+    row_tile_ok = row_ok[:, None] & dim_ok[None, :]
     key_rows = rows % N
-    x = tl.load(X + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    x = tl.load(X + rows[:, None] * D + dims[None, :], mask=row_tile_ok, other=0.0)
     if NEED_TARGET:
-        k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+        k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_tile_ok,
                     other=0.0).to(x.dtype)
     if HAS_POS:
         pos = key_rows + POS_OFFSET
@@ -92,19 +101,21 @@ def partial_stats_kernel(
     for step in range(0, COLS_PER_SPLIT, BLOCK_C):
         cols = start + step + tl.arange(0, BLOCK_C)
         col_ok = cols < NUM_C
-        c = tl.load(C + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
-                    other=0.0).to(x.dtype)
+        # 64-bit offsets: a queue of millions of entries passes 2³¹ elements.
+        c = tl.load(C + cols.to(tl.int64)[:, None] * D + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0).to(x.dtype)
         ct = tl.trans(c)
         a = _dot(x, ct, PRECISION, UPCAST) * inv_tau
         is_pos = cols[None, :] == pos[:, None]
         valid = col_ok[None, :] & row_ok[:, None]
         a_pos += tl.sum(tl.where(is_pos & valid, a, 0.0), 1)
         online_ok = valid if ONLINE_HAS_POS else valid & ~is_pos
-        m_a, l_a, u_a, o_a = _online_update(m_a, l_a, u_a, o_a, a, online_ok, a, c, PRECISION, UPCAST)
+        m_a, l_a, u_a, o_a = _online_update(m_a, l_a, u_a, o_a, a, online_ok, a, c, NEED_GRAD,
+                                            PRECISION, UPCAST)
         if NEED_TARGET:
             b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
             m_b, l_b, u_b, o_b = _online_update(m_b, l_b, u_b, o_b, b, valid & ~is_pos, a, c,
-                                                PRECISION, UPCAST)
+                                                NEED_GRAD, PRECISION, UPCAST)
 
     slot = SPLIT_BASE + split
     base = STATS + slot * R + rows
@@ -118,40 +129,47 @@ def partial_stats_kernel(
     tl.store(base + A_POS * stride, a_pos, mask=row_ok)
     if NEED_GRAD:
         vec = VECS + (slot * R + rows[:, None]) * D + dims[None, :]
-        vec_ok = row_ok[:, None] & dim_ok[None, :]
-        tl.store(vec, o_a, mask=vec_ok)
-        tl.store(vec + TOTAL_SPLITS * R * D, o_b, mask=vec_ok)
+        tl.store(vec, o_a, mask=row_tile_ok)
+        tl.store(vec + TOTAL_SPLITS * R * D, o_b, mask=row_tile_ok)
 
 
 @triton.jit
 def _merge(m, l, u, o, m_s, l_s, u_s, o_s):
+    """Two running states of the same row into one (rescaled to the larger maximum)."""
     new_m = tl.maximum(m, m_s)
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
     alpha, beta = tl.exp(m - safe_m), tl.exp(m_s - safe_m)
-    return new_m, l * alpha + l_s * beta, u * alpha + u_s * beta, o * alpha[:, None] + o_s * beta[:, None]
+    return (new_m, l * alpha + l_s * beta, u * alpha + u_s * beta,
+            o * alpha[:, None] + o_s * beta[:, None])
 
 
 @triton.jit
 def finalize_kernel(
-    STATS, VECS, K, A_POS_EXTRA, LOSS, GRAD, DTAU, LSE_A, LSE_B,
-    R, N, D, TOTAL_SPLITS, coeff, inv_tau,
+    STATS, VECS, K, A_POS_EXTRA, LOSS, GRAD, DTAU, LSE_A, LSE_B, COEFF, TAU,
+    R, N, D, TOTAL_SPLITS,
     EXTRA_POS: tl.constexpr, NEED_TARGET: tl.constexpr, NEED_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the splits' states; EXTRA_POS adds the queue-mode positive (c = K[r mod N]) to the
     online state as one more column, with logit A_POS_EXTRA[r]."""
+    coeff = tl.load(COEFF)
+    inv_tau = 1.0 / tl.load(TAU)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < R
     vec_ok = row_ok[:, None] & (dims < D)[None, :]
-    key = tl.load(K + (rows % N)[:, None] * D + dims[None, :], mask=vec_ok, other=0.0).to(tl.float32)
 
     m_a, l_a, u_a, o_a = _empty_state(BLOCK_R, BLOCK_D)
     m_b, l_b, u_b, o_b = _empty_state(BLOCK_R, BLOCK_D)
     a_pos = tl.zeros((BLOCK_R,), tl.float32)
+    if NEED_GRAD:
+        key = tl.load(K + (rows % N)[:, None] * D + dims[None, :], mask=vec_ok,
+                      other=0.0).to(tl.float32)
     if EXTRA_POS:
         a_pos = tl.load(A_POS_EXTRA + rows, mask=row_ok, other=0.0)
-        m_a, l_a, u_a, o_a = a_pos, tl.full((BLOCK_R,), 1.0, tl.float32), a_pos, key
+        m_a, l_a, u_a = a_pos, tl.full((BLOCK_R,), 1.0, tl.float32), a_pos
+        if NEED_GRAD:
+            o_a = key
 
     stride = TOTAL_SPLITS * R
     for slot in range(0, TOTAL_SPLITS):
@@ -160,16 +178,18 @@ def finalize_kernel(
         o_s = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
         if NEED_GRAD:
             o_s = tl.load(vec, mask=vec_ok, other=0.0)
-        m_a, l_a, u_a, o_a = _merge(m_a, l_a, u_a, o_a, tl.load(base + M_A * stride, mask=row_ok, other=float("-inf")),
-                                    tl.load(base + L_A * stride, mask=row_ok, other=0.0),
-                                    tl.load(base + U_A * stride, mask=row_ok, other=0.0), o_s)
+        m_a, l_a, u_a, o_a = _merge(
+            m_a, l_a, u_a, o_a, tl.load(base + M_A * stride, mask=row_ok, other=float("-inf")),
+            tl.load(base + L_A * stride, mask=row_ok, other=0.0),
+            tl.load(base + U_A * stride, mask=row_ok, other=0.0), o_s)
         a_pos += tl.load(base + A_POS * stride, mask=row_ok, other=0.0)
         if NEED_TARGET:
             if NEED_GRAD:
                 o_s = tl.load(vec + stride * D, mask=vec_ok, other=0.0)
-            m_b, l_b, u_b, o_b = _merge(m_b, l_b, u_b, o_b, tl.load(base + M_B * stride, mask=row_ok, other=float("-inf")),
-                                        tl.load(base + L_B * stride, mask=row_ok, other=0.0),
-                                        tl.load(base + U_B * stride, mask=row_ok, other=0.0), o_s)
+            m_b, l_b, u_b, o_b = _merge(
+                m_b, l_b, u_b, o_b, tl.load(base + M_B * stride, mask=row_ok, other=float("-inf")),
+                tl.load(base + L_B * stride, mask=row_ok, other=0.0),
+                tl.load(base + U_B * stride, mask=row_ok, other=0.0), o_s)
 
     l_a = tl.where(row_ok, l_a, 1.0)  # rows past R: keep their (unstored) arithmetic finite
     l_b = tl.where(row_ok, l_b, 1.0)
@@ -180,7 +200,8 @@ def finalize_kernel(
         tl.store(LSE_B + rows, m_b + tl.log(l_b), mask=row_ok)
     tl.store(LSE_A + rows, lse_a, mask=row_ok)
     tl.store(LOSS + rows, lse_a - coeff * a_pos - (1.0 - coeff) * target_u, mask=row_ok)
-    tl.store(DTAU + rows, -(u_a / l_a - coeff * a_pos - (1.0 - coeff) * target_u) * inv_tau, mask=row_ok)
+    tl.store(DTAU + rows, -(u_a / l_a - coeff * a_pos - (1.0 - coeff) * target_u) * inv_tau,
+             mask=row_ok)
     if NEED_GRAD:
         grad = o_a / l_a[:, None] - coeff * key
         if NEED_TARGET:
@@ -190,13 +211,18 @@ def finalize_kernel(
 
 @triton.jit
 def key_gradient_kernel(
-    X, K, BANK, UPSTREAM, LSE_A, LSE_B, GRAD_BANK,
-    R, N, NUM_BANK, D, POS_OFFSET, coeff, inv_tau, inv_tau_m,
+    X, K, BANK, UPSTREAM, LSE_A, LSE_B, GRAD_BANK, COEFF, TAU, TAU_M,
+    R, N, NUM_BANK, D, POS_OFFSET, ROWS_PER_SPLIT,
     ONLINE_HAS_POS: tl.constexpr, NEED_TARGET: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for one block of bank columns, over every row."""
+    """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for one block of bank columns, over one split of
+    the rows (program_id(1)); each split writes its own (NUM_BANK, D) slice of GRAD_BANK."""
+    coeff = tl.load(COEFF)
+    inv_tau = 1.0 / tl.load(TAU)
+    inv_tau_m = 1.0 / tl.load(TAU_M)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < NUM_BANK
     dim_ok = dims < D
@@ -205,11 +231,13 @@ def key_gradient_kernel(
                 other=0.0).to(x_dtype)
     ct = tl.trans(c)
     grad = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-    for row0 in range(0, R, BLOCK_R):
-        rows = row0 + tl.arange(0, BLOCK_R)
+    first_row = split * ROWS_PER_SPLIT
+    for step in range(0, ROWS_PER_SPLIT, BLOCK_R):
+        rows = first_row + step + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         key_rows = rows % N
-        x = tl.load(X + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        row_tile_ok = row_ok[:, None] & dim_ok[None, :]
+        x = tl.load(X + rows[:, None] * D + dims[None, :], mask=row_tile_ok, other=0.0)
         g = tl.load(UPSTREAM + rows, mask=row_ok, other=0.0)
         lse_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
         is_pos = cols[None, :] == (key_rows + POS_OFFSET)[:, None]
@@ -219,11 +247,12 @@ def key_gradient_kernel(
         weight = tl.where(online_ok, tl.exp(a - lse_a[:, None]), 0.0)
         weight -= tl.where(is_pos & valid, coeff, 0.0)
         if NEED_TARGET:
-            k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+            k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_tile_ok,
                         other=0.0).to(x_dtype)
             lse_b = tl.load(LSE_B + rows, mask=row_ok, other=0.0)
             b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
             weight -= (1.0 - coeff) * tl.where(valid & ~is_pos, tl.exp(b - lse_b[:, None]), 0.0)
         weight *= g[:, None] * inv_tau
         grad += _dot(tl.trans(weight).to(x.dtype), x, PRECISION, UPCAST)
-    tl.store(GRAD_BANK + cols[:, None] * D + dims[None, :], grad, mask=col_ok[:, None] & dim_ok[None, :])
+    out = GRAD_BANK + (split * NUM_BANK + cols[:, None]) * D + dims[None, :]
+    tl.store(out, grad, mask=col_ok[:, None] & dim_ok[None, :])

@@ -1,0 +1,169 @@
+"""The first-use check: before ``backend="auto"`` trusts the fused kernels with a kind of call on a
+device, it runs them once on a small fixed problem and compares with the reference.
+
+A kind of call is a key (device, dtype, queue dtype, matmul precision, loss, candidate segments,
+query gradient or not, the tiles of every kernel): one compiled configuration. The check problem
+has the call's loss, segments, dtypes and D, and at most ``CHECK_ROWS`` rows, which give the same
+tiles (the plan's tiles depend on the rows only up to 32). It passes when its loss and its query,
+key and τ gradients agree with the float64 reference within the documented relative errors; a
+failed launch or a disagreement warns once, naming the reason, and the key is refused from then on.
+
+Never while torch.compile traces or a CUDA graph captures (a check synchronises the device):
+there a key not yet checked counts as verified. ``SCE_LOSS_SKIP_FIRST_USE_CHECK=1`` switches
+the check off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..problem import Problem
+
+SKIP_VARIABLE = "SCE_LOSS_SKIP_FIRST_USE_CHECK"
+# Relative error bars against the float64 reference, by input kind (sce_loss.fused.plan.KINDS).
+TOLERANCES = {"fp32-ieee": 1e-5, "fp32-tf32": 5e-3, "fp16": 5e-3, "bf16": 1e-2}
+CHECK_ROWS = 80
+CHECK_QUEUE = 200
+CHECK_HYPER_PARAMETERS = {
+    "info_nce": dict(temperature=0.2),
+    "ressl": dict(temperature=0.1, target_temperature=0.04, coeff=0.0),
+    "sce": dict(coeff=0.5, temperature=0.1, target_temperature=0.05),
+}
+
+_verdicts: dict[tuple, bool] = {}
+
+
+def verified(problem: Problem) -> bool:
+    """Whether the fused kernels passed (or need not pass) their first-use check for the kind of
+    call ``problem`` is: runs the check on the first call of each kind."""
+    if os.environ.get(SKIP_VARIABLE) == "1":
+        return True
+    if torch.compiler.is_compiling():
+        # A traced graph cannot run the check; it trusts the kernels unless one check failed.
+        return all(_verdicts.values())
+    key = check_key(problem)
+    if key in _verdicts:
+        return _verdicts[key]
+    if problem.query.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    reason = first_use_check(problem)
+    _verdicts[key] = reason is None
+    if reason is not None:
+        warnings.warn(
+            f"sce_loss: the fused kernels failed their first-use check on {_device_name(problem)} "
+            f"for {problem.loss} with {problem.dtype} inputs: {reason}. backend='auto' computes "
+            "these calls with another backend from now on. Run `python -m sce_loss.check` to "
+            "see the fused kernels' agreement and speed on this machine.",
+            RuntimeWarning, stacklevel=3)
+    return _verdicts[key]
+
+
+def check_key(problem: Problem) -> tuple:
+    """What the check is run once for: one compiled configuration of the kernels."""
+    from . import plan
+
+    query = problem.query
+    rows, dim = query.shape[0] * query.shape[1], query.shape[2]
+    kind = plan.kind_of(query.dtype)
+    tiles = plan.tiles(plan.device_of(query.device), kind, dim, rows)
+    return (str(query.device), query.dtype, None if problem.queue is None else problem.queue.dtype,
+            kind, problem.loss, problem.bank is not None, problem.queue is not None,
+            _needs_grad(problem), tuple(sorted(tiles.items())))
+
+
+def first_use_check(problem: Problem) -> str | None:
+    """Run the check problem of ``problem``'s kind; None if it passes, else why it failed."""
+    from . import losses, plan
+
+    check = check_problem(problem)
+    need_grad = _needs_grad(problem)
+    tolerance = TOLERANCES[plan.kind_of(problem.dtype)]
+    try:
+        got = evaluate(losses, check, need_grad)
+    except Exception as error:  # a launch failure: out of resources, a compiler error, ...
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"the kernels failed to run ({type(error).__name__}: {first_line})"
+    from .. import reference
+
+    want = evaluate(reference.losses, in_float64(check), need_grad)
+    for name, g, w in zip(("loss", "query gradient", "key gradient", "τ gradient"), got, want):
+        error = relative_error(g, w)
+        if not error <= tolerance:  # NaN fails too
+            return (f"its {name} differs from the reference by {error:.1e} relative error "
+                    f"(tolerance {tolerance:.0e})")
+    return None
+
+
+def check_problem(problem: Problem) -> Problem:
+    """A small fixed problem with ``problem``'s loss, segments, dtypes, device and D."""
+    query = problem.query
+    rows, dim = min(query.shape[0] * query.shape[1], CHECK_ROWS), query.shape[2]
+    generator = torch.Generator().manual_seed(0)
+
+    def unit(count: int, dtype: torch.dtype) -> Tensor:
+        vectors = torch.randn(count, dim, dtype=torch.float64, generator=generator)
+        return F.normalize(vectors, dim=-1).to(device=query.device, dtype=dtype)
+
+    key = unit(rows, query.dtype)
+    queue = None if problem.queue is None else unit(CHECK_QUEUE, problem.queue.dtype)
+    return Problem(problem.loss, unit(rows, query.dtype)[None], key,
+                   None if problem.bank is None else key, queue, 0,
+                   **CHECK_HYPER_PARAMETERS[problem.loss])
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64 (‖got‖ when ``want`` is zero)."""
+    got, want = got.double(), want.double()
+    scale = want.norm()
+    return ((got - want).norm() / (scale if scale > 0 else 1.0)).item()
+
+
+def _needs_grad(problem: Problem) -> bool:
+    return torch.is_grad_enabled() and problem.query.requires_grad
+
+
+def _device_name(problem: Problem) -> str:
+    from . import plan
+
+    return plan.device_of(problem.query.device).name
+
+
+def in_float64(problem: Problem) -> Problem:
+    def double(x):
+        return None if x is None else x.detach().double()
+
+    key = double(problem.key)
+    return Problem(problem.loss, double(problem.query), key,
+                   None if problem.bank is None else key, double(problem.queue), problem.offset,
+                   problem.temperature, problem.target_temperature, problem.coeff)
+
+
+def evaluate(losses, problem: Problem, need_grad: bool) -> list[Tensor]:
+    """The per-row losses of ``problem`` and, if ``need_grad``, the query, key and τ gradients
+    of their weighted sum (weights 0.5..1.5, a non-uniform upstream gradient)."""
+    device_type = problem.query.device.type
+    autocast = (torch.autocast(device_type, enabled=False) if device_type == "cuda"
+                else contextlib.nullcontext())
+    with torch.set_grad_enabled(need_grad), autocast:
+        query = problem.query.detach().requires_grad_(need_grad)
+        key = problem.key.detach().requires_grad_(need_grad)
+        temperature = torch.tensor(float(problem.temperature), dtype=torch.float64,
+                                   device=query.device, requires_grad=need_grad)
+        live = Problem(problem.loss, query, key, None if problem.bank is None else key,
+                       problem.queue, problem.offset, temperature, problem.target_temperature,
+                       problem.coeff)
+        per_row = losses(live)
+        if not need_grad:
+            return [per_row]
+        weights = torch.linspace(0.5, 1.5, per_row.numel(), dtype=per_row.dtype,
+                                 device=per_row.device).view(per_row.shape)
+        inputs = (query, key, temperature)
+        grads = torch.autograd.grad((per_row * weights).sum(), inputs, allow_unused=True)
+        return [per_row.detach(),
+                *(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))]

@@ -1,0 +1,316 @@
+"""The launch plan of the fused kernels: tiles, warps, stages, splits, row groups and grids for one
+device.
+
+A pure function of a device description and a problem's sizes, so every plan can be computed (and
+compiled, tests/compile_kernels.py) without a GPU. The rules:
+
+- Tiles keep each kernel within the device's shared memory per block and its 255 registers per
+  thread without spilling: the partial-stats kernel holds two D-wide float32 accumulators per row
+  (O_a, O_b) besides its operands, so wider D takes fewer rows or more warps (``PARTIAL_TILES``,
+  checked for sm_80, sm_86, sm_89 and sm_90 by tests/compile_kernels.py).
+- Splits: each candidate segment (key bank, queue) has its own launch, whose columns are split
+  until that launch alone holds two programs per SM (at least one where the workspace is short),
+  within a workspace of 64 MiB that does not grow with the number of candidates M. One split
+  costs 4·R·(2D+7) bytes for R rows with the query gradient, 4·R·7 without.
+- Row groups: when the rows are so many that even one split per segment passes the workspace
+  (4·R·(2D+7) bytes per segment: beyond R = V·N = 16,163 rows at D = 256 with in-batch keys and
+  a queue, 32,326 with one segment), or that the splits filling the device do not fit, the rows are
+  launched in groups, one after the other in the same workspace: the fewest groups of whole crops
+  that fit, else each crop in equal parts. Each group's launches still fill the device.
+- The key-gradient pass (over the N×N bank) splits its rows the same way, each split writing a
+  (B, D) float32 slice that is summed afterwards (in the backward, after the forward's workspace
+  is freed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16")
+DTYPES = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "bf16": torch.bfloat16,
+          "fp16": torch.float16}
+PRECISIONS = {"fp32-ieee": "tf32x3", "fp32-tf32": "tf32", "bf16": None, "fp16": None}
+WORKSPACE_BYTES = 64 << 20
+PROGRAMS_PER_SM = 2
+STATE_SCALARS = 7  # per (split, row): m_a, l_a, u_a, m_b, l_b, u_b, a_pos
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the plan needs to know of a GPU: compute capability, SM count and the shared memory
+    one block may use (the opt-in maximum, in bytes)."""
+
+    name: str
+    capability: tuple[int, int]
+    sms: int
+    shared_memory: int
+
+
+A100 = Device("A100", (8, 0), 108, 163 * 1024)
+RTX_3090 = Device("RTX 3090", (8, 6), 82, 99 * 1024)
+L4 = Device("L4", (8, 9), 58, 99 * 1024)
+RTX_4090 = Device("RTX 4090", (8, 9), 128, 99 * 1024)
+H100 = Device("H100", (9, 0), 132, 227 * 1024)
+# Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): the smallest tiles, so small test shapes
+# still cover several row, column and split blocks.
+INTERPRETER = Device("Triton interpreter", (0, 0), 2, 0)
+
+
+def device_of(device: torch.device) -> Device:
+    """The description of a CUDA device (or of the interpreter for any other device)."""
+    if device.type != "cuda":
+        return INTERPRETER
+    properties = torch.cuda.get_device_properties(device)
+    return Device(properties.name, (properties.major, properties.minor),
+                  properties.multi_processor_count, properties.shared_memory_per_block_optin)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A kernel's block sizes (rows, columns, dimensions), warps and software-pipeline stages."""
+
+    block_r: int
+    block_c: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: its tiles, grid, and the blocks each program streams (columns of a split
+    for the partial-stats kernel, rows of a split for the key-gradient kernel)."""
+
+    kernel: str
+    tiles: Tiles
+    grid: tuple[int, ...]
+    blocks_per_program: int
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def span(self) -> int:
+        """Columns (partial stats) or rows (key gradient) of one split."""
+        step = self.tiles.block_r if self.kernel == "key_gradient" else self.tiles.block_c
+        return self.blocks_per_program * step
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows [start, stop) of the flattened query, launched together: one partial-stats launch per
+    candidate segment, then the finalize launch. Row r's key is K[key_start + (r − start) mod keys]
+    (whole crops: key_start 0 and keys N; part of one crop: those rows' own keys)."""
+
+    start: int
+    stop: int
+    key_start: int
+    keys: int
+    partial: tuple[Launch, ...]
+    finalize: Launch
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def total_splits(self) -> int:
+        return sum(launch.grid[1] for launch in self.partial)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The launches of one loss evaluation: the row groups (one in all but the largest problems),
+    each with one partial-stats launch per candidate segment (key bank, queue) and its finalize
+    launch; the key-gradient launch (None without a key bank or when no key gradient is needed);
+    and the bytes of workspace they use (the groups run one after the other in the same bytes)."""
+
+    groups: tuple[RowGroup, ...]
+    key_gradient: Launch | None
+    workspace: int
+
+    @property
+    def partial(self) -> tuple[Launch, ...]:
+        """The first (largest) row group's partial-stats launches."""
+        return self.groups[0].partial
+
+    @property
+    def finalize(self) -> Launch:
+        return self.groups[0].finalize
+
+    @property
+    def partial_tiles(self) -> Tiles:
+        return self.partial[0].tiles
+
+    @property
+    def total_splits(self) -> int:
+        """The splits of the first (largest) row group, over every segment."""
+        return self.groups[0].total_splits
+
+
+def kind_of(dtype: torch.dtype) -> str:
+    """The input kind: float32 follows torch.get_float32_matmul_precision() (TF32 unless
+    "highest"); 16-bit inputs multiply on tensor cores."""
+    if dtype == torch.float32:
+        # The same setting as get_float32_matmul_precision() != "highest", and one that
+        # torch.compile can read while tracing.
+        return "fp32-tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32-ieee"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+# Partial-stats tiles (BLOCK_R, BLOCK_C, num_warps) by input kind and BLOCK_D, for batches of more
+# than 16 rows; found by compiling for sm_80, sm_86 and sm_90 (tests/compile_kernels.py): the
+# largest that neither spill registers nor pass 99 KiB of shared memory at 2 stages.
+# TF32 operands take twice the registers and shared memory of 16-bit ones, and full-precision
+# float32 (three TF32 products per product, "tf32x3") twice again.
+PARTIAL_TILES = {
+    "bf16": {64: (32, 64, 4), 128: (32, 64, 8), 256: (32, 32, 8)},
+    "fp32-tf32": {64: (32, 64, 4), 128: (32, 32, 8), 256: (16, 32, 8)},
+    "fp32-ieee": {64: (16, 32, 4), 128: (16, 32, 8)},
+}
+PARTIAL_TILES["fp16"] = PARTIAL_TILES["bf16"]
+# The largest D of each kind: full-precision float32 products at D = 256 spill registers at every
+# tile tried (16 rows, 16–32 columns, 4–16 warps, 1–2 stages), so the plan has none.
+MAX_DIM = {kind: max(by_dim) for kind, by_dim in PARTIAL_TILES.items()}
+# Deeper software pipelines where a block may use more than this much shared memory.
+DEEP_PIPELINE_SHARED = 128 * 1024
+
+
+def tiles(device: Device, kind: str, dim: int, rows: int) -> dict[str, Tiles]:
+    """The tiles of each kernel for inputs of this kind and dimension on this device."""
+    if kind not in PARTIAL_TILES:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if not 1 <= dim <= MAX_DIM[kind]:
+        raise ValueError(f"dim must be between 1 and {MAX_DIM[kind]} for kind {kind!r}, got "
+                         f"dim={dim}")
+    block_d = max(16, _next_power_of_2(dim))
+    if device is INTERPRETER:
+        small = Tiles(16, 16, block_d)
+        return dict(partial=small, finalize=small, key_gradient=small)
+    block_r, block_c, num_warps = PARTIAL_TILES[kind][max(64, block_d)]
+    if rows <= 16:
+        block_r = 16
+    stages = 3 if device.shared_memory > DEEP_PIPELINE_SHARED else 2
+    return dict(partial=Tiles(block_r, block_c, block_d, num_warps, stages),
+                finalize=Tiles(16, 16, block_d, num_warps, 1),
+                key_gradient=Tiles(block_r, block_c, block_d, num_warps, stages))
+
+
+def plan(device: Device, *, rows: int, dim: int, bank: int, queue: int, kind: str,
+         need_grad: bool, key_grad: bool, keys: int | None = None,
+         workspace: int | None = None) -> Plan:
+    """The launches for ``rows`` query rows of dimension ``dim`` against ``bank`` in-batch
+    candidates then ``queue`` queue entries (either may be 0), inputs of ``kind``, with the query
+    gradient (``need_grad``) and the key-bank gradient (``key_grad``) or not. ``keys`` is N, the
+    rows of one crop (``rows`` by default: one crop); ``workspace`` the bytes the plan may use
+    (``WORKSPACE_BYTES`` by default)."""
+    keys = rows if keys is None else keys
+    cap = WORKSPACE_BYTES if workspace is None else workspace
+    if rows < 1 or keys < 1 or rows % keys:
+        raise ValueError(f"rows must be a positive multiple of keys, got rows={rows}, "
+                         f"keys={keys}")
+    if bank < 0 or queue < 0:
+        raise ValueError(f"bank and queue must be ≥ 0, got bank={bank}, queue={queue}")
+    chosen = tiles(device, kind, dim, rows)
+    partial_tiles, finalize_tiles = chosen["partial"], chosen["finalize"]
+    split_row_bytes = 4 * ((2 * dim if need_grad else 0) + STATE_SCALARS)
+    steps = [_cdiv(columns, partial_tiles.block_c) for columns in (bank, queue) if columns > 0]
+
+    def splits(group_rows: int, required: bool) -> list[int] | None:
+        return _splits(device, steps, _cdiv(group_rows, partial_tiles.block_r),
+                       cap // (split_row_bytes * group_rows), required)
+
+    groups = []
+    for start, stop, key_start, group_keys in _row_groups(
+            rows, keys, partial_tiles.block_r, lambda n: splits(n, required=False) is not None):
+        group_rows = stop - start
+        row_blocks = _cdiv(group_rows, partial_tiles.block_r)
+        partial = tuple(Launch("partial", partial_tiles, (row_blocks, count), _cdiv(n, count))
+                        for n, count in zip(steps, splits(group_rows, required=True)))
+        finalize = Launch("finalize", finalize_tiles,
+                          (_cdiv(group_rows, finalize_tiles.block_r),), 1)
+        groups.append(RowGroup(start, stop, key_start, group_keys, partial, finalize))
+    used = max(split_row_bytes * group.rows * group.total_splits for group in groups)
+
+    key_gradient = None
+    if key_grad and bank > 0:
+        g = chosen["key_gradient"]
+        column_blocks, row_steps = _cdiv(bank, g.block_c), _cdiv(rows, g.block_r)
+        slice_bytes = 4 * bank * dim
+        (count,) = _splits(device, [row_steps], column_blocks, max(1, cap // slice_bytes), True)
+        key_gradient = Launch("key_gradient", g, (column_blocks, count), _cdiv(row_steps, count))
+        if count > 1:
+            used = max(used, slice_bytes * count)
+    return Plan(tuple(groups), key_gradient, used)
+
+
+def _splits(device: Device, steps: list[int], blocks: int, budget: int,
+            required: bool) -> list[int] | None:
+    """How many pieces to split each segment of ``steps`` tiles into, for launches of ``blocks``
+    blocks along the other axis and at most ``budget`` pieces in all: two programs per SM for
+    every segment if the budget allows, else at least one (the rest of the budget shared), else
+    (only if ``required``; otherwise None) whatever the budget allows, one piece at least.
+    Each count is one a uniform span gives: ⌈steps / ⌈steps / count⌉⌉ = count."""
+    most = [_at_least(n, _cdiv(PROGRAMS_PER_SM * device.sms, blocks)) for n in steps]
+    if sum(most) <= budget:
+        return most
+    least = [_at_least(n, _cdiv(device.sms, blocks)) for n in steps]
+    if sum(least) > budget:
+        if not required:
+            return None
+        least = [1] * len(steps)
+    counts, spare = list(least), budget - sum(least)
+    order = sorted(range(len(steps)), key=lambda i: most[i] - least[i])
+    for position, i in enumerate(order):  # the smaller needs first: what they leave goes on
+        share = spare // (len(order) - position)
+        counts[i] = _at_most(steps[i], least[i] + min(most[i] - least[i], share))
+        spare -= counts[i] - least[i]
+    return counts
+
+
+def _at_least(steps: int, wanted: int) -> int:
+    """The fewest pieces, ≥ ``wanted`` (or all ``steps``), that a uniform span makes of
+    ``steps``."""
+    if wanted >= steps:
+        return steps
+    if wanted <= 1:
+        return 1
+    return _cdiv(steps, (steps - 1) // (wanted - 1))
+
+
+def _at_most(steps: int, allowed: int) -> int:
+    """The most pieces, ≤ ``allowed`` (≥ 1), that a uniform span makes of ``steps``."""
+    return _cdiv(steps, _cdiv(steps, max(1, allowed)))
+
+
+def _row_groups(rows: int, keys: int, block_r: int, fits) -> list[tuple[int, int, int, int]]:
+    """(start, stop, key_start, keys) of each row group: all rows if ``fits(rows)``, else the
+    fewest groups of whole crops that fit, else each crop in the fewest equal parts (whole row
+    tiles) that fit."""
+    crops = rows // keys
+    for count in range(1, crops + 1):
+        per_group = _cdiv(crops, count)
+        if _cdiv(crops, per_group) == count and fits(per_group * keys):
+            return [(first * keys, min(crops, first + per_group) * keys, 0, keys)
+                    for first in range(0, crops, per_group)]
+    parts = 2
+    while True:
+        length = _cdiv(_cdiv(keys, parts), block_r) * block_r
+        if length <= block_r or fits(length):
+            break
+        parts += 1
+    return [(crop * keys + first, crop * keys + min(keys, first + length), first,
+             min(keys, first + length) - first)
+            for crop in range(crops) for first in range(0, keys, length)]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

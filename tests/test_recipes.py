@@ -1,0 +1,222 @@
+"""The README's drop-in recipes, run in loops shaped like the codebases they are for.
+
+Each test trains a small model for several optimiser steps twice from the same weights and data:
+once with the recipe (this library's loss, the codebase's queue layout and enqueue order, its raw
+outputs) and once with a plain-PyTorch transcription of the same objective, and checks every step's
+loss and gradients against each other. The models are written from the codebases' public structure:
+the official MoCo builder (a (D, K) queue buffer, enqueue inside ``forward`` before the backward),
+solo-learn's MoCo V2+ (one (D, K) queue per view, a symmetric loss, enqueue in ``training_step``
+before the backward) and lightly (raw projection outputs, a memory bank of normalised keys).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sce_loss import MemoryQueue, SCELoss, sce_loss
+
+COEFF, TAU, TAU_M = 0.5, 0.1, 0.05
+DIM, QUEUE, BATCH, STEPS = 16, 24, 8, 4
+
+
+def plain_sce(q, k, bank):
+    """SCE of normalised q, k (N, D) against a bank (K, D), written out: logits [q·k, q·bank] / τ,
+    target [λ, (1−λ)·softmax(k·bank / τ_m)], loss −Σ target·log_softmax(logits), row mean."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.T], 1) / TAU
+    with torch.no_grad():
+        relations = torch.softmax(k @ bank.T / TAU_M, 1)
+        target = torch.cat([torch.full_like(logits[:, :1], COEFF), (1 - COEFF) * relations], 1)
+    return -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+
+
+def encoder():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, DIM)).double()
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(BATCH, 10, generator=generator, dtype=torch.float64),
+            torch.randn(BATCH, 10, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def assert_same_steps(model, twin, step, step_twin):
+    """Run both loops step by step; their losses and gradients must agree at every step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    optimizer_twin = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
+    losses = []
+    for images in batches():
+        loss, loss_twin = step(model, images), step_twin(twin, images)
+        optimizer.zero_grad()
+        optimizer_twin.zero_grad()
+        loss.backward()
+        loss_twin.backward()
+        torch.testing.assert_close(loss, loss_twin, rtol=1e-12, atol=1e-12)
+        for p, p_twin in zip(model.parameters(), twin.parameters()):
+            if p.grad is not None or p_twin.grad is not None:
+                torch.testing.assert_close(p.grad, p_twin.grad, rtol=1e-10, atol=1e-12)
+        optimizer.step()
+        optimizer_twin.step()
+        losses.append(loss.item())
+    assert len(set(losses)) == STEPS  # the models moved: the steps are not repeats of the first
+
+
+class MoCo(nn.Module):
+    """The official MoCo builder's structure: query and momentum encoders, a (D, K) queue buffer
+    initialised with normalised random columns, and ``forward`` that enqueues before returning."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.encoder_q, self.encoder_k = encoder(), encoder()
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        torch.manual_seed(2)
+        self.register_buffer(
+            "queue", F.normalize(torch.randn(DIM, QUEUE, dtype=torch.float64), dim=0)
+        )
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.objective = objective
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.mul_(0.99).add_(p_q.detach(), alpha=0.01)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        ptr = int(self.queue_ptr)
+        self.queue[:, ptr : ptr + keys.shape[0]] = keys.T
+        self.queue_ptr[0] = (ptr + keys.shape[0]) % QUEUE
+
+    def forward(self, im_q, im_k):
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+        loss = self.objective(self, q, k)
+        self._dequeue_and_enqueue(k)  # before the backward, as in the official code
+        return loss
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_official_moco_builder(backend):
+    def recipe(self, q, k):  # the README's recipe, verbatim
+        return sce_loss(
+            q, k, self.queue.T, coeff=0.5, temperature=0.1, target_temperature=0.05, backend=backend
+        )
+
+    def plain(self, q, k):
+        return plain_sce(q, k, self.queue.clone().detach().T)
+
+    assert_same_steps(MoCo(recipe), MoCo(plain), lambda m, x: m(*x), lambda m, x: m(*x))
+
+
+class MoCoV2Plus(nn.Module):
+    """solo-learn's MoCo V2+ structure: projector and momentum projector, a (2, D, K) queue (one
+    bank per view), a symmetric loss of each view against the other view's keys and bank, and
+    ``training_step`` that enqueues both views' keys before returning the loss."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.projector, self.momentum_projector = encoder(), copy.deepcopy(encoder())
+        for p in self.momentum_projector.parameters():
+            p.requires_grad = False
+        torch.manual_seed(3)
+        self.register_buffer(
+            "queue", F.normalize(torch.randn(2, DIM, QUEUE, dtype=torch.float64), dim=1)
+        )
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.objective = objective
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        ptr = int(self.queue_ptr)
+        self.queue[:, :, ptr : ptr + keys.shape[1]] = keys.permute(0, 2, 1)
+        self.queue_ptr[0] = (ptr + keys.shape[1]) % QUEUE
+
+    def training_step(self, batch):
+        x1, x2 = batch
+        q1, q2 = (F.normalize(self.projector(x), dim=-1) for x in (x1, x2))
+        with torch.no_grad():
+            k1, k2 = (F.normalize(self.momentum_projector(x), dim=-1) for x in (x1, x2))
+        loss = self.objective(self, q1, q2, k1, k2)
+        self._dequeue_and_enqueue(torch.stack((k1, k2)))
+        return loss
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_solo_learn_mocov2plus(backend):
+    def recipe(self, q1, q2, k1, k2):  # the README's recipe, verbatim
+        queue = self.queue.clone().detach()  # (2, D, K)
+        return (
+            sce_loss(q1, k2, queue[1].T, backend=backend)
+            + sce_loss(q2, k1, queue[0].T, backend=backend)
+        ) / 2
+
+    def plain(self, q1, q2, k1, k2):
+        queue = self.queue.clone().detach()
+        return (plain_sce(q1, k2, queue[1].T) + plain_sce(q2, k1, queue[0].T)) / 2
+
+    step = lambda model, batch: model.training_step(batch)  # noqa: E731
+    assert_same_steps(MoCoV2Plus(recipe), MoCoV2Plus(plain), step, step)
+
+
+class LightlyMoCo(nn.Module):
+    """lightly's MoCo structure: a backbone + projection head giving raw (unnormalised) outputs,
+    and momentum copies of both."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.projection_head = encoder(), nn.Linear(DIM, DIM).double()
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        for p in [
+            *self.backbone_momentum.parameters(),
+            *self.projection_head_momentum.parameters(),
+        ]:
+            p.requires_grad = False
+
+    def forward(self, x):
+        return self.projection_head(self.backbone(x))
+
+    def forward_momentum(self, x):
+        return self.projection_head_momentum(self.backbone_momentum(x)).detach()
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_lightly(backend):
+    criterion = SCELoss(normalize=True, backend=backend)  # the README's recipe
+    queue = MemoryQueue(QUEUE, DIM, dtype=torch.float64)
+    plain_bank = queue.keys.clone()
+    plain_pointer = 0
+
+    def recipe(model, batch):
+        x_query, x_key = batch
+        query = model(x_query)  # raw projection outputs
+        key = model.forward_momentum(x_key)
+        loss = criterion(query, key, queue.keys)
+        queue.push(F.normalize(key, dim=1))  # the bank holds normalised keys
+        return loss
+
+    def plain(model, batch):
+        nonlocal plain_bank, plain_pointer
+        x_query, x_key = batch
+        q, k = F.normalize(model(x_query), dim=1), F.normalize(model.forward_momentum(x_key), dim=1)
+        loss = plain_sce(q, k, F.normalize(plain_bank, dim=1))  # normalize=True: the bank too
+        plain_bank = plain_bank.clone()
+        plain_bank[plain_pointer : plain_pointer + BATCH] = k
+        plain_pointer = (plain_pointer + BATCH) % QUEUE
+        return loss
+
+    assert_same_steps(LightlyMoCo(), LightlyMoCo(), recipe, plain)
+    torch.testing.assert_close(queue.keys.norm(dim=1), torch.ones(QUEUE, dtype=torch.float64))
+    torch.testing.assert_close(queue.keys, plain_bank)
