@@ -40,29 +40,37 @@ MAX_PAIRS = 1 << 23  # N·K: above this the reference needs gigabytes and is far
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a few points, to check the script")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: its choice)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="time with time.process_time (CPU time) instead of wall-clock time")
-    parser.add_argument("--out", type=Path,
-                        default=HERE / "results" / "chunked-crossover-cpu.md")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with time.process_time (CPU time) instead of wall-clock time",
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "chunked-crossover-cpu.md")
     return parser.parse_args()
 
 
 def grid(quick: bool):
     """(loss, dtype, mode, N, K, D) points, N·K ≤ MAX_PAIRS."""
     if quick:
-        return [("sce", "float32", "queue", 64, 1025, 32),
-                ("sce", "float64", "in-batch", 64, 64, 32)]
+        return [
+            ("sce", "float32", "queue", 64, 1025, 32),
+            ("sce", "float64", "in-batch", 64, 64, 32),
+        ]
     points = []
     for loss, dtype in itertools.product(LOSSES, DTYPES):
         dims = (32, 128, 512) if loss == "sce" else (128,)
         for n, d in itertools.product((16, 64, 256, 1024), dims):
             points.append((loss, dtype, "in-batch", n, n, d))
-            points += [(loss, dtype, "queue", n, k + 1, d) for k in (256, 1024, 4096, 16384, 65536)
-                       if n * k <= MAX_PAIRS]
+            points += [
+                (loss, dtype, "queue", n, k + 1, d)
+                for k in (256, 1024, 4096, 16384, 65536)
+                if n * k <= MAX_PAIRS
+            ]
     return points
 
 
@@ -75,8 +83,7 @@ def seconds(loss, dtype, mode, n, k, d, backend, clock) -> float:
 
     def step():
         query.grad = key.grad = None
-        problem = Problem(name, query[None], key, key if queue is None else None, queue, 0,
-                          **hyper)
+        problem = Problem(name, query[None], key, key if queue is None else None, queue, 0, **hyper)
         BACKENDS[backend].losses(problem).mean().backward()
 
     step()
@@ -94,23 +101,29 @@ def main():
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     flags = (f" --threads {args.threads}" if args.threads else "") + (
-        " --cpu-time" if args.cpu_time else "")
-    lines = ["# Chunked against reference on the CPU: where chunked is faster", "",
-             f"- command: `python benchmarks/crossover_cpu.py{flags}`; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} thread(s); load average before: "
-             + ", ".join(f"{v:.1f}" for v in os.getloadavg()),
-             f"- forward+backward, minimum over repetitions, ms, "
-             f"{'CPU' if args.cpu_time else 'wall-clock'} time; K: candidates per row "
-             "(in-batch: K = N, queue mode: K = M + 1)", "",
-             "| loss | dtype | mode | N | K | D | N·K | reference | chunked "
-             "| chunked / reference |",
-             "|" + "---|" * 10]
+        " --cpu-time" if args.cpu_time else ""
+    )
+    lines = [
+        "# Chunked against reference on the CPU: where chunked is faster",
+        "",
+        f"- command: `python benchmarks/crossover_cpu.py{flags}`; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); load average before: "
+        + ", ".join(f"{v:.1f}" for v in os.getloadavg()),
+        f"- forward+backward, minimum over repetitions, ms, "
+        f"{'CPU' if args.cpu_time else 'wall-clock'} time; K: candidates per row "
+        "(in-batch: K = N, queue mode: K = M + 1)",
+        "",
+        "| loss | dtype | mode | N | K | D | N·K | reference | chunked | chunked / reference |",
+        "|" + "---|" * 10,
+    ]
     for point in grid(args.quick):
         ref = seconds(*point, "reference", clock) * 1e3
         chunk = seconds(*point, "chunked", clock) * 1e3
         loss, dtype, mode, n, k, d = point
-        lines.append(f"| {loss} | {dtype} | {mode} | {n} | {k} | {d} | {n * k} | {ref:.2f} | "
-                     f"{chunk:.2f} | {chunk / ref:.2f} |")
+        lines.append(
+            f"| {loss} | {dtype} | {mode} | {n} | {k} | {d} | {n * k} | {ref:.2f} | "
+            f"{chunk:.2f} | {chunk / ref:.2f} |"
+        )
         print(lines[-1], flush=True)
     lines.append("\nload average after: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,9 @@ BACKENDS = ("fused", "eager", "compile")
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     parser.add_argument("--n", nargs="+", type=int, default=[256, 1024, 4096])
     parser.add_argument("--d", nargs="+", type=int, default=[128, 256])
@@ -47,22 +48,29 @@ def parse_args():
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--tf32", action="store_true",
-                        help="float32 matmul precision 'high' (TF32)")
+    parser.add_argument(
+        "--tf32", action="store_true", help="float32 matmul precision 'high' (TF32)"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results, or a temporary "
-                        "folder with --smoke")
+    parser.add_argument(
+        "--out", type=Path, help="default: benchmarks/results, or a temporary folder with --smoke"
+    )
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is available here "
-                     "(torch.cuda.is_available() is False); run it on a machine with an NVIDIA "
-                     "GPU, or check the script with --smoke --device cpu")
+        parser.error(
+            f"--device {args.device}: no CUDA GPU is available here "
+            "(torch.cuda.is_available() is False); run it on a machine with an NVIDIA "
+            "GPU, or check the script with --smoke --device cpu"
+        )
     if args.smoke:
         args.n, args.d, args.m, args.reps = [16], [16], [64, 256], 3
     if args.out is None:
-        args.out = (Path(tempfile.mkdtemp(prefix="sce-loss-gpu-smoke-")) if args.smoke
-                    else Path(__file__).resolve().parent / "results")
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="sce-loss-gpu-smoke-"))
+            if args.smoke
+            else Path(__file__).resolve().parent / "results"
+        )
     return args
 
 
@@ -123,18 +131,18 @@ def measure(loss_name, n, d, m, dtype, backends, timer, device):
         (exact_grad,) = torch.autograd.grad(exact, exact_query)
     rows = []
     for backend in backends:
-        call = (functools.partial(fn, backend="fused") if backend == "fused" else
-                functools.partial(fn, backend="reference") if backend == "eager" else
-                torch.compile(functools.partial(fn, backend="reference")))
+        call = (
+            functools.partial(fn, backend="fused")
+            if backend == "fused"
+            else functools.partial(fn, backend="reference")
+            if backend == "eager"
+            else torch.compile(functools.partial(fn, backend="reference"))
+        )
 
-        def step():
-            query.grad = None
-            loss = call(query, key, queue)
-            loss.backward()
-            return loss
-
-        row = dict(loss=loss_name, n=n, d=d, m=m, dtype=str(dtype).removeprefix("torch."),
-                   backend=backend)
+        step = _step(call, query, key, queue)
+        row = dict(
+            loss=loss_name, n=n, d=d, m=m, dtype=str(dtype).removeprefix("torch."), backend=backend
+        )
         try:
             loss = step()
             row["loss_rel_err"] = relative_error(loss.detach(), exact.detach())
@@ -157,29 +165,38 @@ def measure(loss_name, n, d, m, dtype, backends, timer, device):
 def environment(device: torch.device) -> dict:
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                else platform.processor() or "cpu"),
-        torch=torch.__version__, triton=triton_version,
+        device=(
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu"
+        ),
+        torch=torch.__version__,
+        triton=triton_version,
         float32_matmul_precision=torch.get_float32_matmul_precision(),
         command="python " + " ".join(os.sys.argv),
     )
 
 
 def markdown(rows, env) -> str:
-    lines = [f"# Fused vs eager vs torch.compile: {env['device']}", "",
-             f"- command: `{env['command']}`",
-             f"- date: {env['date']}; torch {env['torch']}; triton {env['triton']}; "
-             f"float32 matmul precision: {env['float32_matmul_precision']}",
-             "- time: median forward+backward (µs), L2 flushed; memory: peak extra MiB; "
-             "speed-up: eager time / fused time and compile time / fused time", "",
-             "| loss | dtype | N | D | M | fused µs | eager µs | compile µs | × eager | × compile "
-             "| fused MiB | eager MiB | compile MiB | fused loss err | fused grad err |",
-             "|" + "---|" * 15]
+    lines = [
+        f"# Fused vs eager vs torch.compile: {env['device']}",
+        "",
+        f"- command: `{env['command']}`",
+        f"- date: {env['date']}; torch {env['torch']}; triton {env['triton']}; "
+        f"float32 matmul precision: {env['float32_matmul_precision']}",
+        "- time: median forward+backward (µs), L2 flushed; memory: peak extra MiB; "
+        "speed-up: eager time / fused time and compile time / fused time",
+        "",
+        "| loss | dtype | N | D | M | fused µs | eager µs | compile µs | × eager | × compile "
+        "| fused MiB | eager MiB | compile MiB | fused loss err | fused grad err |",
+        "|" + "---|" * 15,
+    ]
     grouped = {}
     for row in rows:
         point = (row["loss"], row["dtype"], row["n"], row["d"], row["m"])
@@ -195,18 +212,36 @@ def markdown(rows, env) -> str:
 
     for (loss, dtype, n, d, m), by in grouped.items():
         fused, eager, compiled = by.get("fused"), by.get("eager"), by.get("compile")
-        ratio = lambda other: (f"{other['time_us'] / fused['time_us']:.1f}"  # noqa: E731
-                               if fused and other and "time_us" in fused and "time_us" in other
-                               else "–")
-        lines.append(f"| {loss} | {dtype} | {n} | {d} | {m} | {cell(fused, 'time_us', '.1f')} | "
-                     f"{cell(eager, 'time_us', '.1f')} | {cell(compiled, 'time_us', '.1f')} | "
-                     f"{ratio(eager)} | "
-                     f"{ratio(compiled)} | {cell(fused, 'peak_extra_mib', '.2f')} | "
-                     f"{cell(eager, 'peak_extra_mib', '.1f')} | "
-                     f"{cell(compiled, 'peak_extra_mib', '.1f')} | "
-                     f"{cell(fused, 'loss_rel_err', '.1e')} | "
-                     f"{cell(fused, 'grad_rel_err', '.1e')} |")
+        lines.append(
+            f"| {loss} | {dtype} | {n} | {d} | {m} | {cell(fused, 'time_us', '.1f')} | "
+            f"{cell(eager, 'time_us', '.1f')} | {cell(compiled, 'time_us', '.1f')} | "
+            f"{_speedup(fused, eager)} | "
+            f"{_speedup(fused, compiled)} | {cell(fused, 'peak_extra_mib', '.2f')} | "
+            f"{cell(eager, 'peak_extra_mib', '.1f')} | "
+            f"{cell(compiled, 'peak_extra_mib', '.1f')} | "
+            f"{cell(fused, 'loss_rel_err', '.1e')} | "
+            f"{cell(fused, 'grad_rel_err', '.1e')} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def _step(call, query, key, queue):
+    """One forward+backward of ``call`` on the inputs, returning the loss."""
+
+    def step():
+        query.grad = None
+        loss = call(query, key, queue)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def _speedup(fused, other) -> str:
+    """other's time / fused's time, or – when either is missing."""
+    if fused and other and "time_us" in fused and "time_us" in other:
+        return f"{other['time_us'] / fused['time_us']:.1f}"
+    return "–"
 
 
 def plot(rows, path: Path) -> None:
@@ -225,8 +260,13 @@ def plot(rows, path: Path) -> None:
     for label, points in sorted(series.items()):
         points.sort()
         ax.plot(*zip(*points), styles[label.split()[-1]], label=label, markersize=3)
-    ax.set(xscale="log", yscale="log", xlabel="queue size M", ylabel="forward+backward time (µs)",
-           title="Contrastive loss forward+backward time vs queue size")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="queue size M",
+        ylabel="forward+backward time (µs)",
+        title="Contrastive loss forward+backward time vs queue size",
+    )
     ax.legend(fontsize=5, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -247,8 +287,9 @@ def main():
                         rows += measure(loss, n, d, m, DTYPES[dtype], args.backends, timer, device)
     env = environment(device)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = ("smoke" if args.smoke
-            else env["device"].replace(" ", "-") + ("-tf32" if args.tf32 else ""))
+    stem = (
+        "smoke" if args.smoke else env["device"].replace(" ", "-") + ("-tf32" if args.tf32 else "")
+    )
     (args.out / f"{stem}.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
     table = markdown(rows, env)
     (args.out / f"{stem}.md").write_text(table)

@@ -22,18 +22,27 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("reference", "reference-compiled", "chunked", "chunked-compiled", "gemms")
-STYLES = {"reference": "--s", "reference-compiled": ":s", "chunked": "-o", "chunked-compiled": ":o",
-          "gemms": "-.x"}
+STYLES = {
+    "reference": "--s",
+    "reference-compiled": ":s",
+    "chunked": "-o",
+    "chunked-compiled": ":o",
+    "gemms": "-.x",
+}
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--from", dest="source", type=Path, help="a pytest-benchmark JSON file")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: its choice)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="time with time.process_time (CPU time) instead of wall-clock time")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with time.process_time (CPU time) instead of wall-clock time",
+    )
     return parser.parse_args()
 
 
@@ -42,9 +51,22 @@ def run(json_path: Path, threads: int | None, cpu_time: bool) -> dict:
     load_before = os.getloadavg()
     env = os.environ | ({"BENCHMARK_THREADS": str(threads)} if threads else {})
     timer = ["--benchmark-timer=time.process_time"] if cpu_time else []
-    subprocess.run([sys.executable, "-m", "pytest", str(HERE / "test_chunked_cpu.py"),
-                    "--benchmark-only", f"--benchmark-json={json_path}", "-q",
-                    "-p", "no:cacheprovider", *timer], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(HERE / "test_chunked_cpu.py"),
+            "--benchmark-only",
+            f"--benchmark-json={json_path}",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *timer,
+        ],
+        check=True,
+        env=env,
+    )
     return dict(load_before=load_before, load_after=os.getloadavg())
 
 
@@ -55,7 +77,9 @@ def results(data: dict) -> dict:
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         table.setdefault((info["loss"], info["m"]), {})[info["variant"]] = (
-            bench["stats"]["min"] * 1e3, info["peak_extra_mib"])
+            bench["stats"]["min"] * 1e3,
+            info["peak_extra_mib"],
+        )
     losses = list(dict.fromkeys(loss for loss, _ in table))
     return dict(sorted(table.items(), key=lambda item: (losses.index(item[0][0]), item[0][1])))
 
@@ -64,7 +88,8 @@ def markdown(table: dict, data: dict, load: dict | None) -> str:
     machine = data["machine_info"]
     info = data["benchmarks"][0]["extra_info"]
     lines = [
-        "# Chunked backend on the CPU: forward+backward time and peak extra memory", "",
+        "# Chunked backend on the CPU: forward+backward time and peak extra memory",
+        "",
         f"- command: `python benchmarks/report_chunked_cpu.py{_flags(data)}`; "
         f"{data['datetime'][:10]}",
         f"- machine: {machine.get('cpu', {}).get('brand_raw', machine['processor'])}, "
@@ -77,10 +102,13 @@ def markdown(table: dict, data: dict, load: dict | None) -> str:
         "products no implementation avoids",
     ]
     if load:
-        lines.append(f"- load average (1, 5, 15 min) before: {_load(load['load_before'])}, "
-                     f"after: {_load(load['load_after'])} (the machine is shared)")
+        lines.append(
+            f"- load average (1, 5, 15 min) before: {_load(load['load_before'])}, "
+            f"after: {_load(load['load_after'])} (the machine is shared)"
+        )
     lines += [
-        "", "| loss | M | reference | ref. compiled | chunked | chunked compiled | gemms "
+        "",
+        "| loss | M | reference | ref. compiled | chunked | chunked compiled | gemms "
         "| chunked / reference | chunked / ref. compiled | chunked / gemms "
         "| MiB reference | MiB ref. compiled | MiB chunked | MiB chunked compiled |",
         "|" + "---|" * 14,
@@ -89,10 +117,17 @@ def markdown(table: dict, data: dict, load: dict | None) -> str:
         time = {v: by[v][0] for v in by}
         memory = [by.get(v, (None, None))[1] for v in VARIANTS[:4]]
         lines.append(
-            f"| {loss} | {m} | " + " | ".join(_cell(time.get(v), ".1f") for v in VARIANTS)
-            + " | " + " | ".join(_ratio(time, "chunked", other)
-                                 for other in ("reference", "reference-compiled", "gemms"))
-            + " | " + " | ".join(_cell(mib, ".1f") for mib in memory) + " |")
+            f"| {loss} | {m} | "
+            + " | ".join(_cell(time.get(v), ".1f") for v in VARIANTS)
+            + " | "
+            + " | ".join(
+                _ratio(time, "chunked", other)
+                for other in ("reference", "reference-compiled", "gemms")
+            )
+            + " | "
+            + " | ".join(_cell(mib, ".1f") for mib in memory)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -106,16 +141,25 @@ def plot(table: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, len(losses), figsize=(4.5 * len(losses), 7), squeeze=False)
     for column, loss in enumerate(losses):
         queues = sorted(m for name, m in table if name == loss)
-        for row, (index, label) in enumerate([(0, "forward+backward (ms)"),
-                                              (1, "peak extra memory (MiB)")]):
+        for row, (index, label) in enumerate(
+            [(0, "forward+backward (ms)"), (1, "peak extra memory (MiB)")]
+        ):
             ax = axes[row][column]
             for variant in VARIANTS:
-                points = [(m, table[loss, m][variant][index]) for m in queues
-                          if variant in table[loss, m] and table[loss, m][variant][index]]
+                points = [
+                    (m, table[loss, m][variant][index])
+                    for m in queues
+                    if variant in table[loss, m] and table[loss, m][variant][index]
+                ]
                 if points:
                     ax.plot(*zip(*points), STYLES[variant], label=variant, markersize=4)
-            ax.set(xscale="log", yscale="log", xlabel="queue size M", ylabel=label,
-                   title=loss if row == 0 else None)
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="queue size M",
+                ylabel=label,
+                title=loss if row == 0 else None,
+            )
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -136,7 +180,8 @@ def _flags(data: dict) -> str:
     info = data["benchmarks"][0]["extra_info"]
     cpu_time = "process_time" in data["benchmarks"][0]["options"]["timer"]
     return (f" --threads {info['threads']}" if info.get("threads_set") else "") + (
-        " --cpu-time" if cpu_time else "")
+        " --cpu-time" if cpu_time else ""
+    )
 
 
 def _timer(data: dict) -> str:

@@ -86,18 +86,29 @@ def rounds(m: int, variant: str) -> int:
 def test_forward_backward(benchmark, loss, m, variant):
     step = make_step(loss, m, variant)
     step()  # compile / warm up outside the timing
-    benchmark.extra_info.update(loss=loss, m=m, variant=variant, n=N, d=D,
-                                threads=torch.get_num_threads(), torch=torch.__version__,
-                                threads_set="BENCHMARK_THREADS" in os.environ,
-                                peak_extra_mib=peak_extra_mib_in_a_fresh_process(loss, m, variant))
+    benchmark.extra_info.update(
+        loss=loss,
+        m=m,
+        variant=variant,
+        n=N,
+        d=D,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        threads_set="BENCHMARK_THREADS" in os.environ,
+        peak_extra_mib=peak_extra_mib_in_a_fresh_process(loss, m, variant),
+    )
     benchmark.pedantic(step, rounds=rounds(m, variant), warmup_rounds=1)
 
 
 def peak_extra_mib_in_a_fresh_process(loss: str, m: int, variant: str) -> float | None:
     if not sys.platform.startswith("linux") or variant == "gemms":
         return None
-    done = subprocess.run([sys.executable, __file__, loss, str(m), variant], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, loss, str(m), variant],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(done.stdout.splitlines()[-1])
 
 

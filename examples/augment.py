@@ -25,14 +25,15 @@ def _uniform(n, low, high, device, generator):
     return torch.rand(n, device=device, generator=generator) * (high - low) + low
 
 
-def random_resized_crop_and_flip(x: torch.Tensor, generator, scale=(0.2, 1.0),
-                                 ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_and_flip(
+    x: torch.Tensor, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
+):
     """x (B, C, H, W) float → crops of random area fraction and aspect ratio, resized back, and
     flipped with p=0.5; crops that would overflow the image are shrunk to fit."""
     b, device = x.shape[0], x.device
     area = _uniform(b, *scale, device, generator)
     log_ratio = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), device, generator)
-    width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)   # fractions of the image side
+    width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)  # fractions of the image side
     height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
     centre_x = (torch.rand(b, device=device, generator=generator) * 2 - 1) * (1 - width)
     centre_y = (torch.rand(b, device=device, generator=generator) * 2 - 1) * (1 - height)
@@ -45,7 +46,7 @@ def random_resized_crop_and_flip(x: torch.Tensor, generator, scale=(0.2, 1.0),
 
 
 def _grey(x):
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def colour_jitter(x, generator, strength=(0.4, 0.4, 0.4, 0.1), p=0.8):
@@ -59,8 +60,9 @@ def colour_jitter(x, generator, strength=(0.4, 0.4, 0.4, 0.1), p=0.8):
     grey = _grey(out)
     out = ((out - grey) * factor(saturation) + grey).clamp(0, 1)
     angle = _uniform(b, -hue, hue, device, generator) * 2 * math.pi
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=device)
+    to_yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device
+    )
     yiq = torch.einsum("ij,bjhw->bihw", to_yiq, out)
     cos, sin = torch.cos(angle).view(b, 1, 1), torch.sin(angle).view(b, 1, 1)
     i, q = yiq[:, 1], yiq[:, 2]

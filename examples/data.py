@@ -39,9 +39,11 @@ def load(data: str | None, data_dir: Path) -> Dataset:
             return _cifar10_torchvision(data_dir)
         except Exception as error:  # offline, or torchvision missing: say so and fall back
             dataset = _digits()
-            dataset.note = (f"CIFAR-10 is neither in {data_dir} nor downloadable "
-                            f"({type(error).__name__}: {str(error)[:100]}); using scikit-learn's "
-                            "bundled digits (8x8, shown at 16x16)")
+            dataset.note = (
+                f"CIFAR-10 is neither in {data_dir} nor downloadable "
+                f"({type(error).__name__}: {str(error)[:100]}); using scikit-learn's "
+                "bundled digits (8x8, shown at 16x16)"
+            )
             return dataset
     if data == "cifar10":
         return _cifar10_torchvision(data_dir)
@@ -52,8 +54,10 @@ def load(data: str | None, data_dir: Path) -> Dataset:
         return _npz(path)
     if path.is_dir():
         return _image_folder(path)
-    raise ValueError("--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory; "
-                     f"{data!r} is none of these")
+    raise ValueError(
+        "--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory; "
+        f"{data!r} is none of these"
+    )
 
 
 def _hwc_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -63,10 +67,12 @@ def _hwc_to_tensor(images: np.ndarray) -> torch.Tensor:
 def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     from PIL import Image
 
-    first = np.asarray(Image.open(io.BytesIO(blob[offsets[0]:offsets[1]].tobytes())).convert("RGB"))
+    first = np.asarray(
+        Image.open(io.BytesIO(blob[offsets[0] : offsets[1]].tobytes())).convert("RGB")
+    )
     out = np.empty((len(offsets) - 1, *first.shape), dtype=np.uint8)
     for i in range(len(out)):
-        jpeg = io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())
+        jpeg = io.BytesIO(blob[offsets[i] : offsets[i + 1]].tobytes())
         out[i] = np.asarray(Image.open(jpeg).convert("RGB"))
     return out
 
@@ -76,16 +82,25 @@ def _npz(path: Path) -> Dataset:
         if "x_train" in archive:
             parts = archive["x_train"], archive["y_train"], archive["x_test"], archive["y_test"]
         elif "train_jpeg" in archive:
-            parts = (_decode_jpegs(archive["train_jpeg"], archive["train_offsets"]),
-                     archive["y_train"],
-                     _decode_jpegs(archive["test_jpeg"], archive["test_offsets"]),
-                     archive["y_test"])
+            parts = (
+                _decode_jpegs(archive["train_jpeg"], archive["train_offsets"]),
+                archive["y_train"],
+                _decode_jpegs(archive["test_jpeg"], archive["test_offsets"]),
+                archive["y_test"],
+            )
         else:
-            raise ValueError(f"--data {path}: expected keys x_train/y_train/x_test/y_test or "
-                             f"train_jpeg/train_offsets/..., found {sorted(archive.files)}")
+            raise ValueError(
+                f"--data {path}: expected keys x_train/y_train/x_test/y_test or "
+                f"train_jpeg/train_offsets/..., found {sorted(archive.files)}"
+            )
     x_train, y_train, x_test, y_test = parts
-    return Dataset(path.name, _hwc_to_tensor(x_train), torch.from_numpy(y_train.astype(np.int64)),
-                   _hwc_to_tensor(x_test), torch.from_numpy(y_test.astype(np.int64)))
+    return Dataset(
+        path.name,
+        _hwc_to_tensor(x_train),
+        torch.from_numpy(y_train.astype(np.int64)),
+        _hwc_to_tensor(x_test),
+        torch.from_numpy(y_test.astype(np.int64)),
+    )
 
 
 def _cifar10_torchvision(data_dir: Path) -> Dataset:
@@ -93,8 +108,13 @@ def _cifar10_torchvision(data_dir: Path) -> Dataset:
 
     train = CIFAR10(str(data_dir), train=True, download=True)
     test = CIFAR10(str(data_dir), train=False, download=True)
-    return Dataset("cifar10", _hwc_to_tensor(train.data), torch.tensor(train.targets),
-                   _hwc_to_tensor(test.data), torch.tensor(test.targets))
+    return Dataset(
+        "cifar10",
+        _hwc_to_tensor(train.data),
+        torch.tensor(train.targets),
+        _hwc_to_tensor(test.data),
+        torch.tensor(test.targets),
+    )
 
 
 def _image_folder(root: Path) -> Dataset:
@@ -103,13 +123,18 @@ def _image_folder(root: Path) -> Dataset:
 
     splits = [s for s in ("train", "test", "val") if (root / s).is_dir()]
     if "train" not in splits or len(splits) < 2:
-        raise ValueError(f"--data {root}: an ImageFolder needs train/ and test/ (or val/) "
-                         "sub-folders")
+        raise ValueError(
+            f"--data {root}: an ImageFolder needs train/ and test/ (or val/) sub-folders"
+        )
     tensors = []
     for split in ("train", splits[1]):
         folder = ImageFolder(str(root / split))
-        images = torch.stack([resize(pil_to_tensor(img.convert("RGB")), [32, 32], antialias=True)
-                              for img, _ in folder])
+        images = torch.stack(
+            [
+                resize(pil_to_tensor(img.convert("RGB")), [32, 32], antialias=True)
+                for img, _ in folder
+            ]
+        )
         tensors += [images, torch.tensor(folder.targets)]
     return Dataset(root.name, *tensors)
 
@@ -119,8 +144,9 @@ def _digits() -> Dataset:
 
     digits = load_digits()
     images = torch.from_numpy(digits.images).float() / 16.0  # (1797, 8, 8) in [0, 1]
-    images = torch.nn.functional.interpolate(images[:, None], size=16, mode="bilinear",
-                                             align_corners=False)
+    images = torch.nn.functional.interpolate(
+        images[:, None], size=16, mode="bilinear", align_corners=False
+    )
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target).long()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))

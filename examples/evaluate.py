@@ -3,10 +3,9 @@ probe."""
 
 from __future__ import annotations
 
+import augment
 import torch
 import torch.nn.functional as F
-
-import augment
 
 
 @torch.no_grad()
@@ -16,7 +15,9 @@ def features(backbone, images_uint8, device, batch_size=1024, autocast=False):
     backbone.eval()
     out = []
     for start in range(0, len(images_uint8), batch_size):
-        batch = augment.plain(images_uint8[start:start + batch_size].to(device, non_blocking=True))
+        batch = augment.plain(
+            images_uint8[start : start + batch_size].to(device, non_blocking=True)
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             batch = batch.contiguous(memory_format=torch.channels_last)
             out.append(F.normalize(backbone(batch).float(), dim=1))
@@ -25,22 +26,31 @@ def features(backbone, images_uint8, device, batch_size=1024, autocast=False):
 
 
 @torch.no_grad()
-def knn_top1(train_features, train_labels, test_features, test_labels, classes, k=200, t=0.1,
-             chunk=1000) -> float:
+def knn_top1(
+    train_features, train_labels, test_features, test_labels, classes, k=200, t=0.1, chunk=1000
+) -> float:
     """Top-1 accuracy (percent) of a k-nearest-neighbour vote with weights exp(cos / t)."""
     k = min(k, len(train_labels))
     correct = 0
     for start in range(0, len(test_labels), chunk):
-        similarity = test_features[start:start + chunk] @ train_features.T
+        similarity = test_features[start : start + chunk] @ train_features.T
         weights, index = similarity.topk(k, dim=1)
         votes = F.one_hot(train_labels[index], classes).float() * (weights / t).exp().unsqueeze(-1)
         prediction = votes.sum(1).argmax(1)
-        correct += (prediction == test_labels[start:start + chunk]).sum().item()
+        correct += (prediction == test_labels[start : start + chunk]).sum().item()
     return 100.0 * correct / len(test_labels)
 
 
-def linear_probe_top1(train_features, train_labels, test_features, test_labels, classes, epochs=100,
-                      batch_size=1024, seed=0) -> float:
+def linear_probe_top1(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    classes,
+    epochs=100,
+    batch_size=1024,
+    seed=0,
+) -> float:
     """Top-1 accuracy (percent) of a linear classifier trained on frozen, standardised features."""
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
@@ -52,7 +62,7 @@ def linear_probe_top1(train_features, train_labels, test_features, test_labels, 
     for _ in range(epochs):
         order = torch.randperm(len(train_x), device=train_x.device, generator=generator)
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             loss = F.cross_entropy(classifier(train_x[batch]), train_labels[batch])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -55,66 +55,116 @@ LOSS_DEFAULTS = {
     "sce": dict(coeff=0.5, temperature=0.1, target_temperature=0.05),
     "infonce": dict(temperature=0.2),
     "ressl": dict(temperature=0.1, target_temperature=0.04),
-    "cacr": dict(attraction_temperature=1.0, repulsion_temperature=1.0, attraction_weight=1.0,
-                 repulsion_weight=1.0),
-    "reco": dict(temperature=0.2, relation_temperature=0.1, target_temperature=0.04,
-                 global_weight=1.0, local_weight=2.0),
+    "cacr": dict(
+        attraction_temperature=1.0,
+        repulsion_temperature=1.0,
+        attraction_weight=1.0,
+        repulsion_weight=1.0,
+    ),
+    "reco": dict(
+        temperature=0.2,
+        relation_temperature=0.1,
+        target_temperature=0.04,
+        global_weight=1.0,
+        local_weight=2.0,
+    ),
 }
-LOSS_FUNCTIONS = {"sce": sce_loss, "infonce": info_nce_loss, "ressl": ressl_loss,
-                  "cacr": cacr_loss, "reco": reco_loss}
+LOSS_FUNCTIONS = {
+    "sce": sce_loss,
+    "infonce": info_nce_loss,
+    "ressl": ressl_loss,
+    "cacr": cacr_loss,
+    "reco": reco_loss,
+}
 HYPER_PARAMETER_HELP = {
-    "coeff": "SCE's λ", "temperature": "τ", "target_temperature": "τ_m (ReCo: τ_t)",
-    "relation_temperature": "ReCo's τ_s", "global_weight": "ReCo's λ₁",
-    "local_weight": "ReCo's λ₂", "attraction_temperature": "CACR's τ⁺",
-    "repulsion_temperature": "CACR's τ⁻", "attraction_weight": "CACR's α",
-    "repulsion_weight": "CACR's β"}
+    "coeff": "SCE's λ",
+    "temperature": "τ",
+    "target_temperature": "τ_m (ReCo: τ_t)",
+    "relation_temperature": "ReCo's τ_s",
+    "global_weight": "ReCo's λ₁",
+    "local_weight": "ReCo's λ₂",
+    "attraction_temperature": "CACR's τ⁺",
+    "repulsion_temperature": "CACR's τ⁻",
+    "attraction_weight": "CACR's α",
+    "repulsion_weight": "CACR's β",
+}
 # Schedule defaults: SCE's CIFAR-10 recipe; the 1,500-image digits fallback gets more, smaller steps
 # and a queue smaller than the dataset.
-RECIPES = {"cifar": dict(epochs=200, batch_size=256, queue_size=4096),
-           "digits": dict(epochs=20, batch_size=64, queue_size=1024)}
+RECIPES = {
+    "cifar": dict(epochs=200, batch_size=256, queue_size=4096),
+    "digits": dict(epochs=20, batch_size=64, queue_size=1024),
+}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="sce")
-    p.add_argument("--data", default=None, help=".npz, 'cifar10', 'digits' or an ImageFolder path "
-                   "(default: CIFAR-10 if on disk or downloadable, else scikit-learn's digits)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"),
-                   help="where torchvision keeps CIFAR-10")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default runs/pretrain, with --smoke runs/smoke)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=".npz, 'cifar10', 'digits' or an ImageFolder path "
+        "(default: CIFAR-10 if on disk or downloadable, else scikit-learn's digits)",
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=Path("data"), help="where torchvision keeps CIFAR-10"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/pretrain, with --smoke runs/smoke)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--epochs", type=int, default=None, help="default 200 (20 on digits)")
     p.add_argument("--warmup-epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over ranks; "
-                   "default 256 (64 on digits)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch, split over ranks; default 256 (64 on digits)",
+    )
     p.add_argument("--lr", type=float, default=0.06)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--momentum", type=float, default=0.99,
-                   help="EMA momentum of the target encoder")
-    p.add_argument("--momentum-schedule", choices=["constant", "cosine"], default="constant",
-                   help="cosine: from --momentum to 1 over training")
+    p.add_argument(
+        "--momentum", type=float, default=0.99, help="EMA momentum of the target encoder"
+    )
+    p.add_argument(
+        "--momentum-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="cosine: from --momentum to 1 over training",
+    )
     p.add_argument("--queue-size", type=int, default=None, help="default 4096 (1024 on digits)")
     for name, meaning in HYPER_PARAMETER_HELP.items():
         losses = [loss for loss, defaults in LOSS_DEFAULTS.items() if name in defaults]
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=None,
-                       help=f"{meaning}; default per loss ({', '.join(losses)})")
-    p.add_argument("--knn-every", type=int, default=10,
-                   help="kNN monitor every N epochs (and at the end)")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=None,
+            help=f"{meaning}; default per loss ({', '.join(losses)})",
+        )
+    p.add_argument(
+        "--knn-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)"
+    )
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-t", type=float, default=0.1)
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--train-subset", type=int, default=None, help="use the first N training images")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap the steps of an epoch")
-    p.add_argument("--device", choices=["cuda", "cpu"],
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast (it is on for CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny preset for a CPU check: 2 epochs of 3 steps of 32 images on a subset")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny preset for a CPU check: 2 epochs of 3 steps of 32 images on a subset",
+    )
     args = p.parse_args(argv)
     given = [name for name in HYPER_PARAMETER_HELP if getattr(args, name) is not None]
     foreign = [name for name in given if name not in LOSS_DEFAULTS[args.loss]]
@@ -137,8 +187,9 @@ class Encoder(nn.Module):
     def __init__(self, out_dim=128):
         super().__init__()
         self.backbone = ResNet18()
-        self.projector = nn.Sequential(nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512),
-                                       nn.ReLU(), nn.Linear(512, out_dim))
+        self.projector = nn.Sequential(
+            nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, out_dim)
+        )
 
     def forward(self, x):
         return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
@@ -150,8 +201,9 @@ class Run:
     def __init__(self, args):
         self.args = args
         self.rank, self.world = _init_distributed(args.device)
-        self.device = (torch.device("cuda", _local_rank()) if args.device == "cuda"
-                       else torch.device("cpu"))
+        self.device = (
+            torch.device("cuda", _local_rank()) if args.device == "cuda" else torch.device("cpu")
+        )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
@@ -163,41 +215,55 @@ class Run:
             print(self.dataset.note, flush=True)
         ds = self.dataset
         if args.train_subset:
-            ds.x_train, ds.y_train = ds.x_train[:args.train_subset], ds.y_train[:args.train_subset]
+            ds.x_train, ds.y_train = (
+                ds.x_train[: args.train_subset],
+                ds.y_train[: args.train_subset],
+            )
         if args.test_subset:
-            ds.x_test, ds.y_test = ds.x_test[:args.test_subset], ds.y_test[:args.test_subset]
+            ds.x_test, ds.y_test = ds.x_test[: args.test_subset], ds.y_test[: args.test_subset]
         for name, value in RECIPES["digits" if self.dataset.name == "digits" else "cifar"].items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
         if args.batch_size % self.world:
-            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the "
-                             f"{self.world} ranks")
+            raise ValueError(
+                f"--batch-size {args.batch_size} must be divisible by the {self.world} ranks"
+            )
         self.images = self.dataset.x_train.to(self.device)  # uint8, augmented on the device
         self.steps_per_epoch = len(self.images) // args.batch_size
         if args.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, args.steps_per_epoch)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{len(self.images)} training images are fewer than one batch of "
-                             f"{args.batch_size}")
+            raise ValueError(
+                f"{len(self.images)} training images are fewer than one batch of {args.batch_size}"
+            )
 
         online = Encoder().to(self.device, memory_format=torch.channels_last)
         if self.world > 1 and self.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
         self.target = copy.deepcopy(online).requires_grad_(False)
-        self.online = (nn.parallel.DistributedDataParallel(online, device_ids=[self.device.index]
-                                                           if self.device.type == "cuda" else None)
-                       if self.world > 1 else online)
+        self.online = (
+            nn.parallel.DistributedDataParallel(
+                online, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.world > 1
+            else online
+        )
         self.queue = MemoryQueue(args.queue_size, 128, device=self.device)
         # ReCo's second queue holds the weak view's keys (its own initial vectors: another seed).
-        self.weak_queue = (MemoryQueue(args.queue_size, 128, device=self.device, seed=1)
-                           if args.loss == "reco" else None)
-        self.optimizer = torch.optim.SGD(online.parameters(), lr=args.lr, momentum=0.9,
-                                         weight_decay=args.weight_decay)
+        self.weak_queue = (
+            MemoryQueue(args.queue_size, 128, device=self.device, seed=1)
+            if args.loss == "reco"
+            else None
+        )
+        self.optimizer = torch.optim.SGD(
+            online.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
         self.forward_online = torch.compile(self.online) if args.compile else self.online
         self.forward_target = torch.compile(self.target) if args.compile else self.target
         self.hyper = args.hyper_parameters
-        self.loss_step = {"cacr": self._cacr_loss, "reco": self._reco_loss}.get(args.loss,
-                                                                              self._moco_loss)
+        self.loss_step = {"cacr": self._cacr_loss, "reco": self._reco_loss}.get(
+            args.loss, self._moco_loss
+        )
         # Batch order: the same on every rank (each takes its shard); augmentation: per rank. Both
         # are re-seeded from (seed, epoch, rank) each epoch, so a resumed run draws the same
         # numbers.
@@ -236,28 +302,39 @@ class Run:
         self.order_generator.manual_seed(seed)
         self.augment_generator.manual_seed(seed * 1009 + self.rank + 1)
         order = torch.randperm(len(self.images), device=self.device, generator=self.order_generator)
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{self.args.epochs}",
-                   disable=self.rank != 0, dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            range(self.steps_per_epoch),
+            desc=f"epoch {self.epoch + 1}/{self.args.epochs}",
+            disable=self.rank != 0,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         total_loss = torch.zeros((), device=self.device)
         start = time.perf_counter()
         for i in bar:
             step = self.epoch * self.steps_per_epoch + i
             start_of_shard = i * self.args.batch_size + self.rank * local
-            batch = order[start_of_shard:start_of_shard + local]
+            batch = order[start_of_shard : start_of_shard + local]
             loss = self.train_step(self.images[batch], step)
             total_loss += loss.detach()
             if self.rank == 0 and (i % 10 == 0 or i == self.steps_per_epoch - 1):
                 seen = (i + 1) * self.args.batch_size
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self._lr(step):.4f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    lr=f"{self._lr(step):.4f}",
+                    img_s=f"{seen / (time.perf_counter() - start):.0f}",
+                )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         if self.world > 1:
             dist.all_reduce(total_loss)
             total_loss /= self.world
-        return dict(loss=total_loss.item() / self.steps_per_epoch, seconds=seconds,
-                    images_per_s=self.steps_per_epoch * self.args.batch_size / seconds)
+        return dict(
+            loss=total_loss.item() / self.steps_per_epoch,
+            seconds=seconds,
+            images_per_s=self.steps_per_epoch * self.args.batch_size / seconds,
+        )
 
     def train_step(self, images_uint8, step: int) -> torch.Tensor:
         for group in self.optimizer.param_groups:
@@ -265,8 +342,9 @@ class Run:
         with torch.no_grad():
             momentum = self._ema_momentum(step)
             online = self.online.module if self.world > 1 else self.online
-            torch._foreach_lerp_(list(self.target.parameters()), list(online.parameters()),
-                                 1 - momentum)
+            torch._foreach_lerp_(
+                list(self.target.parameters()), list(online.parameters()), 1 - momentum
+            )
         loss, pushes = self.loss_step(images_uint8)  # the loss reads the queues...
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -306,17 +384,26 @@ class Run:
     def _reco_loss(self, images_uint8):
         """ReCo: MoCo v2's two strong views, a weak view for the relation target, and a CutMix of
         the strong view with a permuted key view, whose target is the interpolated key."""
-        strong, key_view, weak = (self._view(kind, images_uint8)
-                                  for kind in ("strong", "strong", "weak"))
-        partner = torch.randperm(len(images_uint8), device=self.device,
-                                 generator=self.augment_generator)
+        strong, key_view, weak = (
+            self._view(kind, images_uint8) for kind in ("strong", "strong", "weak")
+        )
+        partner = torch.randperm(
+            len(images_uint8), device=self.device, generator=self.augment_generator
+        )
         mixed, ratio = augment.cutmix(strong, key_view[partner], self.augment_generator)
         with torch.no_grad():
             key, weak_key = self._embed(self.forward_target, key_view, weak)
         query, mixed_query = self._embed(self.forward_online, strong, mixed)
-        loss = reco_loss(query, key, self.queue.keys, weak_key=weak_key,
-                         weak_queue=self.weak_queue.keys, mixed_query=mixed_query,
-                         mixed_key=interpolated_key(query, key, partner, ratio), **self.hyper)
+        loss = reco_loss(
+            query,
+            key,
+            self.queue.keys,
+            weak_key=weak_key,
+            weak_queue=self.weak_queue.keys,
+            mixed_query=mixed_query,
+            mixed_key=interpolated_key(query, key, partner, ratio),
+            **self.hyper,
+        )
         return loss, [(self.queue, key), (self.weak_queue, weak_key)]
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -326,11 +413,15 @@ class Run:
         train_f = evaluate.features(backbone, ds.x_train, self.device, autocast=self.amp)
         test_f = evaluate.features(backbone, ds.x_test, self.device, autocast=self.amp)
         train_y, test_y = ds.y_train.to(self.device), ds.y_test.to(self.device)
-        result = dict(knn_top1=evaluate.knn_top1(train_f, train_y, test_f, test_y, ds.classes,
-                                                 self.args.knn_k, self.args.knn_t))
+        result = dict(
+            knn_top1=evaluate.knn_top1(
+                train_f, train_y, test_f, test_y, ds.classes, self.args.knn_k, self.args.knn_t
+            )
+        )
         if probe:
-            result["linear_top1"] = evaluate.linear_probe_top1(train_f, train_y, test_f, test_y,
-                                                               ds.classes, self.args.probe_epochs)
+            result["linear_top1"] = evaluate.linear_probe_top1(
+                train_f, train_y, test_f, test_y, ds.classes, self.args.probe_epochs
+            )
         return result
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -340,14 +431,23 @@ class Run:
 
     def _save(self, path: Path) -> None:
         online = self.online.module if self.world > 1 else self.online
-        state = dict(online=online.state_dict(), target=self.target.state_dict(),
-                     queue=self.queue.state_dict(), optimizer=self.optimizer.state_dict(),
-                     epoch=self.epoch, history=self.history, train_seconds=self.train_seconds,
-                     args=vars(self.args), run=self._identity(),
-                     rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                              python=random.getstate(),
-                              cuda=torch.cuda.get_rng_state_all()
-                              if self.device.type == "cuda" else None))
+        state = dict(
+            online=online.state_dict(),
+            target=self.target.state_dict(),
+            queue=self.queue.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            epoch=self.epoch,
+            history=self.history,
+            train_seconds=self.train_seconds,
+            args=vars(self.args),
+            run=self._identity(),
+            rng=dict(
+                torch=torch.get_rng_state(),
+                numpy=np.random.get_state(),
+                python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            ),
+        )
         if self.weak_queue is not None:
             state["weak_queue"] = self.weak_queue.state_dict()
         torch.save(state, path.with_suffix(".tmp"))
@@ -359,12 +459,17 @@ class Run:
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = state.get("run") or {name: state["args"][name] for name in ("loss", "queue_size")}
         here = self._identity()
-        differences = [f"{name} {saved[name]!r} there, {here[name]!r} here" for name in here
-                       if name in saved and saved[name] != here[name]]
+        differences = [
+            f"{name} {saved[name]!r} there, {here[name]!r} here"
+            for name in here
+            if name in saved and saved[name] != here[name]
+        ]
         if differences:
-            raise ValueError(f"--resume: the checkpoint {path} is from another run "
-                             f"({'; '.join(differences)}); resume with its settings, or start "
-                             "afresh in another --out")
+            raise ValueError(
+                f"--resume: the checkpoint {path} is from another run "
+                f"({'; '.join(differences)}); resume with its settings, or start "
+                "afresh in another --out"
+            )
         online = self.online.module if self.world > 1 else self.online
         try:
             online.load_state_dict(state["online"])
@@ -374,8 +479,10 @@ class Run:
                 self.weak_queue.load_state_dict(state["weak_queue"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as error:
-            raise ValueError(f"--resume: the checkpoint {path} does not fit this run: "
-                             f"{' '.join(str(error).split())[:500]}") from None
+            raise ValueError(
+                f"--resume: the checkpoint {path} does not fit this run: "
+                f"{' '.join(str(error).split())[:500]}"
+            ) from None
         self.epoch, self.history = state["epoch"], state["history"]
         self.train_seconds = state["train_seconds"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -399,8 +506,11 @@ class Run:
             last = self.epoch == args.epochs
             if self.rank == 0 and (self.epoch % args.knn_every == 0 or last):
                 stats |= self.evaluate(probe=False)
-                print(f"epoch {self.epoch}: loss {stats['loss']:.4f}, "
-                      f"kNN top-1 {stats['knn_top1']:.2f}%", flush=True)
+                print(
+                    f"epoch {self.epoch}: loss {stats['loss']:.4f}, "
+                    f"kNN top-1 {stats['knn_top1']:.2f}%",
+                    flush=True,
+                )
             self.history.append(dict(epoch=self.epoch) | stats)
             if self.rank == 0:
                 self._save(args.out / "checkpoint.pt")
@@ -409,25 +519,46 @@ class Run:
         summary = self.summary()
         if self.rank == 0:
             (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-            plot_curves(self.history, args.out / "curves.png",
-                        f"{args.loss} on {self.dataset.name}")
+            plot_curves(
+                self.history, args.out / "curves.png", f"{args.loss} on {self.dataset.name}"
+            )
             print(json.dumps(summary, indent=1), flush=True)
-            print("wrote " + ", ".join(str(args.out / name) for name in
-                                       ("checkpoint.pt", "summary.json", "curves.png")), flush=True)
+            print(
+                "wrote "
+                + ", ".join(
+                    str(args.out / name) for name in ("checkpoint.pt", "summary.json", "curves.png")
+                ),
+                flush=True,
+            )
         return summary
 
     def summary(self) -> dict:
-        result = dict(loss=self.args.loss, hyper_parameters=self.hyper, data=self.dataset.name,
-                      data_note=self.dataset.note, epochs=self.epoch,
-                      batch_size=self.args.batch_size, queue_size=self.args.queue_size,
-                      world_size=self.world, seed=self.args.seed,
-                      final_train_loss=self.history[-1]["loss"] if self.history else None,
-                      wall_s=round(self.train_seconds, 1),
-                      images_per_s=round(self.epoch * self.steps_per_epoch * self.args.batch_size /
-                                         max(self.train_seconds, 1e-9), 1),
-                      device=(torch.cuda.get_device_name(self.device)
-                              if self.device.type == "cuda" else "cpu"),
-                      torch=torch.__version__, amp_bf16=self.amp, compiled=self.args.compile)
+        result = dict(
+            loss=self.args.loss,
+            hyper_parameters=self.hyper,
+            data=self.dataset.name,
+            data_note=self.dataset.note,
+            epochs=self.epoch,
+            batch_size=self.args.batch_size,
+            queue_size=self.args.queue_size,
+            world_size=self.world,
+            seed=self.args.seed,
+            final_train_loss=self.history[-1]["loss"] if self.history else None,
+            wall_s=round(self.train_seconds, 1),
+            images_per_s=round(
+                self.epoch
+                * self.steps_per_epoch
+                * self.args.batch_size
+                / max(self.train_seconds, 1e-9),
+                1,
+            ),
+            device=(
+                torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+            ),
+            torch=torch.__version__,
+            amp_bf16=self.amp,
+            compiled=self.args.compile,
+        )
         if self.world > 1:
             result["queue_identical_across_ranks"] = _identical_across_ranks(self.queue.keys)
         if self.rank == 0:

@@ -1,8 +1,10 @@
-"""sce-loss: exact and fast self-supervised contrastive losses (SCE, InfoNCE, ReSSL) for PyTorch."""
+"""sce-loss: exact and fast self-supervised contrastive losses for PyTorch: SCE, InfoNCE, ReSSL,
+CACR and ReCo."""
 
 from .functional import info_nce_loss, ressl_loss, sce_loss
-from .modules import InfoNCELoss, ReSSLLoss, SCELoss
+from .modules import CACRLoss, InfoNCELoss, ReCoLoss, ReSSLLoss, SCELoss
 from .queue import MemoryQueue
+from .relational import cacr_loss, interpolated_key, reco_loss
 
 __all__ = [
     "sce_loss",
@@ -12,5 +14,10 @@ __all__ = [
     "InfoNCELoss",
     "ReSSLLoss",
     "MemoryQueue",
+    "cacr_loss",
+    "reco_loss",
+    "interpolated_key",
+    "CACRLoss",
+    "ReCoLoss",
 ]
 __version__ = "0.1.0"

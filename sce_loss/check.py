@@ -49,14 +49,20 @@ GPU_SHAPES = [(1, 19, 37, 20), (2, 100, 1000, 100), (1, 257, 3001, 128), (1, 130
 CPU_SHAPES = [(1, 19, 37, 20), (2, 50, 5000, 64)]
 INTERPRETER_SHAPES = [(1, 19, 37, 20), (2, 5, 150, 8)]
 # Headline timings (loss, N, D, M, kind): the design's bars.
-TIMED = [("sce", 256, 128, 65536, "bf16"), ("sce", 256, 128, 65536, "fp32-tf32"),
-         ("sce", 4096, 256, 65536, "bf16"), ("sce", 256, 128, 1 << 20, "bf16"),
-         ("info_nce", 256, 128, 65536, "bf16"), ("ressl", 256, 128, 65536, "bf16")]
+TIMED = [
+    ("sce", 256, 128, 65536, "bf16"),
+    ("sce", 256, 128, 65536, "fp32-tf32"),
+    ("sce", 4096, 256, 65536, "bf16"),
+    ("sce", 256, 128, 1 << 20, "bf16"),
+    ("info_nce", 256, 128, 65536, "bf16"),
+    ("ressl", 256, 128, 65536, "bf16"),
+]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sce_loss.check",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sce_loss.check", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, help="folder for check.json and check.md")
     parser.add_argument("--quick", action="store_true", help="fewer cases, no timings")
     args = parser.parse_args(argv)
@@ -71,8 +77,10 @@ def main(argv=None) -> int:
         if not args.quick:
             report["timings"] = _timings()
     else:
-        print("No CUDA GPU: checking what runs on the CPU (the chunked backend against the "
-              "reference; the fused kernels through Triton's interpreter, on tiny shapes).")
+        print(
+            "No CUDA GPU: checking what runs on the CPU (the chunked backend against the "
+            "reference; the fused kernels through Triton's interpreter, on tiny shapes)."
+        )
         report["agreement"] = _agreement_on_cpu(args.quick)
     failures = [row for row in report["agreement"] if not row["ok"]]
     report["verdict"] = _verdict(report, failures, cuda)
@@ -91,12 +99,26 @@ def _machine() -> dict:
 
         triton_version = triton.__version__
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-    return dict(device=device or platform.machine(), torch=torch.__version__,
-                triton=triton_version, python=platform.python_version())
+    return dict(
+        device=device or platform.machine(),
+        torch=torch.__version__,
+        triton=triton_version,
+        python=platform.python_version(),
+    )
 
 
-def make_problem(loss: str, mode: str, crops: int, n: int, m: int, d: int, dtype, queue_dtype,
-                 device, seed: int = 0):
+def make_problem(
+    loss: str,
+    mode: str,
+    crops: int,
+    n: int,
+    m: int,
+    d: int,
+    dtype,
+    queue_dtype,
+    device,
+    seed: int = 0,
+):
     """A :class:`~sce_loss.problem.Problem` of unit vectors (the fixed hyper-parameters of
     ``LOSSES``)."""
     from .problem import Problem
@@ -113,8 +135,9 @@ def make_problem(loss: str, mode: str, crops: int, n: int, m: int, d: int, dtype
     return Problem(loss, unit(crops, n), key, bank, queue, 0, **LOSSES[loss])
 
 
-def _compare(backend: str, losses, problem, tolerance: float, label: dict,
-             reference_problem=None) -> dict:
+def _compare(
+    backend: str, losses, problem, tolerance: float, label: dict, reference_problem=None
+) -> dict:
     """One agreement row: the largest relative error of loss and gradients against float64 (the
     reference evaluated on ``reference_problem`` when given, else on ``problem``)."""
     from . import reference
@@ -135,9 +158,12 @@ def _cases(kinds, shapes, device):
         dtype, queue_dtype, precision = KINDS[kind]
         if mode == "in-batch" and queue_dtype != dtype:
             continue  # no queue: the same case as the kind without "fp32 queue"
-        yield kind, precision, make_problem(loss, mode, crops, n, m, d, dtype, queue_dtype,
-                                            device), dict(kind=kind, loss=loss, mode=mode,
-                                                          shape=[crops, n, m, d])
+        yield (
+            kind,
+            precision,
+            make_problem(loss, mode, crops, n, m, d, dtype, queue_dtype, device),
+            dict(kind=kind, loss=loss, mode=mode, shape=[crops, n, m, d]),
+        )
 
 
 def _agreement_on_gpu(quick: bool) -> list[dict]:
@@ -158,8 +184,9 @@ def _agreement_on_cpu(quick: bool) -> list[dict]:
     if importlib.util.find_spec("sce_loss.chunked") is not None:
         from . import chunked
 
-        for _kind, _, problem, label in _cases(("fp32-ieee",), CPU_SHAPES[:1] if quick else
-                                               CPU_SHAPES, "cpu"):
+        for _kind, _, problem, label in _cases(
+            ("fp32-ieee",), CPU_SHAPES[:1] if quick else CPU_SHAPES, "cpu"
+        ):
             rows.append(_print(_compare("chunked", chunked.losses, problem, 1e-5, label)))
     if importlib.util.find_spec("triton") is None:
         print("Triton is not installed: the fused kernels are not checked.")
@@ -184,8 +211,18 @@ def _agreement_on_cpu(quick: bool) -> list[dict]:
                 reference_problem = dataclasses.replace(problem, queue=queue)
         with _matmul_precision(precision):
             tolerance = TOLERANCES[kind.split(",")[0]]
-            rows.append(_print(_compare("fused (interpreter)", fused.losses, problem, tolerance,
-                                        label, reference_problem)))
+            rows.append(
+                _print(
+                    _compare(
+                        "fused (interpreter)",
+                        fused.losses,
+                        problem,
+                        tolerance,
+                        label,
+                        reference_problem,
+                    )
+                )
+            )
     return rows
 
 
@@ -193,7 +230,8 @@ INTERPRETER_QUEUE = "converted as the interpreter does (truncated)"
 INTERPRETER_QUEUE_NOTE = (
     "Triton's interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest): "
     "the fused kernels reading a float32 queue as bfloat16 are compared with the reference given "
-    "the queue as the interpreter converts it.")
+    "the queue as the interpreter converts it."
+)
 
 
 def _as_the_interpreter_converts(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -206,8 +244,9 @@ def _as_the_interpreter_converts(values: torch.Tensor, dtype: torch.dtype) -> to
     def convert(source, target, count, BLOCK: tl.constexpr):
         index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = index < count
-        tl.store(target + index, tl.load(source + index, mask=ok).to(target.dtype.element_ty),
-                 mask=ok)
+        tl.store(
+            target + index, tl.load(source + index, mask=ok).to(target.dtype.element_ty), mask=ok
+        )
 
     source = values.contiguous()
     target = torch.empty(source.shape, dtype=dtype, device=source.device)
@@ -219,11 +258,15 @@ def _as_the_interpreter_converts(values: torch.Tensor, dtype: torch.dtype) -> to
 def _print(row: dict) -> dict:
     worst = max((row[k] for k in ERRORS if k in row), default=None)
     status = "ok  " if row["ok"] else "FAIL"
-    detail = row.get("error") or (f"max relative error {worst:.1e} "
-                                  f"(tolerance {row['tolerance']:.0e})")
+    detail = row.get("error") or (
+        f"max relative error {worst:.1e} (tolerance {row['tolerance']:.0e})"
+    )
     kind = row["kind"] + (" †" if "reference_queue" in row else "")
-    print(f"{status} {row['backend']:20} {kind:19} {row['loss']:9} {row['mode']:11} "
-          f"{str(row['shape']):22} {detail}", flush=True)
+    print(
+        f"{status} {row['backend']:20} {kind:19} {row['loss']:9} {row['mode']:11} "
+        f"{str(row['shape']):22} {detail}",
+        flush=True,
+    )
     return row
 
 
@@ -292,50 +335,74 @@ def _verdict(report: dict, failures: list[dict], cuda: bool) -> str:
     checked = len(report["agreement"])
     if failures:
         backends = ", ".join(sorted({row["backend"] for row in failures}))
-        return (f"DISAGREEMENT: {len(failures)} of {checked} cases ({backends}) exceed their "
-                "tolerance: see the table.")
+        return (
+            f"DISAGREEMENT: {len(failures)} of {checked} cases ({backends}) exceed their "
+            "tolerance: see the table."
+        )
     if not cuda:
-        return (f"All {checked} CPU cases agree with the reference. No GPU here: run this on a "
-                "CUDA machine to check and time the fused kernels.")
+        return (
+            f"All {checked} CPU cases agree with the reference. No GPU here: run this on a "
+            "CUDA machine to check and time the fused kernels."
+        )
     headline = next((t for t in report["timings"] if isinstance(t.get("fused"), float)), None)
     if headline is None:
         return f"The fused kernels agree with the reference in all {checked} cases."
     speed = ""
     if isinstance(headline.get("reference"), float):
         speed = f" ({headline['reference'] / headline['fused']:.1f}× the eager reference)"
-    return (f"The fused kernels agree with the reference in all {checked} cases; "
-            f"{headline['loss']} N={headline['n']} D={headline['d']} M={headline['m']} "
-            f"{headline['kind']} fwd+bwd: {headline['fused']:.3f} ms{speed}.")
+    return (
+        f"The fused kernels agree with the reference in all {checked} cases; "
+        f"{headline['loss']} N={headline['n']} D={headline['d']} M={headline['m']} "
+        f"{headline['kind']} fwd+bwd: {headline['fused']:.3f} ms{speed}."
+    )
 
 
 def _markdown(report: dict) -> str:
     machine = report["machine"]
-    lines = [f"# sce_loss check: {machine['device']}", "",
-             f"torch {machine['torch']}, triton {machine['triton']}, "
-             f"Python {machine['python']}", "", "## Agreement with the float64 reference", "",
-             "| backend | kind | loss | mode | (V, N, M, D) | loss | query grad | key grad "
-             "| τ grad | tolerance | ok |", "|" + " --- |" * 11]
+    lines = [
+        f"# sce_loss check: {machine['device']}",
+        "",
+        f"torch {machine['torch']}, triton {machine['triton']}, Python {machine['python']}",
+        "",
+        "## Agreement with the float64 reference",
+        "",
+        "| backend | kind | loss | mode | (V, N, M, D) | loss | query grad | key grad "
+        "| τ grad | tolerance | ok |",
+        "|" + " --- |" * 11,
+    ]
     for row in report["agreement"]:
         errors = [row.get(k) for k in ERRORS]
-        cells = [f"{e:.1e}" if isinstance(e, float) else row.get("error", "")[:60]
-                 for e in errors]
+        cells = [f"{e:.1e}" if isinstance(e, float) else row.get("error", "")[:60] for e in errors]
         kind = row["kind"] + (" †" if "reference_queue" in row else "")
-        lines.append(f"| {row['backend']} | {kind} | {row['loss']} | {row['mode']} | "
-                     f"{tuple(row['shape'])} | " + " | ".join(cells) +
-                     f" | {row['tolerance']:.0e} | {'yes' if row['ok'] else '**no**'} |")
+        lines.append(
+            f"| {row['backend']} | {kind} | {row['loss']} | {row['mode']} | "
+            f"{tuple(row['shape'])} | "
+            + " | ".join(cells)
+            + f" | {row['tolerance']:.0e} | {'yes' if row['ok'] else '**no**'} |"
+        )
     if report["timings"]:
         backends = ("fused", "reference", "compiled reference", "chunked")
-        lines += ["", "## fwd+bwd time (ms, median, L2 flushed)", "",
-                  "| loss | N | D | M | kind | " + " | ".join(backends) + " |",
-                  "|" + " --- |" * (5 + len(backends))]
+        lines += [
+            "",
+            "## fwd+bwd time (ms, median, L2 flushed)",
+            "",
+            "| loss | N | D | M | kind | " + " | ".join(backends) + " |",
+            "|" + " --- |" * (5 + len(backends)),
+        ]
         for row in report["timings"]:
             cells = [f"{row[b]:.3f}" if isinstance(row[b], float) else row[b] for b in backends]
-            lines.append(f"| {row['loss']} | {row['n']} | {row['d']} | {row['m']} | "
-                         f"{row['kind']} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {row['loss']} | {row['n']} | {row['d']} | {row['m']} | "
+                f"{row['kind']} | " + " | ".join(cells) + " |"
+            )
     converted = {row["reference_queue"] for row in report["agreement"] if "reference_queue" in row}
     if converted:
-        lines += ["", f"Rows marked † give the reference the queue {', '.join(converted)}: "
-                  + INTERPRETER_QUEUE_NOTE.split(": ")[0] + "."]
+        lines += [
+            "",
+            f"Rows marked † give the reference the queue {', '.join(converted)}: "
+            + INTERPRETER_QUEUE_NOTE.split(": ")[0]
+            + ".",
+        ]
     lines += ["", f"**Verdict:** {report['verdict']}", ""]
     return "\n".join(lines)
 

@@ -55,10 +55,19 @@ def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
     # With a bank, the keys are its rows offset..offset+N (and get their gradient through it).
     key, bank = (problem.key, None) if problem.bank is None else (None, problem.bank)
     flat = _StreamingLoss.apply(
-        problem.query.reshape(-1, dim).to(dtype), None if key is None else key.to(dtype),
-        None if bank is None else bank.to(dtype), problem.queue, problem.temperature,
-        _constant(problem.target_temperature), _constant(problem.coeff), problem.offset, views,
-        problem.online_has_positive, problem.needs_target, chunk_size or CHUNK_SIZE)
+        problem.query.reshape(-1, dim).to(dtype),
+        None if key is None else key.to(dtype),
+        None if bank is None else bank.to(dtype),
+        problem.queue,
+        problem.temperature,
+        _constant(problem.target_temperature),
+        _constant(problem.coeff),
+        problem.offset,
+        views,
+        problem.online_has_positive,
+        problem.needs_target,
+        chunk_size or CHUNK_SIZE,
+    )
     return flat.view(views, n)
 
 
@@ -74,12 +83,25 @@ class _StreamingLoss(torch.autograd.Function):
     [key_r; queue] with no bank; dL/dx and dL/dτ come from the forward."""
 
     @staticmethod
-    def forward(ctx, x, key, bank, queue, temperature, target_temperature, coeff, offset, views,
-                online_has_pos, need_target, chunk_size):
+    def forward(
+        ctx,
+        x,
+        key,
+        bank,
+        queue,
+        temperature,
+        target_temperature,
+        coeff,
+        offset,
+        views,
+        online_has_pos,
+        need_target,
+        chunk_size,
+    ):
         r = len(x)
         n = r // views
         if key is None:
-            key = bank[offset:offset + n]
+            key = bank[offset : offset + n]
         rows = x / temperature  # a = rows·c; the target rows below give b = (k/τ_m)·c
         lhs = torch.cat([rows, key / target_temperature]) if need_target else rows
         c_pos = key.repeat(views, 1)
@@ -96,8 +118,9 @@ class _StreamingLoss(torch.autograd.Function):
             m[:r], l[:r] = a_pos2, 1.0
             if need_grad:
                 o[:r] = c_pos
-        m, l, o = _stream(exponents, m, l, o, bank, queue, r, views, offset, online_has_pos,
-                          chunk_size)
+        m, l, o = _stream(
+            exponents, m, l, o, bank, queue, r, views, offset, online_has_pos, chunk_size
+        )
 
         # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as (LSE_a − a_pos) + (1−λ)·(a_pos −
         # U_b/l_b) so that large logits cancel before they are rounded.
@@ -124,19 +147,33 @@ class _StreamingLoss(torch.autograd.Function):
     def backward(ctx, upstream):
         lhs, m, l, grad, dtau, key_weight, bank = ctx.saved_tensors
         views, offset, coeff, online_has_pos, need_target, chunk_size = ctx.options
-        rows = lhs[:len(upstream)]
+        rows = lhs[: len(upstream)]
         grad_x = grad_key = grad_bank = grad_tau = None
         if ctx.needs_input_grad[0]:
             grad_x = upstream[:, None] * grad
         if ctx.needs_input_grad[1]:
             # Queue mode: the key is an online candidate only as its own row's positive, and
             # not at all for ReSSL (whose key then gets zeros).
-            per_row = (rows * (upstream * key_weight)[:, None] if online_has_pos
-                       else torch.zeros_like(rows))
+            per_row = (
+                rows * (upstream * key_weight)[:, None]
+                if online_has_pos
+                else torch.zeros_like(rows)
+            )
             grad_key = per_row.view(views, -1, rows.shape[1]).sum(0)
         if ctx.needs_input_grad[2]:
-            grad_bank = _bank_gradient(lhs, m, l, upstream, bank, views, offset, coeff,
-                                       online_has_pos, need_target, chunk_size)
+            grad_bank = _bank_gradient(
+                lhs,
+                m,
+                l,
+                upstream,
+                bank,
+                views,
+                offset,
+                coeff,
+                online_has_pos,
+                need_target,
+                chunk_size,
+            )
         if ctx.needs_input_grad[4]:
             grad_tau = (upstream * dtau).sum()
         return (grad_x, grad_key, grad_bank, None, grad_tau) + (None,) * 7
@@ -148,15 +185,25 @@ class _StreamingLoss(torch.autograd.Function):
 
 
 @torch.library.custom_op("sce_loss::chunked_stream", mutates_args=())
-def _stream(exponents: Tensor, m: Tensor, l: Tensor, o: Tensor, bank: Tensor | None,
-            queue: Tensor | None, rows: int, views: int, offset: int, online_has_pos: bool,
-            chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _stream(
+    exponents: Tensor,
+    m: Tensor,
+    l: Tensor,
+    o: Tensor,
+    bank: Tensor | None,
+    queue: Tensor | None,
+    rows: int,
+    views: int,
+    offset: int,
+    online_has_pos: bool,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The running states (m, l, O) of the rows of ``exponents`` (base-2 logits z =
     exponents·c) after every candidate, [bank; queue], a chunk at a time: the loop of
     ``partial_stats_kernel``."""
     for candidates, has_pos in ((bank, True), (queue, False)):
         for start in range(0, 0 if candidates is None else len(candidates), chunk_size):
-            c = candidates[start:start + chunk_size].to(exponents.dtype)
+            c = candidates[start : start + chunk_size].to(exponents.dtype)
             logits = exponents @ c.T
             if has_pos:
                 _mask_positives(logits, rows, views, offset - start, online_has_pos)
@@ -183,8 +230,9 @@ def _online_update(m: Tensor, l: Tensor, o: Tensor, logits: Tensor, c: Tensor):
     return new_m, l, o
 
 
-def _mask_positives(logits: Tensor, rows: int, views: int, diagonal: int,
-                    online_has_pos: bool) -> None:
+def _mask_positives(
+    logits: Tensor, rows: int, views: int, diagonal: int, online_has_pos: bool
+) -> None:
     """Set the positive's logit to −inf where it is no candidate: in the target rows (those after
     the first ``rows``, if any), and in the online rows too for ReSSL. Row i's positive (in every
     crop) is column i + ``diagonal``."""
@@ -193,29 +241,49 @@ def _mask_positives(logits: Tensor, rows: int, views: int, diagonal: int,
         logits[:rows].view(views, rows // views, -1).diagonal(diagonal, 1, 2).fill_(float("-inf"))
 
 
-def _bank_gradient(lhs, m, l, upstream, bank, views, offset, coeff, online_has_pos, need_target,
-                   chunk_size) -> Tensor:
+def _bank_gradient(
+    lhs, m, l, upstream, bank, views, offset, coeff, online_has_pos, need_target, chunk_size
+) -> Tensor:
     """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for the bank's columns, with P_rk = e^{a_rk − LSE_a}
     and w_rk = λ·[k = pos] + (1−λ)·e^{b_rk − LSE_b} (k ≠ pos). The target rows are shared by the
     crops: Σ_r w_rk g_r x_r = Σ_i w_ik x̄_i with x̄_i = Σ_v g_vi x_vi."""
-    rows = lhs[:len(upstream)]
+    rows = lhs[: len(upstream)]
     weighted = upstream[:, None] * rows  # g_r x_r / τ
     summed = weighted.view(views, -1, rows.shape[1]).sum(0)  # x̄_i / τ
     rhs = torch.cat([weighted, -(1 - coeff) * summed]) if need_target else weighted
-    grad = _bank_products(lhs * LOG2_E, m, rhs / l[:, None], bank, len(rows), views, offset,
-                          online_has_pos, chunk_size)
-    grad[offset:offset + len(summed)] -= coeff * summed
+    # P and w are 2^{z − m}/l with the forward's base-2 states: the 1/l goes into the rhs.
+    grad = _bank_products(
+        lhs * LOG2_E,
+        m,
+        rhs / l[:, None],
+        bank,
+        len(rows),
+        views,
+        offset,
+        online_has_pos,
+        chunk_size,
+    )
+    grad[offset : offset + len(summed)] -= coeff * summed
     return grad
 
 
 @torch.library.custom_op("sce_loss::chunked_bank_products", mutates_args=())
-def _bank_products(exponents: Tensor, m: Tensor, rhs: Tensor, bank: Tensor, rows: int, views: int,
-                   offset: int, online_has_pos: bool, chunk_size: int) -> Tensor:
+def _bank_products(
+    exponents: Tensor,
+    m: Tensor,
+    rhs: Tensor,
+    bank: Tensor,
+    rows: int,
+    views: int,
+    offset: int,
+    online_has_pos: bool,
+    chunk_size: int,
+) -> Tensor:
     """Σ_r 2^{z_rk − m_r}·rhs_r for each bank column k, z = exponents·c_k as in the forward pass
     (positives masked), a chunk of columns at a time: ``key_gradient_kernel``'s loop."""
     chunks = []
     for start in range(0, len(bank), chunk_size):
-        logits = exponents @ bank[start:start + chunk_size].T
+        logits = exponents @ bank[start : start + chunk_size].T
         _mask_positives(logits, rows, views, offset - start, online_has_pos)
         chunks.append(logits.sub_(m[:, None]).exp2_().T @ rhs)
     return torch.cat(chunks)

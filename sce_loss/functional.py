@@ -26,8 +26,10 @@ BACKENDS = ("auto", "reference", "chunked", "fused")
 # digits (and a learnable τ's gradient, which grows as 1/τ², overflows soon after).
 MIN_TEMPERATURE = 1e-4
 _MIN_TEMPERATURE_FLOAT32 = float(torch.tensor(MIN_TEMPERATURE, dtype=torch.float32))
-# ``auto`` off the fused path streams (chunked) from this many (row, candidate) pairs on; below it
-# the reference's few large products are faster. Measured on a 2-core CPU (README, "Backends").
+# ``auto`` off the fused path streams (chunked) against a queue from this many (row, candidate)
+# pairs on: measured on a 2-core CPU (benchmarks/results/chunked-crossover-cpu.md), chunked is
+# faster from about 2^16 pairs at D ≤ 128 and from 2^20 at every D; in-batch, whose key gradient
+# costs chunked a second pass, the reference stays faster up to N = 1024.
 CHUNKED_FROM_PAIRS = 1 << 20
 
 
@@ -238,6 +240,8 @@ def _backend(name: str, problem: Problem):
                 "using the chunked backend"
             )
         return chunked
+    if problem.queue is None:
+        return reference
     pairs = problem.query.shape[0] * problem.query.shape[1] * _candidates(problem)
     return chunked if pairs >= CHUNKED_FROM_PAIRS else reference
 

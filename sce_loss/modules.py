@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import functional
+from . import functional, relational
 from .queue import MemoryQueue
 
 
@@ -21,12 +21,13 @@ class _ContrastiveLoss(nn.Module):
     ``state_dict``; push to it (``module.queue.push(key)``) after the loss."""
 
     loss_fn = staticmethod(functional.info_nce_loss)
+    check_options = staticmethod(functional.check_options)
 
     def __init__(self, queue: MemoryQueue | None, **options):
         super().__init__()
         if queue is not None and not isinstance(queue, MemoryQueue):
             raise TypeError(f"queue must be a MemoryQueue or None, got {type(queue).__name__}")
-        functional.check_options(**options)
+        self.check_options(**options)
         self.queue = queue
         self._option_names = tuple(options)
         for name, value in options.items():
@@ -131,4 +132,106 @@ class SCELoss(_ContrastiveLoss):
             reduction=reduction,
             gather=gather,
             backend=backend,
+        )
+
+
+class CACRLoss(_ContrastiveLoss):
+    """:func:`sce_loss.cacr_loss` as a module (``key`` may be (N, D) or (U, N, D))."""
+
+    loss_fn = staticmethod(relational.cacr_loss)
+    check_options = staticmethod(relational.check_cacr_options)
+
+    def __init__(
+        self,
+        attraction_temperature=1.0,
+        repulsion_temperature=1.0,
+        attraction_weight=1.0,
+        repulsion_weight=1.0,
+        *,
+        queue: MemoryQueue | None = None,
+        intra_batch=True,
+        normalize=False,
+        reduction="mean",
+        gather=False,
+        backend="auto",
+    ):
+        super().__init__(
+            queue,
+            attraction_temperature=attraction_temperature,
+            repulsion_temperature=repulsion_temperature,
+            attraction_weight=attraction_weight,
+            repulsion_weight=repulsion_weight,
+            intra_batch=intra_batch,
+            normalize=normalize,
+            reduction=reduction,
+            gather=gather,
+            backend=backend,
+        )
+
+
+class ReCoLoss(_ContrastiveLoss):
+    """:func:`sce_loss.reco_loss` as a module. It may hold both queues: ``queue`` (keys) and
+    ``weak_queue`` (weak-view keys), both saved in ``state_dict``; after the backward push
+    ``key`` to ``module.queue`` and ``weak_key`` to ``module.weak_queue``."""
+
+    loss_fn = staticmethod(relational.reco_loss)
+    check_options = staticmethod(relational.check_reco_options)
+
+    def __init__(
+        self,
+        temperature=0.2,
+        relation_temperature=0.1,
+        target_temperature=0.04,
+        global_weight=1.0,
+        local_weight=2.0,
+        *,
+        queue: MemoryQueue | None = None,
+        weak_queue: MemoryQueue | None = None,
+        normalize=False,
+        reduction="mean",
+        gather=False,
+        backend="auto",
+    ):
+        super().__init__(
+            queue,
+            temperature=temperature,
+            relation_temperature=relation_temperature,
+            target_temperature=target_temperature,
+            global_weight=global_weight,
+            local_weight=local_weight,
+            normalize=normalize,
+            reduction=reduction,
+            gather=gather,
+            backend=backend,
+        )
+        if weak_queue is not None and not isinstance(weak_queue, MemoryQueue):
+            raise TypeError(
+                f"weak_queue must be a MemoryQueue or None, got {type(weak_queue).__name__}"
+            )
+        self.weak_queue = weak_queue
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        queue: Tensor | None = None,
+        *,
+        weak_key: Tensor,
+        weak_queue: Tensor | None = None,
+        mixed_query: Tensor,
+        mixed_key: Tensor,
+    ) -> Tensor:
+        if queue is None and self.queue is not None:
+            queue = self.queue.keys
+        if weak_queue is None and self.weak_queue is not None:
+            weak_queue = self.weak_queue.keys
+        return self.loss_fn(
+            query,
+            key,
+            queue,
+            weak_key=weak_key,
+            weak_queue=weak_queue,
+            mixed_query=mixed_query,
+            mixed_key=mixed_key,
+            **{name: getattr(self, name) for name in self._option_names},
         )

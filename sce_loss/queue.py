@@ -8,7 +8,6 @@ from torch import Tensor, nn
 
 from . import distributed
 
-
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -21,19 +21,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from .functional import (_FLOAT_DTYPES, _autocast_disabled, _check_backend, _check_bool,
-                         _check_reduction, _check_temperature, _reduce, _scalar_value,
-                         info_nce_loss, ressl_loss)
+from .functional import (
+    _FLOAT_DTYPES,
+    _autocast_disabled,
+    _check_backend,
+    _check_bool,
+    _check_reduction,
+    _check_temperature,
+    _reduce,
+    _scalar_value,
+    info_nce_loss,
+    ressl_loss,
+)
 
 Scalar = float | Tensor
 CACR_BACKENDS = ("auto", "reference")
 
 
-def cacr_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *,
-              attraction_temperature: Scalar = 1.0, repulsion_temperature: Scalar = 1.0,
-              attraction_weight: Scalar = 1.0, repulsion_weight: Scalar = 1.0,
-              intra_batch: bool = True, normalize: bool = False, reduction: str = "mean",
-              gather=False, backend: str = "auto") -> Tensor:
+def cacr_loss(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    attraction_temperature: Scalar = 1.0,
+    repulsion_temperature: Scalar = 1.0,
+    attraction_weight: Scalar = 1.0,
+    repulsion_weight: Scalar = 1.0,
+    intra_batch: bool = True,
+    normalize: bool = False,
+    reduction: str = "mean",
+    gather=False,
+    backend: str = "auto",
+) -> Tensor:
     """CACR: loss_vi = α·Σ_u w⁺_u ‖q_vi − k_ui‖² − β·Σ_j w⁻_j ‖q_vi − n_j‖², with the constant
     weights w⁺ = softmax_u(τ⁺·‖q_vi − k_ui‖²) (farther positives pulled harder) and
     w⁻ = softmax_j(−τ⁻·‖q_vi − n_j‖²) (closer negatives pushed harder).
@@ -65,28 +84,43 @@ def cacr_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *,
             every batch. Nothing else is gathered: positives and queue are per row.
         backend: "auto" or "reference": CACR runs on the plain PyTorch reference.
     """
-    check_cacr_options(attraction_temperature=attraction_temperature,
-                       repulsion_temperature=repulsion_temperature,
-                       attraction_weight=attraction_weight, repulsion_weight=repulsion_weight,
-                       intra_batch=intra_batch, normalize=normalize, reduction=reduction,
-                       gather=gather, backend=backend)
+    check_cacr_options(
+        attraction_temperature=attraction_temperature,
+        repulsion_temperature=repulsion_temperature,
+        attraction_weight=attraction_weight,
+        repulsion_weight=repulsion_weight,
+        intra_batch=intra_batch,
+        normalize=normalize,
+        reduction=reduction,
+        gather=gather,
+        backend=backend,
+    )
     n, d = _check_query(query)
-    _check_embedding("key", key, query, "(N, D) or (U, N, D)",
-                     lambda shape: len(shape) in (2, 3) and shape[-2:] == (n, d) and shape[0] > 0)
+    _check_embedding(
+        "key",
+        key,
+        query,
+        "(N, D) or (U, N, D)",
+        lambda shape: len(shape) in (2, 3) and shape[-2:] == (n, d) and shape[0] > 0,
+    )
     if queue is not None:
-        _check_embedding("queue", queue, query, "(M, D)", lambda shape: shape[1:] == (d,),
-                         same_dtype=False)
+        _check_embedding(
+            "queue", queue, query, "(M, D)", lambda shape: shape[1:] == (d,), same_dtype=False
+        )
     _check_finite(query=query, key=key, queue=queue)
     group = distributed.resolve_group(gather) if intra_batch else None
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     with _autocast_disabled(query.device.type):
         views = _prepared(query, normalize, compute)
-        views = views if views.dim() == 3 else views.unsqueeze(0)          # (V, N, D)
+        views = views if views.dim() == 3 else views.unsqueeze(0)  # (V, N, D)
         key_views = _prepared(key, normalize, compute)
         key_views = key_views if key_views.dim() == 3 else key_views.unsqueeze(0)  # (U, N, D)
-        attraction = _attraction(views, key_views, attraction_temperature,
-                                 leave_own_view_out=query.dim() == 3 and key.dim() == 3 and
-                                 len(query) == len(key) >= 2)
+        attraction = _attraction(
+            views,
+            key_views,
+            attraction_temperature,
+            leave_own_view_out=query.dim() == 3 and key.dim() == 3 and len(query) == len(key) >= 2,
+        )
         if queue is not None:
             # A private copy when a backward will read it: the caller may update the queue in
             # place (MoCo enqueues inside forward) before the backward.
@@ -97,8 +131,9 @@ def cacr_loss(query: Tensor, key: Tensor, queue: Tensor | None = None, *,
     return _reduce(losses if query.dim() == 3 else losses.squeeze(0), reduction)
 
 
-def _negative_costs(views: Tensor, queue: Tensor | None, intra_batch: bool,
-                    group) -> tuple[Tensor, Tensor]:
+def _negative_costs(
+    views: Tensor, queue: Tensor | None, intra_batch: bool, group
+) -> tuple[Tensor, Tensor]:
     """c⁻ = ‖q − n‖² of each view and row to the K columns [queue, every rank's queries of the
     view], (V, N, K), and the (N, K) columns that are not negatives of a row: its own query."""
     n = views.shape[1]
@@ -112,15 +147,17 @@ def _negative_costs(views: Tensor, queue: Tensor | None, intra_batch: bool,
         excluded.append(F.one_hot(torch.arange(n, device=views.device) + offset, len(rows)).bool())
     negatives = sum(x.shape[1] for x in excluded) - (1 if intra_batch else 0)  # not its own query
     if negatives < 1:
-        raise ValueError("each row needs at least one negative: got a queue of "
-                         f"{0 if queue is None else len(queue)} entries and intra_batch="
-                         f"{intra_batch} with a batch of {n} row(s)")
+        raise ValueError(
+            "each row needs at least one negative: got a queue of "
+            f"{0 if queue is None else len(queue)} entries and intra_batch="
+            f"{intra_batch} with a batch of {n} row(s)"
+        )
     return torch.cat(costs, -1), torch.cat(excluded, -1)
 
 
 def _attraction(views: Tensor, key_views: Tensor, temperature, leave_own_view_out: bool) -> Tensor:
     """Σ_u w⁺_u c⁺_u per view and row, (V, N), with c⁺_u = ‖q − k_u‖², w⁺ = softmax_u(τ⁺·c⁺)."""
-    cost = (views.unsqueeze(1) - key_views.unsqueeze(0)).pow(2).sum(-1)    # (V, U, N)
+    cost = (views.unsqueeze(1) - key_views.unsqueeze(0)).pow(2).sum(-1)  # (V, U, N)
     logits = _constant(temperature) * cost.detach()
     if leave_own_view_out:
         own = torch.eye(len(views), dtype=torch.bool, device=views.device).unsqueeze(-1)
@@ -141,11 +178,25 @@ def _squared_distances(x: Tensor, bank: Tensor) -> Tensor:
     return (x * x).sum(-1, keepdim=True) + (bank * bank).sum(-1).unsqueeze(-2) - 2 * x @ bank.mT
 
 
-def reco_loss(query: Tensor, key: Tensor, queue: Tensor, *, weak_key: Tensor, weak_queue: Tensor,
-              mixed_query: Tensor, mixed_key: Tensor, temperature: Scalar = 0.2,
-              relation_temperature: Scalar = 0.1, target_temperature: Scalar = 0.04,
-              global_weight: Scalar = 1.0, local_weight: Scalar = 2.0, normalize: bool = False,
-              reduction: str = "mean", gather=False, backend: str = "auto") -> Tensor:
+def reco_loss(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor,
+    *,
+    weak_key: Tensor,
+    weak_queue: Tensor,
+    mixed_query: Tensor,
+    mixed_key: Tensor,
+    temperature: Scalar = 0.2,
+    relation_temperature: Scalar = 0.1,
+    target_temperature: Scalar = 0.04,
+    global_weight: Scalar = 1.0,
+    local_weight: Scalar = 2.0,
+    normalize: bool = False,
+    reduction: str = "mean",
+    gather=False,
+    backend: str = "auto",
+) -> Tensor:
     """ReCo: loss_i = InfoNCE(query_i; key_i, queue; τ)
     + λ₁·[−Σ_j softmax_j(weak_key_i·weak_queue_j / τ_t) · log softmax_j(query_i·weak_queue_j / τ_s)]
     + λ₂·InfoNCE(mixed_query_i; mixed_key_i, queue; τ).
@@ -172,10 +223,17 @@ def reco_loss(query: Tensor, key: Tensor, queue: Tensor, *, weak_key: Tensor, we
         gather: passed through; in queue mode the rows are independent and nothing is gathered.
         backend: passed through: "auto", "reference", "chunked" or "fused".
     """
-    check_reco_options(temperature=temperature, relation_temperature=relation_temperature,
-                       target_temperature=target_temperature, global_weight=global_weight,
-                       local_weight=local_weight, normalize=normalize, reduction=reduction,
-                       gather=gather, backend=backend)
+    check_reco_options(
+        temperature=temperature,
+        relation_temperature=relation_temperature,
+        target_temperature=target_temperature,
+        global_weight=global_weight,
+        local_weight=local_weight,
+        normalize=normalize,
+        reduction=reduction,
+        gather=gather,
+        backend=backend,
+    )
     n, d = _check_query(query)
     rows = lambda shape: shape == (n, d)  # noqa: E731
     bank = lambda shape: len(shape) == 2 and shape[0] > 0 and shape[1] == d  # noqa: E731
@@ -183,18 +241,36 @@ def reco_loss(query: Tensor, key: Tensor, queue: Tensor, *, weak_key: Tensor, we
     _check_embedding("queue", queue, query, "(M, D) with M ≥ 1", bank, same_dtype=False)
     _check_embedding("weak_key", weak_key, query, "(N, D)", rows)
     _check_embedding("weak_queue", weak_queue, query, "(M, D) with M ≥ 1", bank, same_dtype=False)
-    _check_embedding("mixed_query", mixed_query, query,
-                     f"(N, D) or the query's shape {tuple(query.shape)}",
-                     lambda shape: shape in ((n, d), query.shape))
+    _check_embedding(
+        "mixed_query",
+        mixed_query,
+        query,
+        f"(N, D) or the query's shape {tuple(query.shape)}",
+        lambda shape: shape in ((n, d), query.shape),
+    )
     _check_embedding("mixed_key", mixed_key, query, "(N, D)", rows)
-    _check_finite(query=query, key=key, queue=queue, weak_key=weak_key, weak_queue=weak_queue,
-                  mixed_query=mixed_query, mixed_key=mixed_key)
+    _check_finite(
+        query=query,
+        key=key,
+        queue=queue,
+        weak_key=weak_key,
+        weak_queue=weak_queue,
+        mixed_query=mixed_query,
+        mixed_key=mixed_key,
+    )
     options = dict(normalize=normalize, reduction="none", gather=gather, backend=backend)
     instance = info_nce_loss(query, key, queue, temperature=temperature, **options)
-    relation = ressl_loss(query, weak_key.detach(), weak_queue, temperature=relation_temperature,
-                          target_temperature=target_temperature, **options)
-    local = info_nce_loss(mixed_query, mixed_key.detach(), queue, temperature=temperature,
-                          **options)
+    relation = ressl_loss(
+        query,
+        weak_key.detach(),
+        weak_queue,
+        temperature=relation_temperature,
+        target_temperature=target_temperature,
+        **options,
+    )
+    local = info_nce_loss(
+        mixed_query, mixed_key.detach(), queue, temperature=temperature, **options
+    )
     return _reduce(instance + global_weight * relation + local_weight * local, reduction)
 
 
@@ -207,19 +283,31 @@ def interpolated_key(query: Tensor, key: Tensor, index: Tensor, ratio: Scalar) -
     row i with key row index[i]; ``key`` (B, D). Returns (N, D) in the query's dtype.
     """
     n, d = _check_query(query, ranks=(2,))
-    _check_embedding("key", key, query, "(B, D)",
-                     lambda shape: len(shape) == 2 and shape[0] > 0 and shape[1] == d)
+    _check_embedding(
+        "key",
+        key,
+        query,
+        "(B, D)",
+        lambda shape: len(shape) == 2 and shape[0] > 0 and shape[1] == d,
+    )
     _check_finite(query=query, key=key)
     if not isinstance(index, Tensor) or index.dtype not in (torch.int64, torch.int32):
         kind = f"a {index.dtype} tensor" if isinstance(index, Tensor) else type(index).__name__
         raise TypeError(f"index must be an int64 or int32 tensor, got {kind}")
     if index.shape != (n,) or index.device != query.device:
-        raise ValueError(f"index must be ({n},) on query's device {query.device}, got shape "
-                         f"{tuple(index.shape)} on {index.device}")
-    if not torch.compiler.is_compiling() and index.device.type == "cpu" and (
-            index.min() < 0 or index.max() >= len(key)):
-        raise ValueError(f"index must hold rows of key, in [0, {len(key)}), got values in "
-                         f"[{int(index.min())}, {int(index.max())}]")
+        raise ValueError(
+            f"index must be ({n},) on query's device {query.device}, got shape "
+            f"{tuple(index.shape)} on {index.device}"
+        )
+    if (
+        not torch.compiler.is_compiling()
+        and index.device.type == "cpu"
+        and (index.min() < 0 or index.max() >= len(key))
+    ):
+        raise ValueError(
+            f"index must hold rows of key, in [0, {len(key)}), got values in "
+            f"[{int(index.min())}, {int(index.max())}]"
+        )
     if isinstance(ratio, Tensor) and ratio.dim() == 1:
         _check_ratio_rows(ratio, n, query)
         ratio = ratio.unsqueeze(-1)
@@ -231,6 +319,7 @@ def interpolated_key(query: Tensor, key: Tensor, index: Tensor, ratio: Scalar) -
 
 
 # -- argument checks --------------------------------------------------------------------------
+
 
 def check_cacr_options(**options) -> None:
     """Check keyword arguments of :func:`cacr_loss` by name (hyper-parameters and flags); values
@@ -247,8 +336,10 @@ def check_reco_options(**options) -> None:
 
 def _check_cacr_backend(name: str, value) -> None:
     if value not in CACR_BACKENDS:
-        raise ValueError(f"{name} must be one of {CACR_BACKENDS} for cacr_loss (it runs on the "
-                         f"reference), got {value!r}")
+        raise ValueError(
+            f"{name} must be one of {CACR_BACKENDS} for cacr_loss (it runs on the "
+            f"reference), got {value!r}"
+        )
 
 
 def _check_query(query, ranks=(2, 3)) -> tuple[int, int]:
@@ -257,22 +348,25 @@ def _check_query(query, ranks=(2, 3)) -> tuple[int, int]:
     _check_type("query", query)
     shapes = {2: "(N, D)", 3: "(V, N, D)"}
     if query.dim() not in ranks:
-        raise ValueError(f"query must be {' or '.join(shapes[r] for r in ranks)}, got shape "
-                         f"{tuple(query.shape)}")
+        raise ValueError(
+            f"query must be {' or '.join(shapes[r] for r in ranks)}, got shape {tuple(query.shape)}"
+        )
     if query.numel() == 0:
         raise ValueError(f"query must be non-empty, got shape {tuple(query.shape)}")
     return tuple(query.shape[-2:])
 
 
-def _check_embedding(name: str, value, query: Tensor, expected: str, fits,
-                     same_dtype: bool = True) -> None:
+def _check_embedding(
+    name: str, value, query: Tensor, expected: str, fits, same_dtype: bool = True
+) -> None:
     """``value`` is a float tensor on the query's device whose shape ``fits`` (a predicate), with
     the query's dtype if ``same_dtype``."""
     _check_type(name, value)
     if not fits(value.shape):
         n, d = query.shape[-2:]
-        raise ValueError(f"{name} must be {expected}, got shape {tuple(value.shape)} (query: "
-                         f"N={n}, D={d})")
+        raise ValueError(
+            f"{name} must be {expected}, got shape {tuple(value.shape)} (query: N={n}, D={d})"
+        )
     if same_dtype and value.dtype != query.dtype:
         raise TypeError(f"{name} must have query's dtype {query.dtype}, got {value.dtype}")
     if value.device != query.device:
@@ -311,28 +405,45 @@ def _check_range(name: str, value, high: float) -> None:
 
 def _check_ratio_rows(ratio: Tensor, n: int, query: Tensor) -> None:
     if not ratio.is_floating_point() or ratio.shape != (n,):
-        raise TypeError(f"ratio must be a float, a 0-d float tensor or a ({n},) float tensor, got "
-                        f"a {ratio.dtype} tensor of shape {tuple(ratio.shape)}")
+        raise TypeError(
+            f"ratio must be a float, a 0-d float tensor or a ({n},) float tensor, got "
+            f"a {ratio.dtype} tensor of shape {tuple(ratio.shape)}"
+        )
     if ratio.device != query.device:
         raise ValueError(f"ratio must be on query's device {query.device}, got {ratio.device}")
-    if not torch.compiler.is_compiling() and ratio.device.type == "cpu" and not (
-            (ratio >= 0) & (ratio <= 1)).all():
+    if (
+        not torch.compiler.is_compiling()
+        and ratio.device.type == "cpu"
+        and not ((ratio >= 0) & (ratio <= 1)).all()
+    ):
         raise ValueError("ratio must hold numbers in [0, 1]")
 
 
-_SHARED_CHECKS = {"normalize": _check_bool, "reduction": _check_reduction,
-                  "gather": lambda name, value: distributed.resolve_group(value)}
+_SHARED_CHECKS = {
+    "normalize": _check_bool,
+    "reduction": _check_reduction,
+    "gather": lambda name, value: distributed.resolve_group(value),
+}
 _CACR_CHECKS = _SHARED_CHECKS | {
-    "attraction_temperature": _check_non_negative, "repulsion_temperature": _check_non_negative,
-    "attraction_weight": _check_non_negative, "repulsion_weight": _check_non_negative,
-    "intra_batch": _check_bool, "backend": _check_cacr_backend}
+    "attraction_temperature": _check_non_negative,
+    "repulsion_temperature": _check_non_negative,
+    "attraction_weight": _check_non_negative,
+    "repulsion_weight": _check_non_negative,
+    "intra_batch": _check_bool,
+    "backend": _check_cacr_backend,
+}
 _RECO_CHECKS = _SHARED_CHECKS | {
-    "temperature": _check_temperature, "relation_temperature": _check_temperature,
-    "target_temperature": _check_temperature, "global_weight": _check_non_negative,
-    "local_weight": _check_non_negative, "backend": _check_backend}
+    "temperature": _check_temperature,
+    "relation_temperature": _check_temperature,
+    "target_temperature": _check_temperature,
+    "global_weight": _check_non_negative,
+    "local_weight": _check_non_negative,
+    "backend": _check_backend,
+}
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
 
 def _prepared(x: Tensor, normalize: bool, dtype: torch.dtype, copy: bool = False) -> Tensor:
     """``x`` in the compute ``dtype``, L2-normalised along its last dimension if asked."""

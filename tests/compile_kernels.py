@@ -36,8 +36,18 @@ BATCHES = {"small": 16, "large": 4096}
 DIMS = (64, 128, 256)
 QUEUE = 65536
 INPUT_POINTERS = {"X", "K", "C", "BANK"}
-INT_ARGS = {"R", "N", "NUM_C", "D", "COLS_PER_SPLIT", "SPLIT_BASE", "TOTAL_SPLITS", "POS_OFFSET",
-            "NUM_BANK", "ROWS_PER_SPLIT"}
+INT_ARGS = {
+    "R",
+    "N",
+    "NUM_C",
+    "D",
+    "COLS_PER_SPLIT",
+    "SPLIT_BASE",
+    "TOTAL_SPLITS",
+    "POS_OFFSET",
+    "NUM_BANK",
+    "ROWS_PER_SPLIT",
+}
 # Arguments that are multiples of 16 at the launches compiled here (pointers are 16-byte aligned);
 # Triton specialises on it, so the compiled code is the one these launches run.
 ALIGNED_INTS = {"D", "COLS_PER_SPLIT", "ROWS_PER_SPLIT", "R", "NUM_C", "NUM_BANK"}
@@ -59,19 +69,29 @@ def compile_kernel(arch: int, fn, dtype: torch.dtype, constexprs: dict, tiles: p
             signature[name] = f"*{TRITON_DTYPE[dtype]}" if name in INPUT_POINTERS else "*fp32"
         if signature[name].startswith("*") or name in ALIGNED_INTS:
             attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        attrs=attrs,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+    )
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed to stdout
     knobs.compilation.always_compile = True  # a cached kernel would print no ptxas output
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": tiles.num_warps,
-                                           "num_stages": tiles.num_stages})
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
+        )
     spills = [int(s) + int(l) for s, l in SPILLS.findall(log.getvalue())]
     registers = int(REGISTERS.findall(log.getvalue())[-1])
-    return dict(shared=compiled.metadata.shared, registers=registers, spills=sum(spills),
-                tensor_cores=bool(TENSOR_CORES.search(compiled.asm["ptx"])))
+    return dict(
+        shared=compiled.metadata.shared,
+        registers=registers,
+        spills=sum(spills),
+        tensor_cores=bool(TENSOR_CORES.search(compiled.asm["ptx"])),
+    )
 
 
 def configurations(archs):
@@ -81,50 +101,109 @@ def configurations(archs):
         if dim > plan.MAX_DIM[kind]:
             continue  # the fused backend declines it (sce_loss.fused.unsupported_reason)
         rows = BATCHES[batch]
-        chosen = plan.plan(DEVICES[arch], rows=rows, dim=dim, bank=rows, queue=QUEUE, kind=kind,
-                           need_grad=True, key_grad=True)
+        chosen = plan.plan(
+            DEVICES[arch],
+            rows=rows,
+            dim=dim,
+            bank=rows,
+            queue=QUEUE,
+            kind=kind,
+            need_grad=True,
+            key_grad=True,
+        )
         dtype, precision = plan.DTYPES[kind], plan.PRECISIONS[kind]
         flags = dict(ONLINE_HAS_POS=True, NEED_TARGET=True, PRECISION=precision, UPCAST=False)
         p, f, g = chosen.partial_tiles, chosen.finalize.tiles, chosen.key_gradient.tiles
         for need_grad in (True, False):
-            yield (arch, kind, batch, dim, "partial" if need_grad else "partial_no_grad",
-                   "partial_stats_kernel", dtype,
-                   flags | dict(HAS_POS=True, NEED_GRAD=need_grad, BLOCK_R=p.block_r,
-                                BLOCK_C=p.block_c, BLOCK_D=p.block_d), p)
-        yield (arch, kind, batch, dim, "finalize", "finalize_kernel", dtype,
-               dict(EXTRA_POS=True, NEED_TARGET=True, NEED_GRAD=True, BLOCK_R=f.block_r,
-                    BLOCK_D=f.block_d), f)
-        yield (arch, kind, batch, dim, "key_gradient", "key_gradient_kernel", dtype,
-               flags | dict(BLOCK_R=g.block_r, BLOCK_C=g.block_c, BLOCK_D=g.block_d), g)
+            yield (
+                arch,
+                kind,
+                batch,
+                dim,
+                "partial" if need_grad else "partial_no_grad",
+                "partial_stats_kernel",
+                dtype,
+                flags
+                | dict(
+                    HAS_POS=True,
+                    NEED_GRAD=need_grad,
+                    BLOCK_R=p.block_r,
+                    BLOCK_C=p.block_c,
+                    BLOCK_D=p.block_d,
+                ),
+                p,
+            )
+        yield (
+            arch,
+            kind,
+            batch,
+            dim,
+            "finalize",
+            "finalize_kernel",
+            dtype,
+            dict(
+                EXTRA_POS=True,
+                NEED_TARGET=True,
+                NEED_GRAD=True,
+                BLOCK_R=f.block_r,
+                BLOCK_D=f.block_d,
+            ),
+            f,
+        )
+        yield (
+            arch,
+            kind,
+            batch,
+            dim,
+            "key_gradient",
+            "key_gradient_kernel",
+            dtype,
+            flags | dict(BLOCK_R=g.block_r, BLOCK_C=g.block_c, BLOCK_D=g.block_d),
+            g,
+        )
 
 
 def check(configuration) -> dict:
     """One configuration compiled, as a JSON-able record with its verdict."""
     arch, kind, batch, dim, name, function, dtype, constexprs, tiles = configuration
-    record = dict(arch=arch, kind=kind, batch=batch, dim=dim, kernel=name,
-                  tiles=[tiles.block_r, tiles.block_c, tiles.block_d],
-                  warps=tiles.num_warps, stages=tiles.num_stages)
+    record = dict(
+        arch=arch,
+        kind=kind,
+        batch=batch,
+        dim=dim,
+        kernel=name,
+        tiles=[tiles.block_r, tiles.block_c, tiles.block_d],
+        warps=tiles.num_warps,
+        stages=tiles.num_stages,
+    )
     record |= compile_kernel(arch, getattr(kernels, function), dtype, constexprs, tiles)
     record["limit"] = DEVICES[arch].shared_memory
     record["fits"] = record["shared"] <= record["limit"]
     # Products run on tensor cores for 16-bit inputs and TF32 (the finalize kernel has none).
     record["needs_tensor_cores"] = name != "finalize" and kind != "fp32-ieee"
-    record["ok"] = (record["fits"] and record["spills"] == 0
-                    and record["tensor_cores"] >= record["needs_tensor_cores"])
+    record["ok"] = (
+        record["fits"]
+        and record["spills"] == 0
+        and record["tensor_cores"] >= record["needs_tensor_cores"]
+    )
     return record
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(DEVICES),
-                        default=sorted(DEVICES))
+    parser.add_argument(
+        "--arch", type=int, nargs="+", choices=sorted(DEVICES), default=sorted(DEVICES)
+    )
     parser.add_argument("--kind", nargs="+", choices=plan.KINDS, default=plan.KINDS)
     parser.add_argument("--batch", nargs="+", choices=sorted(BATCHES), default=sorted(BATCHES))
     parser.add_argument("--dim", type=int, nargs="+", choices=DIMS, default=DIMS)
     parser.add_argument("--jobs", type=int, default=2, help="compiles in parallel")
     args = parser.parse_args(argv)
-    chosen = [c for c in configurations(args.arch)
-              if c[1] in args.kind and c[2] in args.batch and c[3] in args.dim]
+    chosen = [
+        c
+        for c in configurations(args.arch)
+        if c[1] in args.kind and c[2] in args.batch and c[3] in args.dim
+    ]
     failed = 0
     with ProcessPoolExecutor(args.jobs) as pool:
         for record in pool.map(check, chosen):

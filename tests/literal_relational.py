@@ -37,8 +37,17 @@ def _views(x):
     return (x, True) if isinstance(x[0][0], list) else ([x], False)
 
 
-def cacr(query, key, queue=None, *, attraction_temperature=1.0, repulsion_temperature=1.0,
-         attraction_weight=1.0, repulsion_weight=1.0, intra_batch=True):
+def cacr(
+    query,
+    key,
+    queue=None,
+    *,
+    attraction_temperature=1.0,
+    repulsion_temperature=1.0,
+    attraction_weight=1.0,
+    repulsion_weight=1.0,
+    intra_batch=True,
+):
     """loss_vi = α Σ_u w⁺_u ‖q_vi − k_ui‖² − β Σ_j w⁻_j ‖q_vi − n_j‖², w⁺ = softmax(τ⁺ c⁺),
     w⁻ = softmax(−τ⁻ c⁻); positives: every key view u of row i, but u ≠ v when key and query both
     have the same V ≥ 2 views; negatives: the queue, then the other rows j ≠ i of view v.
@@ -76,12 +85,28 @@ def cacr(query, key, queue=None, *, attraction_temperature=1.0, repulsion_temper
                 if kind == "query":
                     _add(grad_query[v][j], -scale, difference)
             losses.append(attraction + repulsion)
-    return (losses, grad_query if query_has_views else grad_query[0],
-            grad_key if key_has_views else grad_key[0])
+    return (
+        losses,
+        grad_query if query_has_views else grad_query[0],
+        grad_key if key_has_views else grad_key[0],
+    )
 
 
-def reco(query, key, queue, *, weak_key, weak_queue, mixed_query, mixed_key, temperature,
-         relation_temperature, target_temperature, global_weight, local_weight):
+def reco(
+    query,
+    key,
+    queue,
+    *,
+    weak_key,
+    weak_queue,
+    mixed_query,
+    mixed_key,
+    temperature,
+    relation_temperature,
+    target_temperature,
+    global_weight,
+    local_weight,
+):
     """loss_vi = −log softmax([q·k_i, q·Q_j] / τ)[0]
     + λ₁·(−Σ_j softmax(wk_i·W_j / τ_t)_j log softmax(q·W_j / τ_s)_j)
     + λ₂·(−log softmax([m·mk_i, m·Q_j] / τ)[0]), q = query_vi, m = mixed_query_vi (or _i).
@@ -91,8 +116,11 @@ def reco(query, key, queue, *, weak_key, weak_queue, mixed_query, mixed_key, tem
     key, weak_key, mixed_key = key.tolist(), weak_key.tolist(), mixed_key.tolist()
     queue, weak_queue = queue.tolist(), weak_queue.tolist()
     count = len(views) * len(views[0])
-    grad_query, grad_key, grad_mixed = (_zeros_like(views), _zeros_like(key),
-                                        _zeros_like(mixed_views))
+    grad_query, grad_key, grad_mixed = (
+        _zeros_like(views),
+        _zeros_like(key),
+        _zeros_like(mixed_views),
+    )
     losses = []
     for v, view in enumerate(views):
         m_v = v if mixed_has_views else 0
@@ -115,11 +143,16 @@ def reco(query, key, queue, *, weak_key, weak_queue, mixed_query, mixed_key, tem
             p = _softmax([_dot(m, c) / temperature for c in candidates])
             local = -math.log(p[0])
             for k, c in enumerate(candidates):
-                _add(grad_mixed[m_v][i], local_weight * (p[k] - (k == 0)) / (temperature * count),
-                     c)
+                _add(
+                    grad_mixed[m_v][i], local_weight * (p[k] - (k == 0)) / (temperature * count), c
+                )
             losses.append(instance + global_weight * relation + local_weight * local)
-    return (losses, grad_query if query_has_views else grad_query[0], grad_key,
-            grad_mixed if mixed_has_views else grad_mixed[0])
+    return (
+        losses,
+        grad_query if query_has_views else grad_query[0],
+        grad_key,
+        grad_mixed if mixed_has_views else grad_mixed[0],
+    )
 
 
 def interpolated_key(query, key, index, ratio):

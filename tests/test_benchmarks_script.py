@@ -12,8 +12,13 @@ NO_GPU = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          env=NO_GPU, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=NO_GPU,
+        timeout=300,
+    )
 
 
 def test_without_a_gpu_it_says_so_and_exits_with_status_2():
@@ -27,8 +32,9 @@ def test_without_a_gpu_it_says_so_and_exits_with_status_2():
 def test_smoke_run_writes_to_a_temporary_folder():
     results = SCRIPT.parent / "results"
     before = set(results.iterdir())
-    done = run("--smoke", "--device", "cpu", "--losses", "sce", "--dtypes", "fp32",
-               "--backends", "eager")
+    done = run(
+        "--smoke", "--device", "cpu", "--losses", "sce", "--dtypes", "fp32", "--backends", "eager"
+    )
     assert done.returncode == 0, done.stderr
     out = Path(done.stdout.strip().splitlines()[-1].removeprefix("written to "))
     assert out.is_dir() and out.resolve() != results.resolve()

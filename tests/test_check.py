@@ -19,8 +19,13 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path 
 
 def test_the_check_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "sce_loss.check", "--out", str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "sce_loss.check", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "No CUDA GPU" in result.stdout
     report = json.loads((tmp_path / "check.json").read_text())
@@ -45,9 +50,14 @@ def test_the_check_without_a_gpu(tmp_path):
     assert {tuple(row["shape"]) for row in fp32_queue} == {(1, 19, 37, 20), (2, 5, 150, 8)}
     truncated = [row for row in fp32_queue if "reference_queue" in row]
     assert truncated and "truncat" in result.stdout
-    assert all(max(row[k] for k in ("loss_error", "query_grad_error", "key_grad_error",
-                                     "temperature_grad_error")) <= row["tolerance"]
-               for row in fp32_queue)
+    assert all(
+        max(
+            row[k]
+            for k in ("loss_error", "query_grad_error", "key_grad_error", "temperature_grad_error")
+        )
+        <= row["tolerance"]
+        for row in fp32_queue
+    )
     assert "†" in markdown
 
 

@@ -5,10 +5,10 @@ temperatures, 16-bit inputs, a queue updated before the backward, memory and tor
 
 import pytest
 import torch
+from conftest import MODES, make_inputs, unit
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.profiler import profile
 
-from conftest import MODES, make_inputs, unit
 from sce_loss import chunked, info_nce_loss, reference, ressl_loss, sce_loss
 from sce_loss.problem import Problem
 
@@ -33,8 +33,9 @@ def build(loss, mode, query, key, queue, temperature, ranks=1, **changes):
     rank's second (positive at offset + i), as a gather would give them."""
     bank, offset = None, 0
     if mode != "queue":
-        others = unit(ranks - 1, *key.shape, dtype=key.dtype,
-                      generator=torch.Generator().manual_seed(ranks))
+        others = unit(
+            ranks - 1, *key.shape, dtype=key.dtype, generator=torch.Generator().manual_seed(ranks)
+        )
         bank = torch.cat([*others[:1], key, *others[1:]])
         offset = len(key) * min(ranks - 1, 1)
     query = query if query.dim() == 3 else query.unsqueeze(0)
@@ -58,12 +59,14 @@ def leaves_of(mode, crops=None, dtype=torch.float64, temperature=0.1, seed=0, **
 
 @pytest.mark.parametrize("loss", HYPER)
 @pytest.mark.parametrize("crops", [None, 2])
-@pytest.mark.parametrize("mode, ranks", [(mode, 1) for mode in MODES]
-                         + [("in-batch", 3), ("queue+keys", 3)])
+@pytest.mark.parametrize(
+    "mode, ranks", [(mode, 1) for mode in MODES] + [("in-batch", 3), ("queue+keys", 3)]
+)
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_chunked_matches_the_reference_in_float64(loss, mode, crops, ranks, chunk):
-    query, key, queue, temperature = leaves_of(mode, crops, temperature=HYPER[loss]["temperature"],
-                                               seed=chunk + ranks)
+    query, key, queue, temperature = leaves_of(
+        mode, crops, temperature=HYPER[loss]["temperature"], seed=chunk + ranks
+    )
     problem = build(loss, mode, query, key, queue, temperature, ranks)
     leaves = (query, key, temperature)
     got = evaluate(lambda p: chunked.losses(p, chunk), problem, leaves)
@@ -88,8 +91,16 @@ def test_public_functions_with_the_chunked_backend(loss, mode, chunk, monkeypatc
 
     def run(backend):
         q, k = (2 * query).requires_grad_(), (3 * key).requires_grad_()  # normalised inside
-        values = FUNCTIONS[loss](q, k, queue, include_keys=mode == "queue+keys", normalize=True,
-                                 reduction="none", backend=backend, **hyper)
+        values = FUNCTIONS[loss](
+            q,
+            k,
+            queue,
+            include_keys=mode == "queue+keys",
+            normalize=True,
+            reduction="none",
+            backend=backend,
+            **hyper,
+        )
         weights = torch.linspace(0.5, 1.5, values.numel(), dtype=values.dtype)
         values.backward(weights.view_as(values))
         return values.detach(), q.grad, k.grad
@@ -110,8 +121,9 @@ def test_only_the_gradients_asked_for(loss, mode, needs_grad):
     problem = build(loss, mode, query, key, queue, temperature)
     if needs_grad == "nothing":
         with torch.no_grad():
-            torch.testing.assert_close(chunked.losses(problem, 3), reference.losses(problem),
-                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                chunked.losses(problem, 3), reference.losses(problem), rtol=1e-12, atol=1e-12
+            )
         return
     got = evaluate(lambda p: chunked.losses(p, 3), problem, (leaves[needs_grad],))
     want = evaluate(reference.losses, problem, (leaves[needs_grad],))
@@ -125,8 +137,7 @@ def test_gradcheck(loss, mode, crops):
     """Query, τ and (InfoNCE) key through a gathered bank, at chunks of 2. For SCE and ReSSL a
     finite-difference step on the key also moves the target, a constant by definition, so their
     key gradient is checked against the reference above instead."""
-    query, key, queue, temperature = leaves_of(mode, crops, temperature=0.3, n=4, d=3, m=5,
-                                               seed=5)
+    query, key, queue, temperature = leaves_of(mode, crops, temperature=0.3, n=4, d=3, m=5, seed=5)
     key.requires_grad_(loss == "info_nce")
 
     def per_row(query, key, temperature):
@@ -140,12 +151,25 @@ def test_hyper_parameters_as_tensors_get_no_gradient():
     query, key, queue, temperature = leaves_of("queue+keys", seed=6)
     coeff = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     target_temperature = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
-    problem = build("sce", "queue+keys", query, key, queue, temperature, coeff=coeff,
-                    target_temperature=target_temperature)
+    problem = build(
+        "sce",
+        "queue+keys",
+        query,
+        key,
+        queue,
+        temperature,
+        coeff=coeff,
+        target_temperature=target_temperature,
+    )
     leaves = (query, key, temperature, coeff, target_temperature)
     got = evaluate(lambda p: chunked.losses(p, 2), problem, leaves)
-    want = evaluate(reference.losses, build("sce", "queue+keys", query, key, queue, temperature,
-                                            coeff=0.3, target_temperature=0.07), leaves[:3])
+    want = evaluate(
+        reference.losses,
+        build(
+            "sce", "queue+keys", query, key, queue, temperature, coeff=0.3, target_temperature=0.07
+        ),
+        leaves[:3],
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     assert got[-2:] == (None, None)
@@ -164,12 +188,24 @@ def test_extreme_temperatures_in_float32(loss, mode, embeddings):
     if embeddings == "opposite":
         key = -query[0]
     hyper = dict(target_temperature=0.01) if loss != "info_nce" else {}
-    exact = build(loss, mode, query.clone().requires_grad_(), key.clone().requires_grad_(),
-                  queue, torch.tensor(0.01, dtype=torch.float64, requires_grad=True), **hyper)
-    low = build(loss, mode, exact.query.detach().float().requires_grad_(),
-                exact.key.detach().float().requires_grad_(),
-                None if queue is None else queue.float(),
-                torch.tensor(0.01, requires_grad=True), **hyper)
+    exact = build(
+        loss,
+        mode,
+        query.clone().requires_grad_(),
+        key.clone().requires_grad_(),
+        queue,
+        torch.tensor(0.01, dtype=torch.float64, requires_grad=True),
+        **hyper,
+    )
+    low = build(
+        loss,
+        mode,
+        exact.query.detach().float().requires_grad_(),
+        exact.key.detach().float().requires_grad_(),
+        None if queue is None else queue.float(),
+        torch.tensor(0.01, requires_grad=True),
+        **hyper,
+    )
     got = evaluate(lambda p: chunked.losses(p, 5), low, (low.query, low.key, low.temperature))
     want = evaluate(reference.losses, exact, (exact.query, exact.key, exact.temperature))
     # The size of the terms each sums: logits a ~ 1/τ (loss, x/τ and c/τ in the gradients),
@@ -186,13 +222,18 @@ def test_extreme_temperatures_in_float32(loss, mode, embeddings):
 def test_16_bit_inputs_are_computed_in_float32(loss, mode, dtype):
     """bf16/fp16 query, key and queue (the queue cast chunk by chunk): float32 losses and input-
     dtype gradients that agree with float64 on the same rounded inputs to float32 precision."""
-    query, key, queue, temperature = leaves_of(mode, crops=2, dtype=dtype, n=16, d=32, m=64,
-                                               seed=8)
+    query, key, queue, temperature = leaves_of(mode, crops=2, dtype=dtype, n=16, d=32, m=64, seed=8)
     low = build(loss, mode, query, key, queue, temperature)
     got = evaluate(lambda p: chunked.losses(p, 24), low, (query, key, temperature))
     exact_leaves = [x.detach().double().requires_grad_() for x in (query, key, temperature)]
-    exact = build(loss, mode, exact_leaves[0], exact_leaves[1],
-                  None if queue is None else queue.double(), exact_leaves[2])
+    exact = build(
+        loss,
+        mode,
+        exact_leaves[0],
+        exact_leaves[1],
+        None if queue is None else queue.double(),
+        exact_leaves[2],
+    )
     want = evaluate(reference.losses, exact, exact_leaves)
     assert got[0].dtype == torch.float32
     assert got[1].dtype == got[2].dtype == dtype
@@ -200,8 +241,7 @@ def test_16_bit_inputs_are_computed_in_float32(loss, mode, dtype):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6, msg=label)
     for label, g, w in zip(("query grad", "key grad"), got[1:3], want[1:3]):
         # float32 values, rounded to the inputs' dtype at the end: one rounding of that dtype
-        torch.testing.assert_close(g.double(), w, rtol=torch.finfo(dtype).eps, atol=1e-6,
-                                   msg=label)
+        torch.testing.assert_close(g.double(), w, rtol=torch.finfo(dtype).eps, atol=1e-6, msg=label)
 
 
 @pytest.mark.parametrize("loss", HYPER)
@@ -209,15 +249,17 @@ def test_16_bit_inputs_are_computed_in_float32(loss, mode, dtype):
 @pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16])
 def test_queue_updated_in_place_before_the_backward(loss, mode, queue_dtype):
     """MoCo enqueues inside forward: the gradients are those of the queue read at the call."""
-    query, key, queue, include_keys = make_inputs(mode, n=6, d=8, m=9, crops=2,
-                                                  dtype=torch.float32, seed=9)
+    query, key, queue, include_keys = make_inputs(
+        mode, n=6, d=8, m=9, crops=2, dtype=torch.float32, seed=9
+    )
     queue = queue.to(queue_dtype)
     replacement = unit(*queue.shape, generator=torch.Generator().manual_seed(1)).to(queue_dtype)
 
     def gradients(queue, update=None):
         q, k = query.clone().requires_grad_(), key.clone().requires_grad_()
-        loss_value = FUNCTIONS[loss](q, k, queue, include_keys=include_keys, backend="chunked",
-                                     **public_hyper(loss))
+        loss_value = FUNCTIONS[loss](
+            q, k, queue, include_keys=include_keys, backend="chunked", **public_hyper(loss)
+        )
         if update is not None:
             queue.copy_(update)
         loss_value.backward()
@@ -267,20 +309,35 @@ def test_chunk_loops_pass_opcheck():
     exponents = unit(views * n + n, d, dtype=torch.float32)
     m = torch.full((len(exponents),), float("-inf"))
     bank, queue = unit(3 * n, d, dtype=torch.float32), unit(7, d, dtype=torch.float32)
-    stream_args = (exponents, m, torch.zeros_like(m), torch.zeros_like(exponents), bank,
-                   queue.bfloat16(), views * n, views, n, False, 3)
-    torch.library.opcheck(chunked._stream, stream_args, test_utils=("test_schema",
-                                                                    "test_faketensor"))
+    stream_args = (
+        exponents,
+        m,
+        torch.zeros_like(m),
+        torch.zeros_like(exponents),
+        bank,
+        queue.bfloat16(),
+        views * n,
+        views,
+        n,
+        False,
+        3,
+    )
+    torch.library.opcheck(
+        chunked._stream, stream_args, test_utils=("test_schema", "test_faketensor")
+    )
     m = torch.ones(len(exponents))
     products_args = (exponents, m, torch.ones_like(exponents), bank, views * n, views, n, True, 4)
-    torch.library.opcheck(chunked._bank_products, products_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        chunked._bank_products, products_args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_serves_every_problem():
     query, key, queue, temperature = leaves_of("queue+keys", dtype=torch.float16)
-    assert chunked.unsupported_reason(build("sce", "queue+keys", query, key, queue,
-                                            temperature)) is None
+    assert (
+        chunked.unsupported_reason(build("sce", "queue+keys", query, key, queue, temperature))
+        is None
+    )
 
 
 @pytest.fixture
@@ -295,15 +352,17 @@ def fresh_dynamo():
 def test_compiles_once_or_twice_under_a_schedule(loss, mode, fresh_dynamo):
     """fullgraph, with λ and τ floats that change every step: at most two compilations (the
     second with the floats dynamic), values and gradients those of eager."""
-    query, key, queue, include_keys = make_inputs(mode, n=6, d=8, m=11, crops=2,
-                                                  dtype=torch.float32, seed=10)
+    query, key, queue, include_keys = make_inputs(
+        mode, n=6, d=8, m=11, crops=2, dtype=torch.float32, seed=10
+    )
     query.requires_grad_()
     key.requires_grad_()
 
     def step(query, key, temperature, coeff):
         hyper = public_hyper(loss, temperature=temperature, coeff=coeff)
-        return FUNCTIONS[loss](query, key, queue, include_keys=include_keys, backend="chunked",
-                               **hyper)
+        return FUNCTIONS[loss](
+            query, key, queue, include_keys=include_keys, backend="chunked", **hyper
+        )
 
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, fullgraph=True, backend=counter)
@@ -311,21 +370,24 @@ def test_compiles_once_or_twice_under_a_schedule(loss, mode, fresh_dynamo):
         args = (query, key, 0.1 + 0.01 * i, 0.6 - 0.03 * i)
         got, want = compiled(*args), step(*args)
         torch.testing.assert_close(got, want)
-        for g, w in zip(torch.autograd.grad(got, (query, key)),
-                        torch.autograd.grad(want, (query, key))):
+        for g, w in zip(
+            torch.autograd.grad(got, (query, key)), torch.autograd.grad(want, (query, key))
+        ):
             torch.testing.assert_close(g, w)
     assert 1 <= counter.frame_count <= 2
 
 
 def test_compiles_once_with_a_learnable_temperature(mode, fresh_dynamo):
-    query, key, queue, include_keys = make_inputs(mode, n=6, d=8, m=11, crops=2,
-                                                  dtype=torch.float32, seed=11)
+    query, key, queue, include_keys = make_inputs(
+        mode, n=6, d=8, m=11, crops=2, dtype=torch.float32, seed=11
+    )
     query.requires_grad_()
     temperature = torch.tensor(0.1, requires_grad=True)
 
     def step(query, temperature):
-        return sce_loss(query, key, queue, temperature=temperature, include_keys=include_keys,
-                        backend="chunked")
+        return sce_loss(
+            query, key, queue, temperature=temperature, include_keys=include_keys, backend="chunked"
+        )
 
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, fullgraph=True, backend=counter)

@@ -13,23 +13,38 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain.py"
 # The offline CIFAR-10 subset beside the checkout; scikit-learn's bundled digits where it is absent.
-SMALL = Path(os.environ.get("SCE_LOSS_TEST_DATA",
-                            ROOT.parent / "shared" / "data" / "cifar10-small.npz"))
+SMALL = Path(
+    os.environ.get("SCE_LOSS_TEST_DATA", ROOT.parent / "shared" / "data" / "cifar10-small.npz")
+)
 DATA = str(SMALL) if SMALL.is_file() else "digits"
 pytest.importorskip("tqdm", reason="the example needs its extra: pip install '.[examples]'")
 OFFICIAL = {
-    "cacr": dict(attraction_temperature=1.0, repulsion_temperature=1.0, attraction_weight=1.0,
-                 repulsion_weight=1.0),
-    "reco": dict(temperature=0.2, relation_temperature=0.1, target_temperature=0.04,
-                 global_weight=1.0, local_weight=2.0),
+    "cacr": dict(
+        attraction_temperature=1.0,
+        repulsion_temperature=1.0,
+        attraction_weight=1.0,
+        repulsion_weight=1.0,
+    ),
+    "reco": dict(
+        temperature=0.2,
+        relation_temperature=0.1,
+        target_temperature=0.04,
+        global_weight=1.0,
+        local_weight=2.0,
+    ),
 }
 
 
 def pretrain(*args, launcher=(sys.executable,), timeout=300, cwd=ROOT):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, str(SCRIPT), "--smoke", "--device", "cpu", "--data", DATA,
-                           *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env=env)
+    return subprocess.run(
+        [*launcher, str(SCRIPT), "--smoke", "--device", "cpu", "--data", DATA, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def assert_clear_error(result, *fragments):
@@ -66,8 +81,12 @@ def test_smoke_runs_have_their_own_folder_and_say_where_they_wrote(smoke_run):
     out, result = smoke_run
     assert not (out.parent / "pretrain").exists()
     assert f"output folder: {out}" in result.stdout
-    assert result.stdout.rstrip().endswith(", ".join(
-        str(Path("runs/smoke") / name) for name in ("checkpoint.pt", "summary.json", "curves.png")))
+    assert result.stdout.rstrip().endswith(
+        ", ".join(
+            str(Path("runs/smoke") / name)
+            for name in ("checkpoint.pt", "summary.json", "curves.png")
+        )
+    )
 
 
 @pytest.mark.parametrize("loss", ["cacr", "reco"])
@@ -105,19 +124,27 @@ def test_resume_of_another_runs_checkpoint_names_it_and_what_differs(smoke_run, 
     out, _ = smoke_run
     (tmp_path / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
     result = pretrain("--out", str(tmp_path), "--resume", "--loss", "cacr", "--queue-size", "64")
-    assert_clear_error(result, f"the checkpoint {tmp_path / 'checkpoint.pt'} is from another run",
-                       "loss 'sce' there, 'cacr' here", "queue_size 128 there, 64 here")
+    assert_clear_error(
+        result,
+        f"the checkpoint {tmp_path / 'checkpoint.pt'} is from another run",
+        "loss 'sce' there, 'cacr' here",
+        "queue_size 128 there, 64 here",
+    )
 
 
-def test_resume_of_a_checkpoint_that_does_not_fit_the_model_gives_a_clear_error(smoke_run,
-                                                                                tmp_path):
+def test_resume_of_a_checkpoint_that_does_not_fit_the_model_gives_a_clear_error(
+    smoke_run, tmp_path
+):
     out, _ = smoke_run
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     state["online"]["projector.3.weight"] = state["online"]["projector.3.weight"][:64]
     torch.save(state, tmp_path / "checkpoint.pt")
     result = pretrain("--out", str(tmp_path), "--resume")
-    assert_clear_error(result, f"the checkpoint {tmp_path / 'checkpoint.pt'} does not fit this run",
-                       "size mismatch for projector.3.weight")
+    assert_clear_error(
+        result,
+        f"the checkpoint {tmp_path / 'checkpoint.pt'} does not fit this run",
+        "size mismatch for projector.3.weight",
+    )
 
 
 def test_a_hyper_parameter_of_another_loss_is_refused(tmp_path):
@@ -127,8 +154,9 @@ def test_a_hyper_parameter_of_another_loss_is_refused(tmp_path):
 
 def test_bad_data_gives_a_clear_error(tmp_path):
     result = pretrain("--out", str(tmp_path), "--data", str(tmp_path / "missing.npz"))
-    assert_clear_error(result, "--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder "
-                       "directory")
+    assert_clear_error(
+        result, "--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory"
+    )
 
 
 def test_resume_without_a_checkpoint_gives_a_clear_error(tmp_path):

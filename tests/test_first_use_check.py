@@ -9,11 +9,10 @@ import warnings
 
 import pytest
 import torch
+from test_fused import DEVICE, SCE, problem_of
 
 from sce_loss import fused, sce_loss
 from sce_loss.fused import first_use, kernels
-
-from test_fused import DEVICE, SCE, problem_of
 
 pytest.importorskip("triton", reason="the fused backend needs Triton (pip install '.[triton]')")
 
@@ -29,8 +28,10 @@ class FailingLaunch:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            raise RuntimeError("out of resource: shared memory, Required: 168000, Hardware "
-                               "limit: 101376")
+            raise RuntimeError(
+                "out of resource: shared memory, Required: 168000, Hardware limit: 101376"
+            )
+
         return launch
 
 
@@ -44,6 +45,7 @@ class WrongLoss:
         def launch(*args, **kwargs):
             self.kernel[grid](*args, **kwargs)
             args[4].mul_(1.1)  # LOSS
+
         return launch
 
 
@@ -85,8 +87,11 @@ def test_a_failed_launch_warns_once_and_refuses_that_kind(monkeypatch):
 
 def test_a_wrong_value_warns_and_refuses_that_kind(monkeypatch):
     monkeypatch.setattr(kernels, "finalize_kernel", WrongLoss(kernels.finalize_kernel))
-    with pytest.warns(RuntimeWarning, match=r"its loss differs from the reference by 1\.0e-01 "
-                                            r"relative error \(tolerance 1e-05\)"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"its loss differs from the reference by 1\.0e-01 "
+        r"relative error \(tolerance 1e-05\)",
+    ):
         assert not fused.verified(training_problem("queue"))
 
 
@@ -111,13 +116,22 @@ def test_a_forced_fused_backend_raises_instead_of_falling_back(monkeypatch):
     monkeypatch.setattr(kernels, "partial_stats_kernel", FailingLaunch())
     problem = training_problem()
     with pytest.raises(RuntimeError, match="out of resource"):
-        sce_loss(problem.query[0], problem.key, problem.queue, include_keys=True,
-                 backend="fused", **SCE)
+        sce_loss(
+            problem.query[0], problem.key, problem.queue, include_keys=True, backend="fused", **SCE
+        )
 
 
 def test_the_check_problem_matches_the_callers_kind():
-    problem = problem_of("ressl", "queue", n=300, d=100, crops=2, dtype=torch.bfloat16,
-                         queue_dtype=torch.float32, **dict(SCE, coeff=0.0))
+    problem = problem_of(
+        "ressl",
+        "queue",
+        n=300,
+        d=100,
+        crops=2,
+        dtype=torch.bfloat16,
+        queue_dtype=torch.float32,
+        **dict(SCE, coeff=0.0),
+    )
     check = first_use.check_problem(problem)
     assert check.loss == "ressl" and check.bank is None
     assert check.query.shape == (1, first_use.CHECK_ROWS, 100)

@@ -7,8 +7,8 @@ they run compiled on the GPU. (The interpreter needs Triton ≥ 3.8 with NumPy �
 
 import pytest
 import torch
-
 from conftest import make_inputs
+
 from sce_loss import fused, info_nce_loss, ressl_loss, sce_loss
 from sce_loss.fused import first_use, plan
 from sce_loss.problem import Problem
@@ -36,8 +36,15 @@ def run(fn, backend, query, key, queue, hyper, include_keys, temperature):
     query = query.detach().requires_grad_()
     key = key.detach().requires_grad_()
     temperature = temperature.detach().requires_grad_()
-    losses = fn(query, key, queue, include_keys=include_keys, reduction="none", backend=backend,
-                **(hyper | dict(temperature=temperature)))
+    losses = fn(
+        query,
+        key,
+        queue,
+        include_keys=include_keys,
+        reduction="none",
+        backend=backend,
+        **(hyper | dict(temperature=temperature)),
+    )
     weights = torch.linspace(0.5, 1.5, losses.numel(), device=losses.device).view(losses.shape)
     (losses * weights).sum().backward()  # a non-uniform upstream gradient
     return losses.detach(), query.grad, key.grad, temperature.grad
@@ -82,7 +89,9 @@ def test_fused_sce_at_coeff_one_is_fused_infonce():
     torch.testing.assert_close(
         sce_loss(query, key, queue, coeff=1.0, include_keys=True, backend="fused"),
         info_nce_loss(query, key, queue, temperature=0.1, include_keys=True, backend="fused"),
-        rtol=0, atol=0)
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_fused_op_registration_passes_opcheck():
@@ -92,10 +101,22 @@ def test_fused_op_registration_passes_opcheck():
     query, key, queue, _ = make_inputs("queue+keys", n=6, d=8, m=11, dtype=torch.float32)
     hyper = [torch.tensor(v, device=DEVICE) for v in (0.5, 0.1, 0.05)]
     hyper[1].requires_grad_()
-    args = (query.to(DEVICE).requires_grad_(), key.to(DEVICE).requires_grad_(), key.to(DEVICE),
-            queue.to(DEVICE), 0, *hyper, True, True, True)
-    torch.library.opcheck(fused_forward, args, test_utils=("test_schema", "test_faketensor",
-                                                           "test_autograd_registration"))
+    args = (
+        query.to(DEVICE).requires_grad_(),
+        key.to(DEVICE).requires_grad_(),
+        key.to(DEVICE),
+        queue.to(DEVICE),
+        0,
+        *hyper,
+        True,
+        True,
+        True,
+    )
+    torch.library.opcheck(
+        fused_forward,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_fused_under_torch_compile_matches_eager():
@@ -127,11 +148,13 @@ def test_backend_choice_and_errors():
     assert torch.equal(sce_loss(*cpu), sce_loss(*cpu, backend="reference"))
 
 
-def problem_of(loss, mode, *, n=19, d=20, m=37, crops=1, dtype=torch.float32, queue_dtype=None,
-               seed=0, **hyper):
+def problem_of(
+    loss, mode, *, n=19, d=20, m=37, crops=1, dtype=torch.float32, queue_dtype=None, seed=0, **hyper
+):
     """A Problem for the fused backend's seam, on DEVICE."""
-    query, key, queue, include_keys = make_inputs(mode, n=n, d=d, m=m, crops=crops, dtype=dtype,
-                                                  seed=seed)
+    query, key, queue, include_keys = make_inputs(
+        mode, n=n, d=d, m=m, crops=crops, dtype=dtype, seed=seed
+    )
     query = (query if crops else query[None]).to(DEVICE)
     key = key.to(DEVICE)
     if queue is not None:
@@ -156,9 +179,14 @@ def test_the_no_grad_forward_gives_the_same_losses_without_the_vector_workspace(
     torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
 
     rows, dim = query.shape[0] * query.shape[1], query.shape[2]
-    options = dict(rows=rows, dim=dim, bank=0 if problem.bank is None else len(problem.bank),
-                   queue=0 if problem.queue is None else len(problem.queue), kind="bf16",
-                   key_grad=False)
+    options = dict(
+        rows=rows,
+        dim=dim,
+        bank=0 if problem.bank is None else len(problem.bank),
+        queue=0 if problem.queue is None else len(problem.queue),
+        kind="bf16",
+        key_grad=False,
+    )
     for device in (plan.H100, plan.L4, plan.INTERPRETER):
         scalars_only = plan.plan(device, need_grad=False, **options)
         assert scalars_only.workspace == 4 * rows * plan.STATE_SCALARS * scalars_only.total_splits
@@ -173,8 +201,15 @@ def test_a_float32_queue_is_rounded_to_16_bit_inputs_dtype(dtype, mode):
     results = []
     for queue_dtype in (torch.float32, dtype):
         problem = problem_of("sce", mode, dtype=dtype, queue_dtype=torch.float32, **SCE)
-        problem = Problem("sce", problem.query.requires_grad_(), problem.key, problem.bank,
-                          problem.queue.to(queue_dtype), 0, **SCE)
+        problem = Problem(
+            "sce",
+            problem.query.requires_grad_(),
+            problem.key,
+            problem.bank,
+            problem.queue.to(queue_dtype),
+            0,
+            **SCE,
+        )
         losses = fused.losses(problem)
         (grad,) = torch.autograd.grad(losses.sum(), problem.query)
         results.append((losses, grad))
@@ -191,8 +226,9 @@ def test_the_queue_is_not_saved_for_the_backward(mode):
     grads = []
     for update in (False, True):
         queue = problem.queue.clone()
-        live = Problem("sce", query, key, key if problem.bank is not None else None, queue, 0,
-                       **SCE)
+        live = Problem(
+            "sce", query, key, key if problem.bank is not None else None, queue, 0, **SCE
+        )
         losses = fused.losses(live)
         if update:
             queue.mul_(-1.0)
@@ -219,8 +255,10 @@ def test_the_static_reasons_to_decline():
         assert fused.unsupported_reason(problem) is None
     finally:
         torch.set_float32_matmul_precision(before)
-    assert fused.unsupported_reason(problem_of("sce", "queue", d=200, dtype=torch.bfloat16,
-                                               **SCE)) is None
+    assert (
+        fused.unsupported_reason(problem_of("sce", "queue", d=200, dtype=torch.bfloat16, **SCE))
+        is None
+    )
     wide = problem_of("sce", "queue", d=300, **SCE)
     assert "D ≤ 256, got D=300" in fused.unsupported_reason(wide)
     double = problem_of("sce", "queue", dtype=torch.float64, **SCE)

@@ -21,8 +21,14 @@ SCRIPT = Path(__file__).with_name("compile_kernels.py")
 
 def compile_kernels(*arguments):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(SCRIPT), *arguments], capture_output=True,
-                            text=True, env=env, timeout=3000, cwd=SCRIPT.parent.parent)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3000,
+        cwd=SCRIPT.parent.parent,
+    )
     records = [json.loads(line) for line in result.stdout.splitlines()]
     failed = [r for r in records if not r["ok"]]
     assert not failed, json.dumps(failed, indent=1)
@@ -54,6 +60,8 @@ def test_every_configuration_compiles_for_every_architecture():
     assert_verdicts(records)
     for arch in sorted({r["arch"] for r in records}):
         mine = [r for r in records if r["arch"] == arch]
-        print(f"sm_{arch}: shared ≤ {max(r['shared'] for r in mine)} of {mine[0]['limit']} "
-              f"bytes, registers ≤ {max(r['registers'] for r in mine)}, spills "
-              f"{sum(r['spills'] for r in mine)} bytes")
+        print(
+            f"sm_{arch}: shared ≤ {max(r['shared'] for r in mine)} of {mine[0]['limit']} "
+            f"bytes, registers ≤ {max(r['registers'] for r in mine)}, spills "
+            f"{sum(r['spills'] for r in mine)} bytes"
+        )

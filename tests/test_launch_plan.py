@@ -31,21 +31,31 @@ def supported(kind, dim):
 
 
 def plan_of(device, kind, crops, n, d, m, mode, need_grad=True, **options):
-    return plan.plan(device, rows=crops * n, keys=n, dim=d, bank=0 if mode == "queue" else n,
-                     queue=0 if mode == "in-batch" else m, kind=kind, need_grad=need_grad,
-                     key_grad=need_grad and mode != "queue", **options)
+    return plan.plan(
+        device,
+        rows=crops * n,
+        keys=n,
+        dim=d,
+        bank=0 if mode == "queue" else n,
+        queue=0 if mode == "in-batch" else m,
+        kind=kind,
+        need_grad=need_grad,
+        key_grad=need_grad and mode != "queue",
+        **options,
+    )
 
 
 def describe(device, kind, crops, n, d, m, mode, chosen):
     t = chosen.partial_tiles
-    launches = " + ".join(f"{launch.grid}×{launch.blocks_per_program}"
-                          for launch in chosen.partial)
+    launches = " + ".join(f"{launch.grid}×{launch.blocks_per_program}" for launch in chosen.partial)
     gradient = chosen.key_gradient
-    return (f"{device.name:9} {kind:9} V={crops} N={n:<5} D={d:<4} M={m:<8} {mode:10} tiles "
-            f"{t.block_r}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}  "
-            f"{len(chosen.groups)} row group(s) of ≤ {chosen.groups[0].rows} rows: {launches}"
-            + (f"; key gradient {gradient.grid}×{gradient.blocks_per_program}" if gradient else "")
-            + f"; workspace {chosen.workspace / MIB:.1f} MiB")
+    return (
+        f"{device.name:9} {kind:9} V={crops} N={n:<5} D={d:<4} M={m:<8} {mode:10} tiles "
+        f"{t.block_r}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}  "
+        f"{len(chosen.groups)} row group(s) of ≤ {chosen.groups[0].rows} rows: {launches}"
+        + (f"; key gradient {gradient.grid}×{gradient.blocks_per_program}" if gradient else "")
+        + f"; workspace {chosen.workspace / MIB:.1f} MiB"
+    )
 
 
 def check_plan(device, kind, crops, n, d, m, mode, need_grad=True):
@@ -120,9 +130,11 @@ def test_every_launch_fills_every_sm_within_a_flat_workspace(device, kind, mode)
             largest = plan_of(device, kind, crops, n, d, m << 12, mode)
             assert largest.workspace == larger.workspace <= chosen.workspace
             assert [(g.start, g.stop) for g in largest.groups] == [
-                (g.start, g.stop) for g in chosen.groups]
+                (g.start, g.stop) for g in chosen.groups
+            ]
             assert [launch.grid for launch in largest.partial] == [
-                launch.grid for launch in larger.partial]
+                launch.grid for launch in larger.partial
+            ]
 
 
 def test_the_largest_batches_are_launched_in_row_groups_within_the_workspace():
@@ -181,8 +193,9 @@ def test_the_first_use_check_compiles_the_callers_tiles(device):
         if not supported(kind, d):
             continue
         for rows in [*range(1, 130), 1000, 4096, 65536]:
-            assert (plan.tiles(device, kind, d, rows)
-                    == plan.tiles(device, kind, d, min(rows, first_use.CHECK_ROWS)))
+            assert plan.tiles(device, kind, d, rows) == plan.tiles(
+                device, kind, d, min(rows, first_use.CHECK_ROWS)
+            )
 
 
 def test_a_device_description_of_the_interpreter():
@@ -194,16 +207,28 @@ def test_a_device_description_of_the_interpreter():
 # Row groups through the interpreter: a workspace small enough that 2 crops of 40 rows (D = 8, a
 # split costs 4·(2D+7) = 92 bytes per row) go in whole crops, or in parts of each crop
 # (16 + 16 + 8 rows); the bytes are per candidate segment (the bank, the queue).
-GROUPED = {"crops": (5_000, [(0, 40, 0, 40), (40, 80, 0, 40)]),
-           "parts": (2_000, [(0, 16, 0, 16), (16, 32, 16, 16), (32, 40, 32, 8),
-                             (40, 56, 0, 16), (56, 72, 16, 16), (72, 80, 32, 8)])}
+GROUPED = {
+    "crops": (5_000, [(0, 40, 0, 40), (40, 80, 0, 40)]),
+    "parts": (
+        2_000,
+        [
+            (0, 16, 0, 16),
+            (16, 32, 16, 16),
+            (32, 40, 32, 8),
+            (40, 56, 0, 16),
+            (56, 72, 16, 16),
+            (72, 80, 32, 8),
+        ],
+    ),
+}
 
 
 @pytest.mark.parametrize("loss", ["ressl", "sce"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("grouping", sorted(GROUPED))
-def test_row_groups_give_the_losses_and_gradients_of_the_reference(monkeypatch, loss, mode,
-                                                                   grouping):
+def test_row_groups_give_the_losses_and_gradients_of_the_reference(
+    monkeypatch, loss, mode, grouping
+):
     """Each group reads its own rows, keys and in-batch positives (ReSSL leaves the positive
     out of the online softmax, SCE out of the target)."""
     pytest.importorskip("triton", reason="the fused backend needs Triton")
@@ -216,8 +241,7 @@ def test_row_groups_give_the_losses_and_gradients_of_the_reference(monkeypatch, 
     chosen = plan_of(plan.INTERPRETER, "fp32-ieee", 2, 40, 8, 150, mode)
     assert [(g.start, g.stop, g.key_start, g.keys) for g in chosen.groups] == groups
     assert chosen.workspace <= workspace
-    problem = make_problem(loss, mode, 2, 40, 150, 8, torch.float32, torch.float32, "cpu",
-                           seed=3)
+    problem = make_problem(loss, mode, 2, 40, 150, 8, torch.float32, torch.float32, "cpu", seed=3)
     got = first_use.evaluate(fused.losses, problem, need_grad=True)
     want = first_use.evaluate(reference.losses, first_use.in_float64(problem), need_grad=True)
     for name, g, w in zip(("loss", "query grad", "key grad", "τ grad"), got, want):

@@ -5,11 +5,15 @@ import torch
 from conftest import make_inputs, unit
 
 from sce_loss import (
+    CACRLoss,
     InfoNCELoss,
     MemoryQueue,
+    ReCoLoss,
     ReSSLLoss,
     SCELoss,
+    cacr_loss,
     info_nce_loss,
+    reco_loss,
     ressl_loss,
     sce_loss,
 )
@@ -151,3 +155,49 @@ def test_module_with_a_queue_saves_it_in_its_state_dict():
     loss_fn = SCELoss(queue=MemoryQueue(8, 4))
     assert {"queue.keys", "queue.pointer"} <= set(loss_fn.state_dict())
     assert "coeff=0.5" in repr(loss_fn)
+
+
+def test_relational_modules_equal_their_functions():
+    query, key, queue = (unit(*s) for s in ((2, 5, 4), (2, 5, 4), (7, 4)))
+    assert torch.equal(
+        CACRLoss(repulsion_temperature=0.5)(query, key, queue),
+        cacr_loss(query, key, queue, repulsion_temperature=0.5),
+    )
+    extra = dict(
+        weak_key=unit(5, 4), weak_queue=unit(6, 4), mixed_query=unit(5, 4), mixed_key=unit(5, 4)
+    )
+    assert torch.equal(
+        ReCoLoss(local_weight=1.0)(query[0], key[0], queue, **extra),
+        reco_loss(query[0], key[0], queue, local_weight=1.0, **extra),
+    )
+    held = ReCoLoss(
+        queue=MemoryQueue(7, 4, dtype=torch.float64),
+        weak_queue=MemoryQueue(6, 4, dtype=torch.float64, seed=1),
+    )
+    extra["weak_queue"] = held.weak_queue.keys
+    assert torch.equal(
+        held(query[0], key[0], **{k: v for k, v in extra.items() if k != "weak_queue"}),
+        reco_loss(query[0], key[0], held.queue.keys, **extra),
+    )
+    assert {"queue.keys", "weak_queue.keys"} <= set(held.state_dict())
+
+
+def test_relational_modules_check_their_hyper_parameters_in_init():
+    with pytest.raises(ValueError, match="repulsion_weight must be a finite number ≥ 0"):
+        CACRLoss(repulsion_weight=-1.0)
+    with pytest.raises(ValueError, match="relation_temperature must be a finite number"):
+        ReCoLoss(relation_temperature=0.0)
+    with pytest.raises(TypeError, match="weak_queue must be a MemoryQueue or None"):
+        ReCoLoss(weak_queue=torch.zeros(3, 4))
+
+
+def test_cacr_module_keywords_are_the_functions_keywords():
+    import inspect
+
+    function = {
+        n: p.default
+        for n, p in inspect.signature(cacr_loss).parameters.items()
+        if p.kind == p.KEYWORD_ONLY
+    }
+    init = {n: p.default for n, p in inspect.signature(CACRLoss).parameters.items() if n != "queue"}
+    assert init == function

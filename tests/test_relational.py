@@ -6,25 +6,34 @@ import inspect
 import os
 import tempfile
 
+import literal_relational as literal
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import unit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import literal_relational as literal
-from conftest import unit
 from sce_loss.functional import info_nce_loss, ressl_loss
 from sce_loss.relational import cacr_loss, interpolated_key, reco_loss
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 GRADIENT = dict(rtol=1e-10, atol=1e-12)
-CACR_HYPER = dict(attraction_temperature=0.7, repulsion_temperature=1.3, attraction_weight=0.8,
-                  repulsion_weight=1.2)
-RECO_HYPER = dict(temperature=0.2, relation_temperature=0.1, target_temperature=0.04,
-                  global_weight=1.0, local_weight=2.0)
+CACR_HYPER = dict(
+    attraction_temperature=0.7,
+    repulsion_temperature=1.3,
+    attraction_weight=0.8,
+    repulsion_weight=1.2,
+)
+RECO_HYPER = dict(
+    temperature=0.2,
+    relation_temperature=0.1,
+    target_temperature=0.04,
+    global_weight=1.0,
+    local_weight=2.0,
+)
 # (query views, key views): None is the 2-D form; "same" is a key with the query's views.
 FORMS = [(None, None), (None, 2), (2, None), (2, "same"), (3, "same"), (3, 2), (2, 1), (1, "same")]
 
@@ -46,20 +55,22 @@ def cacr_inputs(form, with_queue, *, n=5, d=4, m=6, scale=1.0, dtype=torch.float
 def reco_inputs(crops=None, mixed_like_query=False, *, n=5, d=4, m=6, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     views = (crops,) if crops else ()
-    return dict(query=unit(*views, n, d, dtype=dtype, generator=g),
-                key=unit(n, d, dtype=dtype, generator=g),
-                queue=unit(m, d, dtype=dtype, generator=g),
-                weak_key=unit(n, d, dtype=dtype, generator=g),
-                weak_queue=unit(m + 2, d, dtype=dtype, generator=g),
-                mixed_query=unit(*(views if mixed_like_query else ()), n, d, dtype=dtype,
-                                 generator=g),
-                mixed_key=unit(n, d, dtype=dtype, generator=g))
+    return dict(
+        query=unit(*views, n, d, dtype=dtype, generator=g),
+        key=unit(n, d, dtype=dtype, generator=g),
+        queue=unit(m, d, dtype=dtype, generator=g),
+        weak_key=unit(n, d, dtype=dtype, generator=g),
+        weak_queue=unit(m + 2, d, dtype=dtype, generator=g),
+        mixed_query=unit(*(views if mixed_like_query else ()), n, d, dtype=dtype, generator=g),
+        mixed_key=unit(n, d, dtype=dtype, generator=g),
+    )
 
 
 def reco(inputs, **options):
     inputs = dict(inputs)
-    return reco_loss(inputs.pop("query"), inputs.pop("key"), inputs.pop("queue"), **inputs,
-                     **options)
+    return reco_loss(
+        inputs.pop("query"), inputs.pop("key"), inputs.pop("queue"), **inputs, **options
+    )
 
 
 def cacr_cases():
@@ -72,6 +83,7 @@ def cacr_cases():
 
 # -- the literal transcription -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("form, with_queue, intra_batch", list(cacr_cases()))
 @pytest.mark.parametrize("scale", [1.0, 1.7])
 def test_cacr_matches_the_literal_transcription(form, with_queue, intra_batch, scale):
@@ -83,17 +95,21 @@ def test_cacr_matches_the_literal_transcription(form, with_queue, intra_batch, s
     options = dict(intra_batch=intra_batch, **CACR_HYPER)
     losses = cacr_loss(query, key, queue, reduction="none", **options)
     want, want_grad_query, want_grad_key = literal.cacr(
-        query.detach(), key.detach(), None if queue is None else queue.detach(), **options)
+        query.detach(), key.detach(), None if queue is None else queue.detach(), **options
+    )
     want = torch.tensor(want, dtype=torch.float64).view(query.shape[:-1])
     assert losses.shape == query.shape[:-1]
     torch.testing.assert_close(losses, want, **TIGHT)
-    torch.testing.assert_close(cacr_loss(query, key, queue, reduction="sum", **options),
-                               want.sum(), **TIGHT)
+    torch.testing.assert_close(
+        cacr_loss(query, key, queue, reduction="sum", **options), want.sum(), **TIGHT
+    )
     cacr_loss(query, key, queue, **options).backward()
-    torch.testing.assert_close(query.grad, torch.tensor(want_grad_query, dtype=torch.float64),
-                               **GRADIENT)
-    torch.testing.assert_close(key.grad, torch.tensor(want_grad_key, dtype=torch.float64),
-                               **GRADIENT)
+    torch.testing.assert_close(
+        query.grad, torch.tensor(want_grad_query, dtype=torch.float64), **GRADIENT
+    )
+    torch.testing.assert_close(
+        key.grad, torch.tensor(want_grad_key, dtype=torch.float64), **GRADIENT
+    )
     assert queue is None or queue.grad is None
 
 
@@ -111,8 +127,9 @@ def test_reco_matches_the_literal_transcription(crops, mixed_like_query):
     torch.testing.assert_close(reco(inputs, reduction="sum", **RECO_HYPER), want.sum(), **TIGHT)
     reco(inputs, **RECO_HYPER).backward()
     for name, grad in zip(("query", "key", "mixed_query"), want_grads, strict=True):
-        torch.testing.assert_close(inputs[name].grad, torch.tensor(grad, dtype=torch.float64),
-                                   **GRADIENT)
+        torch.testing.assert_close(
+            inputs[name].grad, torch.tensor(grad, dtype=torch.float64), **GRADIENT
+        )
     assert inputs["weak_key"].grad is None and inputs["mixed_key"].grad is None
 
 
@@ -121,9 +138,11 @@ def test_interpolated_key_matches_the_literal_transcription(ratio):
     query, key, _ = cacr_inputs((None, None), False, seed=3)
     index = torch.randperm(5, generator=torch.Generator().manual_seed(3))
     number = ratio.tolist() if isinstance(ratio, torch.Tensor) else ratio
-    torch.testing.assert_close(interpolated_key(query, key, index, ratio),
-                               torch.tensor(literal.interpolated_key(query, key, index, number),
-                                            dtype=torch.float64), **TIGHT)
+    torch.testing.assert_close(
+        interpolated_key(query, key, index, ratio),
+        torch.tensor(literal.interpolated_key(query, key, index, number), dtype=torch.float64),
+        **TIGHT,
+    )
 
 
 def test_interpolated_key_has_no_gradient_unit_norm_and_ends_at_query_and_key():
@@ -140,20 +159,28 @@ def test_interpolated_key_has_no_gradient_unit_norm_and_ends_at_query_and_key():
 
 # -- exact relations ---------------------------------------------------------------------------
 
+
 @st.composite
 def cacr_problems(draw, forms=FORMS):
     form = draw(st.sampled_from(forms))
     with_queue = draw(st.booleans())
     intra_batch = draw(st.booleans()) if with_queue else True
-    query, key, queue = cacr_inputs(form, with_queue, n=draw(st.integers(2, 6)),
-                                    d=draw(st.integers(1, 5)), m=draw(st.integers(1, 7)),
-                                    scale=draw(st.sampled_from([1.0, 0.6])),
-                                    seed=draw(st.integers(0, 2**31 - 1)))
-    options = dict(intra_batch=intra_batch,
-                   attraction_temperature=draw(st.floats(0.0, 3.0)),
-                   repulsion_temperature=draw(st.floats(0.0, 3.0)),
-                   attraction_weight=draw(st.floats(0.1, 2.0)),
-                   repulsion_weight=draw(st.floats(0.1, 2.0)))
+    query, key, queue = cacr_inputs(
+        form,
+        with_queue,
+        n=draw(st.integers(2, 6)),
+        d=draw(st.integers(1, 5)),
+        m=draw(st.integers(1, 7)),
+        scale=draw(st.sampled_from([1.0, 0.6])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    options = dict(
+        intra_batch=intra_batch,
+        attraction_temperature=draw(st.floats(0.0, 3.0)),
+        repulsion_temperature=draw(st.floats(0.0, 3.0)),
+        attraction_weight=draw(st.floats(0.1, 2.0)),
+        repulsion_weight=draw(st.floats(0.1, 2.0)),
+    )
     return query.requires_grad_(), key.requires_grad_(), queue, options
 
 
@@ -162,8 +189,10 @@ def values_and_gradients(fn, query, key, *args, ramp=True, **options):
     non-uniform upstream gradient) unless ``ramp`` is False."""
     losses = fn(query, key, *args, reduction="none", **options)
     weights = torch.linspace(0.5, 1.5, losses.numel(), dtype=losses.dtype).view(losses.shape)
-    return (losses, *torch.autograd.grad((losses * weights if ramp else losses).sum(),
-                                         (query, key)))
+    return (
+        losses,
+        *torch.autograd.grad((losses * weights if ramp else losses).sum(), (query, key)),
+    )
 
 
 def assert_all_close(got, want, **tolerance):
@@ -205,8 +234,10 @@ def test_cacr_with_one_positive_attracts_by_the_squared_distance(problem):
         (positive,) = positives(query, key)
         return weight * (query - positive.view(query.shape)).pow(2).sum(-1)
 
-    assert_all_close(values_and_gradients(cacr_loss, query, key, queue, **options),
-                     values_and_gradients(squared_distance, query, key))
+    assert_all_close(
+        values_and_gradients(cacr_loss, query, key, queue, **options),
+        values_and_gradients(squared_distance, query, key),
+    )
 
 
 @SETTINGS
@@ -221,8 +252,10 @@ def test_cacr_at_zero_temperatures_weighs_its_pairs_uniformly(problem):
         attraction = (query - positives(query, key)).pow(2).sum(-1).mean(0).view(query.shape[:-1])
         return alpha * attraction - beta * negatives_mean_cost(query, queue, options["intra_batch"])
 
-    assert_all_close(values_and_gradients(cacr_loss, query, key, queue, **options),
-                     values_and_gradients(means, query, key))
+    assert_all_close(
+        values_and_gradients(cacr_loss, query, key, queue, **options),
+        values_and_gradients(means, query, key),
+    )
 
 
 @SETTINGS
@@ -230,11 +263,14 @@ def test_cacr_at_zero_temperatures_weighs_its_pairs_uniformly(problem):
 def test_cacr_rows_are_equivariant_under_a_batch_permutation(problem, seed):
     query, key, queue, options = problem
     perm = torch.randperm(key.shape[-2], generator=torch.Generator().manual_seed(seed))
-    losses, grad_query, grad_key = values_and_gradients(cacr_loss, query, key, queue, ramp=False,
-                                                        **options)
+    losses, grad_query, grad_key = values_and_gradients(
+        cacr_loss, query, key, queue, ramp=False, **options
+    )
     permuted = [x.detach()[..., perm, :].requires_grad_() for x in (query, key)]
-    assert_all_close(values_and_gradients(cacr_loss, *permuted, queue, ramp=False, **options),
-                     (losses[..., perm], grad_query[..., perm, :], grad_key[..., perm, :]))
+    assert_all_close(
+        values_and_gradients(cacr_loss, *permuted, queue, ramp=False, **options),
+        (losses[..., perm], grad_query[..., perm, :], grad_key[..., perm, :]),
+    )
 
 
 @SETTINGS
@@ -244,8 +280,10 @@ def test_cacr_rows_are_invariant_under_a_queue_permutation(problem, seed):
     if queue is None:
         return
     perm = torch.randperm(len(queue), generator=torch.Generator().manual_seed(seed))
-    assert_all_close(values_and_gradients(cacr_loss, query, key, queue[perm], **options),
-                     values_and_gradients(cacr_loss, query, key, queue, **options))
+    assert_all_close(
+        values_and_gradients(cacr_loss, query, key, queue[perm], **options),
+        values_and_gradients(cacr_loss, query, key, queue, **options),
+    )
 
 
 @SETTINGS
@@ -253,34 +291,49 @@ def test_cacr_rows_are_invariant_under_a_queue_permutation(problem, seed):
 def test_cacr_is_linear_in_its_two_weights(problem):
     query, key, queue, options = problem
     alpha, beta = options.pop("attraction_weight"), options.pop("repulsion_weight")
-    both = values_and_gradients(cacr_loss, query, key, queue, attraction_weight=alpha,
-                                repulsion_weight=beta, **options)
-    pull = values_and_gradients(cacr_loss, query, key, queue, attraction_weight=1.0,
-                                repulsion_weight=0.0, **options)
-    push = values_and_gradients(cacr_loss, query, key, queue, attraction_weight=0.0,
-                                repulsion_weight=1.0, **options)
+    both = values_and_gradients(
+        cacr_loss, query, key, queue, attraction_weight=alpha, repulsion_weight=beta, **options
+    )
+    pull = values_and_gradients(
+        cacr_loss, query, key, queue, attraction_weight=1.0, repulsion_weight=0.0, **options
+    )
+    push = values_and_gradients(
+        cacr_loss, query, key, queue, attraction_weight=0.0, repulsion_weight=1.0, **options
+    )
     assert_all_close(both, [alpha * a + beta * b for a, b in zip(pull, push)])
 
 
 @st.composite
 def reco_problems(draw):
     crops = draw(st.sampled_from([None, 2]))
-    inputs = reco_inputs(crops, crops is not None and draw(st.booleans()),
-                         n=draw(st.integers(1, 6)), d=draw(st.integers(1, 5)),
-                         m=draw(st.integers(1, 7)), seed=draw(st.integers(0, 2**31 - 1)))
+    inputs = reco_inputs(
+        crops,
+        crops is not None and draw(st.booleans()),
+        n=draw(st.integers(1, 6)),
+        d=draw(st.integers(1, 5)),
+        m=draw(st.integers(1, 7)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
     for name in ("query", "key", "mixed_query"):
         inputs[name].requires_grad_()
-    hyper = dict(temperature=draw(st.floats(0.05, 1.0)),
-                 relation_temperature=draw(st.floats(0.05, 1.0)),
-                 target_temperature=draw(st.floats(0.02, 1.0)),
-                 global_weight=draw(st.floats(0.0, 3.0)), local_weight=draw(st.floats(0.0, 3.0)))
+    hyper = dict(
+        temperature=draw(st.floats(0.05, 1.0)),
+        relation_temperature=draw(st.floats(0.05, 1.0)),
+        target_temperature=draw(st.floats(0.02, 1.0)),
+        global_weight=draw(st.floats(0.0, 3.0)),
+        local_weight=draw(st.floats(0.0, 3.0)),
+    )
     return inputs, hyper
 
 
 def reco_values_and_gradients(fn, inputs):
     losses = fn(inputs)
-    grads = torch.autograd.grad(losses.sum(), [inputs[k] for k in ("query", "key", "mixed_query")],
-                                allow_unused=True, materialize_grads=True)
+    grads = torch.autograd.grad(
+        losses.sum(),
+        [inputs[k] for k in ("query", "key", "mixed_query")],
+        allow_unused=True,
+        materialize_grads=True,
+    )
     return (losses, *grads)
 
 
@@ -291,8 +344,14 @@ def test_reco_without_its_two_extra_terms_is_infonce(problem):
     hyper.update(global_weight=0.0, local_weight=0.0)
     got = reco_values_and_gradients(lambda x: reco(x, reduction="none", **hyper), inputs)
     want = reco_values_and_gradients(
-        lambda x: info_nce_loss(x["query"], x["key"], x["queue"], temperature=hyper["temperature"],
-                                reduction="none") + 0 * x["mixed_query"].sum(), inputs)
+        lambda x: (
+            info_nce_loss(
+                x["query"], x["key"], x["queue"], temperature=hyper["temperature"], reduction="none"
+            )
+            + 0 * x["mixed_query"].sum()
+        ),
+        inputs,
+    )
     assert_all_close(got, want)
 
 
@@ -303,13 +362,24 @@ def test_reco_is_infonce_plus_ressl_plus_infonce_of_the_mixed_images(problem):
     inputs, hyper = problem
 
     def composed(x):
-        instance = info_nce_loss(x["query"], x["key"], x["queue"], temperature=hyper["temperature"],
-                                 reduction="none")
-        relation = ressl_loss(x["query"], x["weak_key"], x["weak_queue"],
-                              temperature=hyper["relation_temperature"],
-                              target_temperature=hyper["target_temperature"], reduction="none")
-        local = info_nce_loss(x["mixed_query"], x["mixed_key"], x["queue"],
-                              temperature=hyper["temperature"], reduction="none")
+        instance = info_nce_loss(
+            x["query"], x["key"], x["queue"], temperature=hyper["temperature"], reduction="none"
+        )
+        relation = ressl_loss(
+            x["query"],
+            x["weak_key"],
+            x["weak_queue"],
+            temperature=hyper["relation_temperature"],
+            target_temperature=hyper["target_temperature"],
+            reduction="none",
+        )
+        local = info_nce_loss(
+            x["mixed_query"],
+            x["mixed_key"],
+            x["queue"],
+            temperature=hyper["temperature"],
+            reduction="none",
+        )
         return instance + hyper["global_weight"] * relation + hyper["local_weight"] * local
 
     got = reco_values_and_gradients(lambda x: reco(x, reduction="none", **hyper), inputs)
@@ -317,6 +387,7 @@ def test_reco_is_infonce_plus_ressl_plus_infonce_of_the_mixed_images(problem):
 
 
 # -- gradcheck ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("with_queue", [False, True])
@@ -328,8 +399,16 @@ def test_cacr_gradcheck_with_uniform_weights(form, with_queue):
     beta = torch.tensor(1.1, dtype=torch.float64, requires_grad=True)
 
     def loss(query, key, alpha, beta):
-        return cacr_loss(query, key, queue, attraction_temperature=0.0, repulsion_temperature=0.0,
-                         attraction_weight=alpha, repulsion_weight=beta, reduction="none")
+        return cacr_loss(
+            query,
+            key,
+            queue,
+            attraction_temperature=0.0,
+            repulsion_temperature=0.0,
+            attraction_weight=alpha,
+            repulsion_weight=beta,
+            reduction="none",
+        )
 
     arguments = (query.requires_grad_(), key.requires_grad_(), alpha, beta)
     assert torch.autograd.gradcheck(loss, arguments)
@@ -339,20 +418,24 @@ def test_cacr_gradcheck_with_uniform_weights(form, with_queue):
 def test_cacr_gradcheck_with_one_positive_and_one_negative(with_queue):
     """One positive and one negative per row: weights 1 whatever τ⁺, τ⁻ (the negative is the
     queue's only entry, or the batch's other row, differentiated at both ends)."""
-    query, key, queue = cacr_inputs((None, None), with_queue, n=3 if with_queue else 2, d=3, m=1,
-                                    seed=6)
+    query, key, queue = cacr_inputs(
+        (None, None), with_queue, n=3 if with_queue else 2, d=3, m=1, seed=6
+    )
 
     def loss(query, key):
-        return cacr_loss(query, key, queue, intra_batch=not with_queue, reduction="none",
-                         **CACR_HYPER)
+        return cacr_loss(
+            query, key, queue, intra_batch=not with_queue, reduction="none", **CACR_HYPER
+        )
 
     assert torch.autograd.gradcheck(loss, (query.requires_grad_(), key.requires_grad_()))
 
 
 def test_cacr_temperatures_get_no_gradient_and_its_weights_do():
     query, key, queue = cacr_inputs((2, "same"), True, seed=7)
-    hyper = {name: torch.tensor(value, dtype=torch.float64, requires_grad=True)
-             for name, value in CACR_HYPER.items()}
+    hyper = {
+        name: torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        for name, value in CACR_HYPER.items()
+    }
     cacr_loss(query.requires_grad_(), key, queue, **hyper).backward()
     assert hyper["attraction_temperature"].grad is None
     assert hyper["repulsion_temperature"].grad is None
@@ -367,9 +450,13 @@ def test_reco_gradcheck_with_learnable_temperatures(crops):
     relation_temperature = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
 
     def loss(query, key, mixed_query, temperature, relation_temperature):
-        return reco(inputs | dict(query=query, key=key, mixed_query=mixed_query),
-                    temperature=temperature, relation_temperature=relation_temperature,
-                    target_temperature=0.07, reduction="none")
+        return reco(
+            inputs | dict(query=query, key=key, mixed_query=mixed_query),
+            temperature=temperature,
+            relation_temperature=relation_temperature,
+            target_temperature=0.07,
+            reduction="none",
+        )
 
     arguments = [inputs[k].requires_grad_() for k in ("query", "key", "mixed_query")]
     assert torch.autograd.gradcheck(loss, (*arguments, temperature, relation_temperature))
@@ -389,39 +476,58 @@ CACR_BAD = [
     (dict(query=q[0]), ValueError, r"query must be \(N, D\) or \(V, N, D\), got shape \(8,\)"),
     (dict(query=q[None, None]), ValueError, r"query must be \(N, D\) or \(V, N, D\)"),
     (dict(query=q[:0], key=k[:0]), ValueError, "query must be non-empty"),
-    (dict(key=k[0]), ValueError,
-     r"key must be \(N, D\) or \(U, N, D\), got shape \(8,\) \(query: N=4, D=8\)"),
+    (
+        dict(key=k[0]),
+        ValueError,
+        r"key must be \(N, D\) or \(U, N, D\), got shape \(8,\) \(query: N=4, D=8\)",
+    ),
     (dict(key=k[:3]), ValueError, r"key must be .* got shape \(3, 8\)"),
     (dict(key=k[:, :7]), ValueError, r"key must be .* got shape \(4, 7\)"),
     (dict(key=k[None, :3]), ValueError, r"key must be .* got shape \(1, 3, 8\)"),
     (dict(key=k[None][:0]), ValueError, r"key must be .* got shape \(0, 4, 8\)"),
-    (dict(queue=Q[:, :7]), ValueError,
-     r"queue must be \(M, D\), got shape \(6, 7\) \(query: N=4, D=8\)"),
-    (dict(key=k.double()), TypeError,
-     "key must have query's dtype torch.float32, got torch.float64"),
+    (
+        dict(queue=Q[:, :7]),
+        ValueError,
+        r"queue must be \(M, D\), got shape \(6, 7\) \(query: N=4, D=8\)",
+    ),
+    (
+        dict(key=k.double()),
+        TypeError,
+        "key must have query's dtype torch.float32, got torch.float64",
+    ),
     (dict(query=nan), ValueError, "query must be finite"),
     (dict(key=nan), ValueError, "key must be finite"),
     (dict(queue=inf), ValueError, "queue must be finite"),
     (dict(queue=None, intra_batch=False), ValueError, "at least one negative"),
     (dict(queue=Q[:0], intra_batch=False), ValueError, "at least one negative"),
     (dict(query=q[:1], key=k[:1], queue=None), ValueError, "at least one negative.* 1 row"),
-    (dict(attraction_temperature=-1), ValueError,
-     "attraction_temperature must be a finite number ≥ 0, got -1.0"),
+    (
+        dict(attraction_temperature=-1),
+        ValueError,
+        "attraction_temperature must be a finite number ≥ 0, got -1.0",
+    ),
     (dict(attraction_temperature=float("inf")), ValueError, "attraction_temperature must be"),
     (dict(repulsion_temperature=float("nan")), ValueError, "repulsion_temperature must be"),
     (dict(repulsion_temperature=torch.tensor(-0.5)), ValueError, "repulsion_temperature must be"),
     (dict(attraction_weight=-0.1), ValueError, "attraction_weight must be a finite number ≥ 0"),
     (dict(repulsion_weight=torch.tensor(-1.0)), ValueError, "repulsion_weight must be"),
-    (dict(attraction_weight="1"), TypeError,
-     "attraction_weight must be a float or a 0-d float tensor, got str"),
+    (
+        dict(attraction_weight="1"),
+        TypeError,
+        "attraction_weight must be a float or a 0-d float tensor, got str",
+    ),
     (dict(repulsion_weight=torch.tensor([1.0])), TypeError, "repulsion_weight must be a float"),
     (dict(attraction_temperature=True), TypeError, "attraction_temperature must be a float"),
     (dict(intra_batch=1), TypeError, "intra_batch must be a bool, got int"),
     (dict(normalize="yes"), TypeError, "normalize must be a bool, got str"),
     (dict(reduction="avg"), ValueError, "reduction must be one of .* got 'avg'"),
     (dict(gather="yes"), TypeError, "gather must be a bool or a torch.distributed.ProcessGroup"),
-    (dict(backend="fused"), ValueError, r"backend must be one of \('auto', 'reference'\) for "
-     "cacr_loss"),
+    (
+        dict(backend="fused"),
+        ValueError,
+        r"backend must be one of \('auto', 'reference'\) for "
+        "cacr_loss",
+    ),
     (dict(queue=Q.to("meta")), ValueError, "queue must be on query's device"),
 ]
 
@@ -434,8 +540,18 @@ def test_cacr_bad_input_raises_a_clear_error(overrides, error, message):
 
 
 def reco_arguments(**overrides):
-    return dict(query=q, key=k, queue=Q, weak_key=k.flip(0), weak_queue=Q[:5],
-                mixed_query=q.flip(0), mixed_key=k.roll(1, 0)) | overrides
+    return (
+        dict(
+            query=q,
+            key=k,
+            queue=Q,
+            weak_key=k.flip(0),
+            weak_queue=Q[:5],
+            mixed_query=q.flip(0),
+            mixed_key=k.roll(1, 0),
+        )
+        | overrides
+    )
 
 
 RECO_BAD = [
@@ -450,10 +566,16 @@ RECO_BAD = [
     (dict(weak_key=None), TypeError, "weak_key must be a torch.Tensor"),
     (dict(weak_queue=Q[:, :7]), ValueError, r"weak_queue must be \(M, D\) with M ≥ 1"),
     (dict(weak_queue=Q[:0]), ValueError, r"weak_queue must be \(M, D\) with M ≥ 1"),
-    (dict(mixed_query=q[None].expand(3, -1, -1)), ValueError,
-     r"mixed_query must be \(N, D\) or the query's shape"),
-    (dict(query=q[None].expand(2, -1, -1), mixed_query=q[None].expand(3, -1, -1)), ValueError,
-     r"mixed_query must be \(N, D\) or the query's shape \(2, 4, 8\).* got shape \(3, 4, 8\)"),
+    (
+        dict(mixed_query=q[None].expand(3, -1, -1)),
+        ValueError,
+        r"mixed_query must be \(N, D\) or the query's shape",
+    ),
+    (
+        dict(query=q[None].expand(2, -1, -1), mixed_query=q[None].expand(3, -1, -1)),
+        ValueError,
+        r"mixed_query must be \(N, D\) or the query's shape \(2, 4, 8\).* got shape \(3, 4, 8\)",
+    ),
     (dict(mixed_query=q[:3]), ValueError, "mixed_query must be"),
     (dict(mixed_key=k[:, :7]), ValueError, r"mixed_key must be \(N, D\)"),
     (dict(mixed_key=k.double()), TypeError, "mixed_key must have query's dtype"),
@@ -485,24 +607,36 @@ def test_reco_bad_input_raises_a_clear_error(overrides, error, message):
 INDEX = torch.tensor([1, 2, 3, 0])
 INTERPOLATION_BAD = [
     (dict(query=q[None]), ValueError, r"query must be \(N, D\), got shape \(1, 4, 8\)"),
-    (dict(key=k[:, :7]), ValueError,
-     r"key must be \(B, D\), got shape \(4, 7\) \(query: N=4, D=8\)"),
+    (
+        dict(key=k[:, :7]),
+        ValueError,
+        r"key must be \(B, D\), got shape \(4, 7\) \(query: N=4, D=8\)",
+    ),
     (dict(key=k[:0]), ValueError, r"key must be \(B, D\)"),
     (dict(key=k.double()), TypeError, "key must have query's dtype"),
     (dict(key=nan), ValueError, "key must be finite"),
     (dict(index=[1, 2, 3, 0]), TypeError, "index must be an int64 or int32 tensor, got list"),
-    (dict(index=INDEX.float()), TypeError, "index must be an int64 or int32 tensor, got a "
-     "torch.float32 tensor"),
+    (
+        dict(index=INDEX.float()),
+        TypeError,
+        "index must be an int64 or int32 tensor, got a torch.float32 tensor",
+    ),
     (dict(index=INDEX[:3]), ValueError, r"index must be \(4,\) on query's device"),
-    (dict(index=torch.tensor([1, 2, 3, 4])), ValueError,
-     r"index must hold rows of key, in \[0, 4\)"),
+    (
+        dict(index=torch.tensor([1, 2, 3, 4])),
+        ValueError,
+        r"index must hold rows of key, in \[0, 4\)",
+    ),
     (dict(index=torch.tensor([1, -1, 3, 0])), ValueError, "index must hold rows of key"),
     (dict(ratio=1.5), ValueError, r"ratio must be a finite number in \[0, 1\], got 1.5"),
     (dict(ratio=-0.1), ValueError, r"ratio must be a finite number in \[0, 1\]"),
     (dict(ratio=float("nan")), ValueError, "ratio must be a finite number"),
     (dict(ratio="0.5"), TypeError, "ratio must be a float or a 0-d float tensor, got str"),
-    (dict(ratio=torch.ones(3)), TypeError,
-     r"ratio must be a float, a 0-d float tensor or a \(4,\)"),
+    (
+        dict(ratio=torch.ones(3)),
+        TypeError,
+        r"ratio must be a float, a 0-d float tensor or a \(4,\)",
+    ),
     (dict(ratio=torch.full((4,), 1.2)), ValueError, r"ratio must hold numbers in \[0, 1\]"),
 ]
 
@@ -531,6 +665,7 @@ def test_inputs_are_unchanged_bit_for_bit(normalize):
 
 # -- the library's contracts -------------------------------------------------------------------
 
+
 def test_defaults_are_the_official_values():
     cacr = inspect.signature(cacr_loss).parameters
     assert [cacr[name].default for name in CACR_HYPER] == [1.0, 1.0, 1.0, 1.0]
@@ -542,8 +677,9 @@ def test_defaults_are_the_official_values():
 def test_normalize_equals_normalising_first():
     query, key, queue = (3 * x for x in cacr_inputs((2, None), True, seed=9))
     unit_vectors = [torch.nn.functional.normalize(x, dim=-1) for x in (query, key, queue)]
-    torch.testing.assert_close(cacr_loss(query, key, queue, normalize=True),
-                               cacr_loss(*unit_vectors), **TIGHT)
+    torch.testing.assert_close(
+        cacr_loss(query, key, queue, normalize=True), cacr_loss(*unit_vectors), **TIGHT
+    )
     inputs = {name: 3 * x for name, x in reco_inputs(seed=9).items()}
     normalised = {name: torch.nn.functional.normalize(x, dim=-1) for name, x in inputs.items()}
     torch.testing.assert_close(reco(inputs, normalize=True), reco(normalised), **TIGHT)
@@ -552,11 +688,14 @@ def test_normalize_equals_normalising_first():
 def test_tensor_hyper_parameters_equal_floats():
     query, key, queue = cacr_inputs((2, 3), True, dtype=torch.float32, seed=10)
     as_tensors = {name: torch.tensor(value) for name, value in CACR_HYPER.items()}
-    assert torch.equal(cacr_loss(query, key, queue, **as_tensors),
-                       cacr_loss(query, key, queue, **CACR_HYPER))
+    assert torch.equal(
+        cacr_loss(query, key, queue, **as_tensors), cacr_loss(query, key, queue, **CACR_HYPER)
+    )
     inputs = reco_inputs(dtype=torch.float32, seed=10)
-    assert torch.equal(reco(inputs, **{n: torch.tensor(v) for n, v in RECO_HYPER.items()}),
-                       reco(inputs, **RECO_HYPER))
+    assert torch.equal(
+        reco(inputs, **{n: torch.tensor(v) for n, v in RECO_HYPER.items()}),
+        reco(inputs, **RECO_HYPER),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -567,9 +706,12 @@ def test_low_precision_computes_in_float32_close_to_float64(dtype):
     loss.backward()
     assert loss.dtype == torch.float32 and query.grad.dtype == dtype
     tolerance = 1e-6 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(loss.double(), cacr_loss(*(x.detach().double() for x in
-                                                         (query, key, queue))),
-                               rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(
+        loss.double(),
+        cacr_loss(*(x.detach().double() for x in (query, key, queue))),
+        rtol=tolerance,
+        atol=tolerance,
+    )
     inputs = {name: x.to(dtype) for name, x in reco_inputs(seed=11).items()}
     assert reco(inputs).dtype == torch.float32
     assert cacr_loss(*exact_inputs).dtype == torch.float64
@@ -592,8 +734,12 @@ def test_the_queues_are_read_when_the_loss_is_called():
 
     def gradients(update_in_place):
         q = query.clone().requires_grad_()
-        x = dict(inputs, query=inputs["query"].clone().requires_grad_(),
-                 queue=inputs["queue"].clone(), weak_queue=inputs["weak_queue"].clone())
+        x = dict(
+            inputs,
+            query=inputs["query"].clone().requires_grad_(),
+            queue=inputs["queue"].clone(),
+            weak_queue=inputs["weak_queue"].clone(),
+        )
         own_queue = queue.clone()
         loss = cacr_loss(q, key, own_queue) + reco(x)
         if update_in_place:
@@ -613,8 +759,9 @@ def test_reco_runs_on_every_backend_of_its_terms(backend):
     for name in ("query", "key", "mixed_query"):
         inputs[name].requires_grad_()
     got = reco_values_and_gradients(lambda x: reco(x, reduction="none", backend=backend), inputs)
-    want = reco_values_and_gradients(lambda x: reco(x, reduction="none", backend="reference"),
-                                     inputs)
+    want = reco_values_and_gradients(
+        lambda x: reco(x, reduction="none", backend="reference"), inputs
+    )
     assert_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -640,10 +787,15 @@ def test_a_float_schedule_compiles_fullgraph_at_most_twice(name):
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     for i in range(6):
-        hyper = {n: v * (1 + 0.05 * i) for n, v in (CACR_HYPER if name == "cacr" else
-                                                      RECO_HYPER).items()}
-        assert_all_close(loss_and_gradient(compiled, **hyper), loss_and_gradient(step, **hyper),
-                         rtol=1e-6, atol=1e-7)
+        hyper = {
+            n: v * (1 + 0.05 * i) for n, v in (CACR_HYPER if name == "cacr" else RECO_HYPER).items()
+        }
+        assert_all_close(
+            loss_and_gradient(compiled, **hyper),
+            loss_and_gradient(step, **hyper),
+            rtol=1e-6,
+            atol=1e-7,
+        )
     assert counter.frame_count <= 2, counter.frame_count
 
 
@@ -656,8 +808,11 @@ def test_gather_without_a_process_group_is_one_process():
 # -- several processes -------------------------------------------------------------------------
 
 N_PER_RANK = 3
-GATHER_CASES = [(form, with_queue) for form in [(None, None), (2, "same"), (3, 2)]
-                for with_queue in (False, True)]
+GATHER_CASES = [
+    (form, with_queue)
+    for form in [(None, None), (2, "same"), (3, 2)]
+    for with_queue in (False, True)
+]
 
 
 def _gather_worker(rank, world, init_file, out_dir):
@@ -672,8 +827,7 @@ def _gather_worker(rank, world, init_file, out_dir):
             loss.backward()
             results[form, with_queue] = loss.detach(), query.grad, key.grad
         inputs = reco_inputs(2, n=N_PER_RANK * world, seed=world)
-        inputs = {name: x[..., rows, :] if "queue" not in name else x
-                  for name, x in inputs.items()}
+        inputs = {name: x[..., rows, :] if "queue" not in name else x for name, x in inputs.items()}
         results["reco"] = reco(inputs, gather=True, reduction="none")
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
@@ -699,8 +853,7 @@ def test_cacr_ranks_match_one_process_on_the_concatenated_batch(two_ranks, form,
     loss = cacr_loss(query, key, queue, **CACR_HYPER)
     loss.backward()
     per_rank = [r[form, with_queue] for r in results]
-    torch.testing.assert_close(torch.stack([r[0] for r in per_rank]).mean(), loss.detach(),
-                               **TIGHT)
+    torch.testing.assert_close(torch.stack([r[0] for r in per_rank]).mean(), loss.detach(), **TIGHT)
     for rank, (_, grad_query, grad_key) in enumerate(per_rank):
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
         torch.testing.assert_close(grad_query, world * query.grad[..., rows, :], **GRADIENT)

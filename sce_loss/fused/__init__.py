@@ -42,11 +42,16 @@ def unsupported_reason(problem: Problem) -> str | None:
         return f"it supports D ≤ {MAX_DIM}, got D={query.shape[-1]}"
     kind = plan.kind_of(query.dtype)
     if query.shape[-1] > plan.MAX_DIM[kind]:
-        return (f"full-precision float32 products (torch.get_float32_matmul_precision() is "
-                f"'highest') support D ≤ {plan.MAX_DIM[kind]}, got D={query.shape[-1]}; "
-                "'high' (TF32) or bfloat16 inputs support D ≤ 256")
-    if (query.device.type == "cuda" and query.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(query.device) < (8, 0)):
+        return (
+            f"full-precision float32 products (torch.get_float32_matmul_precision() is "
+            f"'highest') support D ≤ {plan.MAX_DIM[kind]}, got D={query.shape[-1]}; "
+            "'high' (TF32) or bfloat16 inputs support D ≤ 256"
+        )
+    if (
+        query.device.type == "cuda"
+        and query.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(query.device) < (8, 0)
+    ):
         return "bfloat16 products need compute capability 8.0 (Ampere) or newer"
     return None
 
@@ -76,9 +81,16 @@ def losses(problem: Problem) -> Tensor:
         target_temperature = target_temperature.detach()
     need_grad = torch.is_grad_enabled() and query.requires_grad
     per_row, *_ = fused_forward(
-        query.reshape(crops * batch, dim).contiguous(), problem.key.contiguous(),
+        query.reshape(crops * batch, dim).contiguous(),
+        problem.key.contiguous(),
         None if problem.bank is None else problem.bank.contiguous(),
-        None if problem.queue is None else problem.queue.contiguous(), problem.offset,
-        tensor(coeff), tensor(problem.temperature), tensor(target_temperature),
-        problem.online_has_positive, problem.needs_target, need_grad)
+        None if problem.queue is None else problem.queue.contiguous(),
+        problem.offset,
+        tensor(coeff),
+        tensor(problem.temperature),
+        tensor(target_temperature),
+        problem.online_has_positive,
+        problem.needs_target,
+        need_grad,
+    )
     return per_row.view(crops, batch)

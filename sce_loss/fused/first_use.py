@@ -60,7 +60,9 @@ def verified(problem: Problem) -> bool:
             f"for {problem.loss} with {problem.dtype} inputs: {reason}. backend='auto' computes "
             "these calls with another backend from now on. Run `python -m sce_loss.check` to "
             "see the fused kernels' agreement and speed on this machine.",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return _verdicts[key]
 
 
@@ -72,9 +74,17 @@ def check_key(problem: Problem) -> tuple:
     rows, dim = query.shape[0] * query.shape[1], query.shape[2]
     kind = plan.kind_of(query.dtype)
     tiles = plan.tiles(plan.device_of(query.device), kind, dim, rows)
-    return (str(query.device), query.dtype, None if problem.queue is None else problem.queue.dtype,
-            kind, problem.loss, problem.bank is not None, problem.queue is not None,
-            _needs_grad(problem), tuple(sorted(tiles.items())))
+    return (
+        str(query.device),
+        query.dtype,
+        None if problem.queue is None else problem.queue.dtype,
+        kind,
+        problem.loss,
+        problem.bank is not None,
+        problem.queue is not None,
+        _needs_grad(problem),
+        tuple(sorted(tiles.items())),
+    )
 
 
 def first_use_check(problem: Problem) -> str | None:
@@ -95,8 +105,10 @@ def first_use_check(problem: Problem) -> str | None:
     for name, g, w in zip(("loss", "query gradient", "key gradient", "τ gradient"), got, want):
         error = relative_error(g, w)
         if not error <= tolerance:  # NaN fails too
-            return (f"its {name} differs from the reference by {error:.1e} relative error "
-                    f"(tolerance {tolerance:.0e})")
+            return (
+                f"its {name} differs from the reference by {error:.1e} relative error "
+                f"(tolerance {tolerance:.0e})"
+            )
     return None
 
 
@@ -112,9 +124,15 @@ def check_problem(problem: Problem) -> Problem:
 
     key = unit(rows, query.dtype)
     queue = None if problem.queue is None else unit(CHECK_QUEUE, problem.queue.dtype)
-    return Problem(problem.loss, unit(rows, query.dtype)[None], key,
-                   None if problem.bank is None else key, queue, 0,
-                   **CHECK_HYPER_PARAMETERS[problem.loss])
+    return Problem(
+        problem.loss,
+        unit(rows, query.dtype)[None],
+        key,
+        None if problem.bank is None else key,
+        queue,
+        0,
+        **CHECK_HYPER_PARAMETERS[problem.loss],
+    )
 
 
 def relative_error(got: Tensor, want: Tensor) -> float:
@@ -139,31 +157,57 @@ def in_float64(problem: Problem) -> Problem:
         return None if x is None else x.detach().double()
 
     key = double(problem.key)
-    return Problem(problem.loss, double(problem.query), key,
-                   None if problem.bank is None else key, double(problem.queue), problem.offset,
-                   problem.temperature, problem.target_temperature, problem.coeff)
+    return Problem(
+        problem.loss,
+        double(problem.query),
+        key,
+        None if problem.bank is None else key,
+        double(problem.queue),
+        problem.offset,
+        problem.temperature,
+        problem.target_temperature,
+        problem.coeff,
+    )
 
 
 def evaluate(losses, problem: Problem, need_grad: bool) -> list[Tensor]:
     """The per-row losses of ``problem`` and, if ``need_grad``, the query, key and τ gradients
     of their weighted sum (weights 0.5..1.5, a non-uniform upstream gradient)."""
     device_type = problem.query.device.type
-    autocast = (torch.autocast(device_type, enabled=False) if device_type == "cuda"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type, enabled=False)
+        if device_type == "cuda"
+        else contextlib.nullcontext()
+    )
     with torch.set_grad_enabled(need_grad), autocast:
         query = problem.query.detach().requires_grad_(need_grad)
         key = problem.key.detach().requires_grad_(need_grad)
-        temperature = torch.tensor(float(problem.temperature), dtype=torch.float64,
-                                   device=query.device, requires_grad=need_grad)
-        live = Problem(problem.loss, query, key, None if problem.bank is None else key,
-                       problem.queue, problem.offset, temperature, problem.target_temperature,
-                       problem.coeff)
+        temperature = torch.tensor(
+            float(problem.temperature),
+            dtype=torch.float64,
+            device=query.device,
+            requires_grad=need_grad,
+        )
+        live = Problem(
+            problem.loss,
+            query,
+            key,
+            None if problem.bank is None else key,
+            problem.queue,
+            problem.offset,
+            temperature,
+            problem.target_temperature,
+            problem.coeff,
+        )
         per_row = losses(live)
         if not need_grad:
             return [per_row]
-        weights = torch.linspace(0.5, 1.5, per_row.numel(), dtype=per_row.dtype,
-                                 device=per_row.device).view(per_row.shape)
+        weights = torch.linspace(
+            0.5, 1.5, per_row.numel(), dtype=per_row.dtype, device=per_row.device
+        ).view(per_row.shape)
         inputs = (query, key, temperature)
         grads = torch.autograd.grad((per_row * weights).sum(), inputs, allow_unused=True)
-        return [per_row.detach(),
-                *(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))]
+        return [
+            per_row.detach(),
+            *(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)),
+        ]

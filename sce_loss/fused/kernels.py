@@ -49,8 +49,19 @@ def _empty_state(BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _online_update(m, l, u, o, logits, valid, weights_of, c, ACCUMULATE: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _online_update(
+    m,
+    l,
+    u,
+    o,
+    logits,
+    valid,
+    weights_of,
+    c,
+    ACCUMULATE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One block of columns into a running (max, Σe, Σe·a, Σe·c) state; ``weights_of`` is a.
     Σe·c (a D-vector per row) is accumulated only if ACCUMULATE."""
     masked = tl.where(valid, logits, float("-inf"))
@@ -67,11 +78,30 @@ def _online_update(m, l, u, o, logits, valid, weights_of, c, ACCUMULATE: tl.cons
 
 @triton.jit
 def partial_stats_kernel(
-    X, K, C, STATS, VECS, TAU, TAU_M,
-    R, N, NUM_C, D, COLS_PER_SPLIT, SPLIT_BASE, TOTAL_SPLITS, POS_OFFSET,
-    HAS_POS: tl.constexpr, ONLINE_HAS_POS: tl.constexpr, NEED_TARGET: tl.constexpr,
-    NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    K,
+    C,
+    STATS,
+    VECS,
+    TAU,
+    TAU_M,
+    R,
+    N,
+    NUM_C,
+    D,
+    COLS_PER_SPLIT,
+    SPLIT_BASE,
+    TOTAL_SPLITS,
+    POS_OFFSET,
+    HAS_POS: tl.constexpr,
+    ONLINE_HAS_POS: tl.constexpr,
+    NEED_TARGET: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """The running states of one row block over one split of the columns of C."""
     pid_r = tl.program_id(0)
@@ -86,8 +116,9 @@ def partial_stats_kernel(
     key_rows = rows % N
     x = tl.load(X + rows[:, None] * D + dims[None, :], mask=row_tile_ok, other=0.0)
     if NEED_TARGET:
-        k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_tile_ok,
-                    other=0.0).to(x.dtype)
+        k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_tile_ok, other=0.0).to(
+            x.dtype
+        )
     if HAS_POS:
         pos = key_rows + POS_OFFSET
     else:
@@ -102,20 +133,25 @@ def partial_stats_kernel(
         cols = start + step + tl.arange(0, BLOCK_C)
         col_ok = cols < NUM_C
         # 64-bit offsets: a queue of millions of entries passes 2³¹ elements.
-        c = tl.load(C + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0).to(x.dtype)
+        c = tl.load(
+            C + cols.to(tl.int64)[:, None] * D + dims[None, :],
+            mask=col_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        ).to(x.dtype)
         ct = tl.trans(c)
         a = _dot(x, ct, PRECISION, UPCAST) * inv_tau
         is_pos = cols[None, :] == pos[:, None]
         valid = col_ok[None, :] & row_ok[:, None]
         a_pos += tl.sum(tl.where(is_pos & valid, a, 0.0), 1)
         online_ok = valid if ONLINE_HAS_POS else valid & ~is_pos
-        m_a, l_a, u_a, o_a = _online_update(m_a, l_a, u_a, o_a, a, online_ok, a, c, NEED_GRAD,
-                                            PRECISION, UPCAST)
+        m_a, l_a, u_a, o_a = _online_update(
+            m_a, l_a, u_a, o_a, a, online_ok, a, c, NEED_GRAD, PRECISION, UPCAST
+        )
         if NEED_TARGET:
             b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
-            m_b, l_b, u_b, o_b = _online_update(m_b, l_b, u_b, o_b, b, valid & ~is_pos, a, c,
-                                                NEED_GRAD, PRECISION, UPCAST)
+            m_b, l_b, u_b, o_b = _online_update(
+                m_b, l_b, u_b, o_b, b, valid & ~is_pos, a, c, NEED_GRAD, PRECISION, UPCAST
+            )
 
     slot = SPLIT_BASE + split
     base = STATS + slot * R + rows
@@ -139,16 +175,36 @@ def _merge(m, l, u, o, m_s, l_s, u_s, o_s):
     new_m = tl.maximum(m, m_s)
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
     alpha, beta = tl.exp(m - safe_m), tl.exp(m_s - safe_m)
-    return (new_m, l * alpha + l_s * beta, u * alpha + u_s * beta,
-            o * alpha[:, None] + o_s * beta[:, None])
+    return (
+        new_m,
+        l * alpha + l_s * beta,
+        u * alpha + u_s * beta,
+        o * alpha[:, None] + o_s * beta[:, None],
+    )
 
 
 @triton.jit
 def finalize_kernel(
-    STATS, VECS, K, A_POS_EXTRA, LOSS, GRAD, DTAU, LSE_A, LSE_B, COEFF, TAU,
-    R, N, D, TOTAL_SPLITS,
-    EXTRA_POS: tl.constexpr, NEED_TARGET: tl.constexpr, NEED_GRAD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    STATS,
+    VECS,
+    K,
+    A_POS_EXTRA,
+    LOSS,
+    GRAD,
+    DTAU,
+    LSE_A,
+    LSE_B,
+    COEFF,
+    TAU,
+    R,
+    N,
+    D,
+    TOTAL_SPLITS,
+    EXTRA_POS: tl.constexpr,
+    NEED_TARGET: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Merge the splits' states; EXTRA_POS adds the queue-mode positive (c = K[r mod N]) to the
     online state as one more column, with logit A_POS_EXTRA[r]."""
@@ -163,8 +219,9 @@ def finalize_kernel(
     m_b, l_b, u_b, o_b = _empty_state(BLOCK_R, BLOCK_D)
     a_pos = tl.zeros((BLOCK_R,), tl.float32)
     if NEED_GRAD:
-        key = tl.load(K + (rows % N)[:, None] * D + dims[None, :], mask=vec_ok,
-                      other=0.0).to(tl.float32)
+        key = tl.load(K + (rows % N)[:, None] * D + dims[None, :], mask=vec_ok, other=0.0).to(
+            tl.float32
+        )
     if EXTRA_POS:
         a_pos = tl.load(A_POS_EXTRA + rows, mask=row_ok, other=0.0)
         m_a, l_a, u_a = a_pos, tl.full((BLOCK_R,), 1.0, tl.float32), a_pos
@@ -179,17 +236,29 @@ def finalize_kernel(
         if NEED_GRAD:
             o_s = tl.load(vec, mask=vec_ok, other=0.0)
         m_a, l_a, u_a, o_a = _merge(
-            m_a, l_a, u_a, o_a, tl.load(base + M_A * stride, mask=row_ok, other=float("-inf")),
+            m_a,
+            l_a,
+            u_a,
+            o_a,
+            tl.load(base + M_A * stride, mask=row_ok, other=float("-inf")),
             tl.load(base + L_A * stride, mask=row_ok, other=0.0),
-            tl.load(base + U_A * stride, mask=row_ok, other=0.0), o_s)
+            tl.load(base + U_A * stride, mask=row_ok, other=0.0),
+            o_s,
+        )
         a_pos += tl.load(base + A_POS * stride, mask=row_ok, other=0.0)
         if NEED_TARGET:
             if NEED_GRAD:
                 o_s = tl.load(vec + stride * D, mask=vec_ok, other=0.0)
             m_b, l_b, u_b, o_b = _merge(
-                m_b, l_b, u_b, o_b, tl.load(base + M_B * stride, mask=row_ok, other=float("-inf")),
+                m_b,
+                l_b,
+                u_b,
+                o_b,
+                tl.load(base + M_B * stride, mask=row_ok, other=float("-inf")),
                 tl.load(base + L_B * stride, mask=row_ok, other=0.0),
-                tl.load(base + U_B * stride, mask=row_ok, other=0.0), o_s)
+                tl.load(base + U_B * stride, mask=row_ok, other=0.0),
+                o_s,
+            )
 
     l_a = tl.where(row_ok, l_a, 1.0)  # rows past R: keep their (unstored) arithmetic finite
     l_b = tl.where(row_ok, l_b, 1.0)
@@ -200,8 +269,9 @@ def finalize_kernel(
         tl.store(LSE_B + rows, m_b + tl.log(l_b), mask=row_ok)
     tl.store(LSE_A + rows, lse_a, mask=row_ok)
     tl.store(LOSS + rows, lse_a - coeff * a_pos - (1.0 - coeff) * target_u, mask=row_ok)
-    tl.store(DTAU + rows, -(u_a / l_a - coeff * a_pos - (1.0 - coeff) * target_u) * inv_tau,
-             mask=row_ok)
+    tl.store(
+        DTAU + rows, -(u_a / l_a - coeff * a_pos - (1.0 - coeff) * target_u) * inv_tau, mask=row_ok
+    )
     if NEED_GRAD:
         grad = o_a / l_a[:, None] - coeff * key
         if NEED_TARGET:
@@ -211,10 +281,29 @@ def finalize_kernel(
 
 @triton.jit
 def key_gradient_kernel(
-    X, K, BANK, UPSTREAM, LSE_A, LSE_B, GRAD_BANK, COEFF, TAU, TAU_M,
-    R, N, NUM_BANK, D, POS_OFFSET, ROWS_PER_SPLIT,
-    ONLINE_HAS_POS: tl.constexpr, NEED_TARGET: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    K,
+    BANK,
+    UPSTREAM,
+    LSE_A,
+    LSE_B,
+    GRAD_BANK,
+    COEFF,
+    TAU,
+    TAU_M,
+    R,
+    N,
+    NUM_BANK,
+    D,
+    POS_OFFSET,
+    ROWS_PER_SPLIT,
+    ONLINE_HAS_POS: tl.constexpr,
+    NEED_TARGET: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for one block of bank columns, over one split of
     the rows (program_id(1)); each split writes its own (NUM_BANK, D) slice of GRAD_BANK."""
@@ -227,8 +316,9 @@ def key_gradient_kernel(
     col_ok = cols < NUM_BANK
     dim_ok = dims < D
     x_dtype = X.dtype.element_ty
-    c = tl.load(BANK + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
-                other=0.0).to(x_dtype)
+    c = tl.load(
+        BANK + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
+    ).to(x_dtype)
     ct = tl.trans(c)
     grad = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     first_row = split * ROWS_PER_SPLIT
@@ -247,8 +337,9 @@ def key_gradient_kernel(
         weight = tl.where(online_ok, tl.exp(a - lse_a[:, None]), 0.0)
         weight -= tl.where(is_pos & valid, coeff, 0.0)
         if NEED_TARGET:
-            k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_tile_ok,
-                        other=0.0).to(x_dtype)
+            k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_tile_ok, other=0.0).to(
+                x_dtype
+            )
             lse_b = tl.load(LSE_B + rows, mask=row_ok, other=0.0)
             b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
             weight -= (1.0 - coeff) * tl.where(valid & ~is_pos, tl.exp(b - lse_b[:, None]), 0.0)

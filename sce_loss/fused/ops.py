@@ -18,15 +18,27 @@ from . import kernels, plan
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launch_plan(query: Tensor, key: Tensor, bank: Tensor | None, queue: Tensor | None,
-                need_grad: bool, key_grad: bool) -> plan.Plan:
+def launch_plan(
+    query: Tensor,
+    key: Tensor,
+    bank: Tensor | None,
+    queue: Tensor | None,
+    need_grad: bool,
+    key_grad: bool,
+) -> plan.Plan:
     """The plan of this call on the query's device (the interpreter's for CPU tensors)."""
     rows, dim = query.shape
-    return plan.plan(plan.device_of(query.device), rows=rows, dim=dim,
-                     bank=0 if bank is None else bank.shape[0],
-                     queue=0 if queue is None else queue.shape[0],
-                     kind=plan.kind_of(query.dtype), need_grad=need_grad, key_grad=key_grad,
-                     keys=key.shape[0])
+    return plan.plan(
+        plan.device_of(query.device),
+        rows=rows,
+        dim=dim,
+        bank=0 if bank is None else bank.shape[0],
+        queue=0 if queue is None else queue.shape[0],
+        kind=plan.kind_of(query.dtype),
+        need_grad=need_grad,
+        key_grad=key_grad,
+        keys=key.shape[0],
+    )
 
 
 def _options(query: Tensor) -> dict:
@@ -40,10 +52,19 @@ def _launch_options(tiles: plan.Tiles) -> dict:
 
 
 @torch.library.custom_op("sce_loss::fused_forward", mutates_args=())
-def fused_forward(query: Tensor, key: Tensor, bank: Tensor | None, queue: Tensor | None,
-                  offset: int, coeff: Tensor, temperature: Tensor, target_temperature: Tensor,
-                  online_has_pos: bool, need_target: bool, need_grad: bool,
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def fused_forward(
+    query: Tensor,
+    key: Tensor,
+    bank: Tensor | None,
+    queue: Tensor | None,
+    offset: int,
+    coeff: Tensor,
+    temperature: Tensor,
+    target_temperature: Tensor,
+    online_has_pos: bool,
+    need_target: bool,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row loss, dL/dquery (R×D, if need_grad), dL/dτ per row, LSE_a and LSE_b.
 
     ``query`` is (R, D), row r's key is ``key[r % N]``; the candidates are ``bank`` (positive at
@@ -57,49 +78,105 @@ def fused_forward(query: Tensor, key: Tensor, bank: Tensor | None, queue: Tensor
     # One workspace for every row group (they run one after the other on the stream).
     largest = max(group.rows * group.total_splits for group in launches.groups)
     stats_space = torch.empty(kernels.SCALARS * largest, device=device, dtype=torch.float32)
-    vecs_space = torch.empty(2 * largest * dim if need_grad else 0, device=device,
-                             dtype=torch.float32)
+    vecs_space = torch.empty(
+        2 * largest * dim if need_grad else 0, device=device, dtype=torch.float32
+    )
     segments = [(c, c is bank) for c in (bank, queue) if c is not None and c.shape[0] > 0]
     extra_pos = bank is None and online_has_pos
-    a_pos = (_queue_mode_positive_logits(query, key, temperature) if extra_pos
-             else torch.empty(0, device=device))
-    loss, dtau, lse_a, lse_b = (torch.empty(rows, device=device, dtype=torch.float32)
-                                for _ in range(4))
+    a_pos = (
+        _queue_mode_positive_logits(query, key, temperature)
+        if extra_pos
+        else torch.empty(0, device=device)
+    )
+    loss, dtau, lse_a, lse_b = (
+        torch.empty(rows, device=device, dtype=torch.float32) for _ in range(4)
+    )
     grad = torch.empty((rows, dim) if need_grad else (0, dim), device=device, dtype=torch.float32)
     for group in launches.groups:
         start, stop, group_rows, total = group.start, group.stop, group.rows, group.total_splits
         # Row r of the group is row start + r; its key, key_start + r mod keys: in-batch
         # positives at offset + key_start + r mod keys.
         x = query[start:stop]
-        k = key[group.key_start:group.key_start + group.keys]
-        stats = stats_space[:kernels.SCALARS * total * group_rows].view(
-            kernels.SCALARS, total, group_rows)
-        vecs = (vecs_space[:2 * total * group_rows * dim].view(2, total, group_rows, dim)
-                if need_grad else vecs_space)
+        k = key[group.key_start : group.key_start + group.keys]
+        stats = stats_space[: kernels.SCALARS * total * group_rows].view(
+            kernels.SCALARS, total, group_rows
+        )
+        vecs = (
+            vecs_space[: 2 * total * group_rows * dim].view(2, total, group_rows, dim)
+            if need_grad
+            else vecs_space
+        )
         base = 0
         for (candidates, has_pos), launch in zip(segments, group.partial):
             t = launch.tiles
             kernels.partial_stats_kernel[launch.grid](
-                x, k, candidates, stats, vecs, temperature, target_temperature,
-                group_rows, group.keys, candidates.shape[0], dim, launch.span, base, total,
+                x,
+                k,
+                candidates,
+                stats,
+                vecs,
+                temperature,
+                target_temperature,
+                group_rows,
+                group.keys,
+                candidates.shape[0],
+                dim,
+                launch.span,
+                base,
+                total,
                 offset + group.key_start,
-                HAS_POS=has_pos, ONLINE_HAS_POS=online_has_pos, NEED_TARGET=need_target,
-                NEED_GRAD=need_grad, BLOCK_R=t.block_r, BLOCK_C=t.block_c, BLOCK_D=t.block_d,
-                **_options(query), **_launch_options(t))
+                HAS_POS=has_pos,
+                ONLINE_HAS_POS=online_has_pos,
+                NEED_TARGET=need_target,
+                NEED_GRAD=need_grad,
+                BLOCK_R=t.block_r,
+                BLOCK_C=t.block_c,
+                BLOCK_D=t.block_d,
+                **_options(query),
+                **_launch_options(t),
+            )
             base += launch.grid[1]
         t = group.finalize.tiles
         kernels.finalize_kernel[group.finalize.grid](
-            stats, vecs, k, a_pos[start:stop] if extra_pos else a_pos, loss[start:stop],
-            grad[start:stop], dtau[start:stop], lse_a[start:stop], lse_b[start:stop], coeff,
-            temperature, group_rows, group.keys, dim, total,
-            EXTRA_POS=extra_pos, NEED_TARGET=need_target, NEED_GRAD=need_grad,
-            BLOCK_R=t.block_r, BLOCK_D=t.block_d, **_launch_options(t))
+            stats,
+            vecs,
+            k,
+            a_pos[start:stop] if extra_pos else a_pos,
+            loss[start:stop],
+            grad[start:stop],
+            dtau[start:stop],
+            lse_a[start:stop],
+            lse_b[start:stop],
+            coeff,
+            temperature,
+            group_rows,
+            group.keys,
+            dim,
+            total,
+            EXTRA_POS=extra_pos,
+            NEED_TARGET=need_target,
+            NEED_GRAD=need_grad,
+            BLOCK_R=t.block_r,
+            BLOCK_D=t.block_d,
+            **_launch_options(t),
+        )
     return loss, grad, dtau, lse_a, lse_b
 
 
 @fused_forward.register_fake
-def _(query, key, bank, queue, offset, coeff, temperature, target_temperature, online_has_pos,
-      need_target, need_grad):
+def _(
+    query,
+    key,
+    bank,
+    queue,
+    offset,
+    coeff,
+    temperature,
+    target_temperature,
+    online_has_pos,
+    need_target,
+    need_grad,
+):
     rows, dim = query.shape
     row = query.new_empty(rows, dtype=torch.float32)
     grad = query.new_empty((rows, dim) if need_grad else (0, dim), dtype=torch.float32)
@@ -113,10 +190,20 @@ def _queue_mode_positive_logits(query: Tensor, key: Tensor, temperature: Tensor)
 
 
 @torch.library.custom_op("sce_loss::fused_bank_gradient", mutates_args=())
-def fused_bank_gradient(query: Tensor, key: Tensor, bank: Tensor, upstream: Tensor,
-                        lse_a: Tensor, lse_b: Tensor, offset: int, coeff: Tensor,
-                        temperature: Tensor, target_temperature: Tensor, online_has_pos: bool,
-                        need_target: bool) -> Tensor:
+def fused_bank_gradient(
+    query: Tensor,
+    key: Tensor,
+    bank: Tensor,
+    upstream: Tensor,
+    lse_a: Tensor,
+    lse_b: Tensor,
+    offset: int,
+    coeff: Tensor,
+    temperature: Tensor,
+    target_temperature: Tensor,
+    online_has_pos: bool,
+    need_target: bool,
+) -> Tensor:
     """dL/dbank_k = Σ_r g_r (P_rk − w_rk) query_r / τ: one pass over the rows per column block,
     the rows split across programs when the bank alone cannot fill the device."""
     rows, dim = query.shape
@@ -125,33 +212,77 @@ def fused_bank_gradient(query: Tensor, key: Tensor, bank: Tensor, upstream: Tens
     row_splits = launch.grid[1]
     grad = torch.empty((row_splits, *bank.shape), device=bank.device, dtype=torch.float32)
     kernels.key_gradient_kernel[launch.grid](
-        query, key, bank, upstream.float().contiguous(), lse_a, lse_b, grad, coeff, temperature,
-        target_temperature, rows, key.shape[0], bank.shape[0], dim, offset, launch.span,
-        ONLINE_HAS_POS=online_has_pos, NEED_TARGET=need_target,
-        BLOCK_R=t.block_r, BLOCK_C=t.block_c, BLOCK_D=t.block_d,
-        **_options(query), **_launch_options(t))
+        query,
+        key,
+        bank,
+        upstream.float().contiguous(),
+        lse_a,
+        lse_b,
+        grad,
+        coeff,
+        temperature,
+        target_temperature,
+        rows,
+        key.shape[0],
+        bank.shape[0],
+        dim,
+        offset,
+        launch.span,
+        ONLINE_HAS_POS=online_has_pos,
+        NEED_TARGET=need_target,
+        BLOCK_R=t.block_r,
+        BLOCK_C=t.block_c,
+        BLOCK_D=t.block_d,
+        **_options(query),
+        **_launch_options(t),
+    )
     return grad.sum(0).to(bank.dtype)
 
 
 @fused_bank_gradient.register_fake
-def _(query, key, bank, upstream, lse_a, lse_b, offset, coeff, temperature, target_temperature,
-      online_has_pos, need_target):
+def _(
+    query,
+    key,
+    bank,
+    upstream,
+    lse_a,
+    lse_b,
+    offset,
+    coeff,
+    temperature,
+    target_temperature,
+    online_has_pos,
+    need_target,
+):
     return torch.empty_like(bank)
 
 
 def _setup_context(ctx, inputs, output):
-    (query, key, bank, _queue, offset, coeff, temperature, target_temperature, online_has_pos,
-     need_target, _) = inputs
+    (
+        query,
+        key,
+        bank,
+        _queue,
+        offset,
+        coeff,
+        temperature,
+        target_temperature,
+        online_has_pos,
+        need_target,
+        _,
+    ) = inputs
     _, grad, dtau, lse_a, lse_b = output
     # The queue is not saved: it may be updated in place before the backward.
-    ctx.save_for_backward(query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature,
-                          target_temperature)
+    ctx.save_for_backward(
+        query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature, target_temperature
+    )
     ctx.options = (offset, online_has_pos, need_target)
 
 
 def _backward(ctx, upstream, *_):
-    (query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature,
-     target_temperature) = ctx.saved_tensors
+    (query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature, target_temperature) = (
+        ctx.saved_tensors
+    )
     offset, online_has_pos, need_target = ctx.options
     grad_query = grad_key = grad_bank = grad_temperature = None
     if ctx.needs_input_grad[0]:
@@ -166,13 +297,35 @@ def _backward(ctx, upstream, *_):
         else:
             grad_key = torch.zeros_like(key)
     if bank is not None and ctx.needs_input_grad[2]:
-        grad_bank = fused_bank_gradient(query, key, bank, upstream, lse_a, lse_b, offset, coeff,
-                                        temperature, target_temperature, online_has_pos,
-                                        need_target)
+        grad_bank = fused_bank_gradient(
+            query,
+            key,
+            bank,
+            upstream,
+            lse_a,
+            lse_b,
+            offset,
+            coeff,
+            temperature,
+            target_temperature,
+            online_has_pos,
+            need_target,
+        )
     if ctx.needs_input_grad[6]:
         grad_temperature = (upstream * dtau).sum()
-    return (grad_query, grad_key, grad_bank, None, None, None, grad_temperature, None, None, None,
-            None)
+    return (
+        grad_query,
+        grad_key,
+        grad_bank,
+        None,
+        None,
+        None,
+        grad_temperature,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -30,8 +30,12 @@ from dataclasses import dataclass
 import torch
 
 KINDS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16")
-DTYPES = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "bf16": torch.bfloat16,
-          "fp16": torch.float16}
+DTYPES = {
+    "fp32-ieee": torch.float32,
+    "fp32-tf32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 PRECISIONS = {"fp32-ieee": "tf32x3", "fp32-tf32": "tf32", "bf16": None, "fp16": None}
 WORKSPACE_BYTES = 64 << 20
 PROGRAMS_PER_SM = 2
@@ -64,8 +68,12 @@ def device_of(device: torch.device) -> Device:
     if device.type != "cuda":
         return INTERPRETER
     properties = torch.cuda.get_device_properties(device)
-    return Device(properties.name, (properties.major, properties.minor),
-                  properties.multi_processor_count, properties.shared_memory_per_block_optin)
+    return Device(
+        properties.name,
+        (properties.major, properties.minor),
+        properties.multi_processor_count,
+        properties.shared_memory_per_block_optin,
+    )
 
 
 @dataclass(frozen=True)
@@ -189,8 +197,9 @@ def tiles(device: Device, kind: str, dim: int, rows: int) -> dict[str, Tiles]:
     if kind not in PARTIAL_TILES:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     if not 1 <= dim <= MAX_DIM[kind]:
-        raise ValueError(f"dim must be between 1 and {MAX_DIM[kind]} for kind {kind!r}, got "
-                         f"dim={dim}")
+        raise ValueError(
+            f"dim must be between 1 and {MAX_DIM[kind]} for kind {kind!r}, got dim={dim}"
+        )
     block_d = max(16, _next_power_of_2(dim))
     if device is INTERPRETER:
         small = Tiles(16, 16, block_d)
@@ -199,14 +208,26 @@ def tiles(device: Device, kind: str, dim: int, rows: int) -> dict[str, Tiles]:
     if rows <= 16:
         block_r = 16
     stages = 3 if device.shared_memory > DEEP_PIPELINE_SHARED else 2
-    return dict(partial=Tiles(block_r, block_c, block_d, num_warps, stages),
-                finalize=Tiles(16, 16, block_d, num_warps, 1),
-                key_gradient=Tiles(block_r, block_c, block_d, num_warps, stages))
+    return dict(
+        partial=Tiles(block_r, block_c, block_d, num_warps, stages),
+        finalize=Tiles(16, 16, block_d, num_warps, 1),
+        key_gradient=Tiles(block_r, block_c, block_d, num_warps, stages),
+    )
 
 
-def plan(device: Device, *, rows: int, dim: int, bank: int, queue: int, kind: str,
-         need_grad: bool, key_grad: bool, keys: int | None = None,
-         workspace: int | None = None) -> Plan:
+def plan(
+    device: Device,
+    *,
+    rows: int,
+    dim: int,
+    bank: int,
+    queue: int,
+    kind: str,
+    need_grad: bool,
+    key_grad: bool,
+    keys: int | None = None,
+    workspace: int | None = None,
+) -> Plan:
     """The launches for ``rows`` query rows of dimension ``dim`` against ``bank`` in-batch
     candidates then ``queue`` queue entries (either may be 0), inputs of ``kind``, with the query
     gradient (``need_grad``) and the key-bank gradient (``key_grad``) or not. ``keys`` is N, the
@@ -215,8 +236,7 @@ def plan(device: Device, *, rows: int, dim: int, bank: int, queue: int, kind: st
     keys = rows if keys is None else keys
     cap = WORKSPACE_BYTES if workspace is None else workspace
     if rows < 1 or keys < 1 or rows % keys:
-        raise ValueError(f"rows must be a positive multiple of keys, got rows={rows}, "
-                         f"keys={keys}")
+        raise ValueError(f"rows must be a positive multiple of keys, got rows={rows}, keys={keys}")
     if bank < 0 or queue < 0:
         raise ValueError(f"bank and queue must be ≥ 0, got bank={bank}, queue={queue}")
     chosen = tiles(device, kind, dim, rows)
@@ -225,18 +245,27 @@ def plan(device: Device, *, rows: int, dim: int, bank: int, queue: int, kind: st
     steps = [_cdiv(columns, partial_tiles.block_c) for columns in (bank, queue) if columns > 0]
 
     def splits(group_rows: int, required: bool) -> list[int] | None:
-        return _splits(device, steps, _cdiv(group_rows, partial_tiles.block_r),
-                       cap // (split_row_bytes * group_rows), required)
+        return _splits(
+            device,
+            steps,
+            _cdiv(group_rows, partial_tiles.block_r),
+            cap // (split_row_bytes * group_rows),
+            required,
+        )
 
     groups = []
     for start, stop, key_start, group_keys in _row_groups(
-            rows, keys, partial_tiles.block_r, lambda n: splits(n, required=False) is not None):
+        rows, keys, partial_tiles.block_r, lambda n: splits(n, required=False) is not None
+    ):
         group_rows = stop - start
         row_blocks = _cdiv(group_rows, partial_tiles.block_r)
-        partial = tuple(Launch("partial", partial_tiles, (row_blocks, count), _cdiv(n, count))
-                        for n, count in zip(steps, splits(group_rows, required=True)))
-        finalize = Launch("finalize", finalize_tiles,
-                          (_cdiv(group_rows, finalize_tiles.block_r),), 1)
+        partial = tuple(
+            Launch("partial", partial_tiles, (row_blocks, count), _cdiv(n, count))
+            for n, count in zip(steps, splits(group_rows, required=True))
+        )
+        finalize = Launch(
+            "finalize", finalize_tiles, (_cdiv(group_rows, finalize_tiles.block_r),), 1
+        )
         groups.append(RowGroup(start, stop, key_start, group_keys, partial, finalize))
     used = max(split_row_bytes * group.rows * group.total_splits for group in groups)
 
@@ -252,8 +281,9 @@ def plan(device: Device, *, rows: int, dim: int, bank: int, queue: int, kind: st
     return Plan(tuple(groups), key_gradient, used)
 
 
-def _splits(device: Device, steps: list[int], blocks: int, budget: int,
-            required: bool) -> list[int] | None:
+def _splits(
+    device: Device, steps: list[int], blocks: int, budget: int, required: bool
+) -> list[int] | None:
     """How many pieces to split each segment of ``steps`` tiles into, for launches of ``blocks``
     blocks along the other axis and at most ``budget`` pieces in all: two programs per SM for
     every segment if the budget allows, else at least one (the rest of the budget shared), else
@@ -299,17 +329,26 @@ def _row_groups(rows: int, keys: int, block_r: int, fits) -> list[tuple[int, int
     for count in range(1, crops + 1):
         per_group = _cdiv(crops, count)
         if _cdiv(crops, per_group) == count and fits(per_group * keys):
-            return [(first * keys, min(crops, first + per_group) * keys, 0, keys)
-                    for first in range(0, crops, per_group)]
+            return [
+                (first * keys, min(crops, first + per_group) * keys, 0, keys)
+                for first in range(0, crops, per_group)
+            ]
     parts = 2
     while True:
         length = _cdiv(_cdiv(keys, parts), block_r) * block_r
         if length <= block_r or fits(length):
             break
         parts += 1
-    return [(crop * keys + first, crop * keys + min(keys, first + length), first,
-             min(keys, first + length) - first)
-            for crop in range(crops) for first in range(0, keys, length)]
+    return [
+        (
+            crop * keys + first,
+            crop * keys + min(keys, first + length),
+            first,
+            min(keys, first + length) - first,
+        )
+        for crop in range(crops)
+        for first in range(0, keys, length)
+    ]
 
 
 def _cdiv(a: int, b: int) -> int:
