@@ -26,11 +26,14 @@ BACKENDS = ("auto", "reference", "chunked", "fused")
 # digits (and a learnable τ's gradient, which grows as 1/τ², overflows soon after).
 MIN_TEMPERATURE = 1e-4
 _MIN_TEMPERATURE_FLOAT32 = float(torch.tensor(MIN_TEMPERATURE, dtype=torch.float32))
-# ``auto`` off the fused path streams (chunked) against a queue from this many (row, candidate)
-# pairs on: measured on a 2-core CPU (benchmarks/results/chunked-crossover-cpu.md), chunked is
-# faster from about 2^16 pairs at D ≤ 128 and from 2^20 at every D; in-batch, whose key gradient
-# costs chunked a second pass, the reference stays faster up to N = 1024.
-CHUNKED_FROM_PAIRS = 1 << 20
+# ``auto`` off the fused path streams (chunked) against a queue of at least CHUNKED_FROM_QUEUE keys
+# from max(2^18, 16·D²) (row, candidate) pairs on: measured on a 2-core CPU
+# (benchmarks/results/chunked-crossover-cpu.md), chunked is then as fast or faster (0.2–1.03× the
+# reference's time at D ≤ 128 from 2^18; at D = 512 only from about 2^22, as it makes four
+# half-size products where the reference makes three). In-batch, its second pass for the keys'
+# gradient keeps it 1.2–2.6× slower at every measured size, so there the reference serves.
+CHUNKED_FROM_QUEUE = 1024
+CHUNKED_FROM_PAIRS = 1 << 18
 
 
 def info_nce_loss(
@@ -240,10 +243,11 @@ def _backend(name: str, problem: Problem):
                 "using the chunked backend"
             )
         return chunked
-    if problem.queue is None:
+    if problem.queue is None or problem.queue.shape[0] < CHUNKED_FROM_QUEUE:
         return reference
-    pairs = problem.query.shape[0] * problem.query.shape[1] * _candidates(problem)
-    return chunked if pairs >= CHUNKED_FROM_PAIRS else reference
+    views, rows, dim = problem.query.shape
+    pairs = views * rows * _candidates(problem)
+    return chunked if pairs >= max(CHUNKED_FROM_PAIRS, 16 * dim * dim) else reference
 
 
 def _candidates(problem: Problem) -> int:
@@ -301,8 +305,17 @@ def _check_tensors(query, key, queue) -> None:
     if torch.compiler.is_compiling():
         return
     for name, value in (("query", query), ("key", key), ("queue", queue)):
-        if value is not None and value.device.type == "cpu" and not torch.isfinite(value).all():
+        if value is not None and value.device.type == "cpu" and not all_finite(value):
             raise ValueError(f"{name} must be finite, got NaN or inf")
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every value of ``x`` is finite, without a mask the size of ``x`` (a NaN or an inf
+    shows in its minimum or maximum)."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x.detach())
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def _check_has_negatives(bank: Tensor | None, queue: Tensor | None) -> None:

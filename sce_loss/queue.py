@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
+from .functional import all_finite
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -70,7 +71,7 @@ class MemoryQueue(nn.Module):
             )
         # As for the losses' inputs: checked on the CPU in eager mode, the caller's contract else.
         if keys.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not torch.isfinite(keys).all():
+            if not all_finite(keys):
                 raise ValueError("keys must be finite, got NaN or inf")
         group = distributed.resolve_group(self.gather)
         if group is not None:

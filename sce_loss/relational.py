@@ -30,6 +30,7 @@ from .functional import (
     _check_temperature,
     _reduce,
     _scalar_value,
+    all_finite,
     info_nce_loss,
     ressl_loss,
 )
@@ -380,7 +381,7 @@ def _check_finite(**tensors) -> None:
     if torch.compiler.is_compiling():
         return
     for name, value in tensors.items():
-        if value is not None and value.device.type == "cpu" and not torch.isfinite(value).all():
+        if value is not None and value.device.type == "cpu" and not all_finite(value):
             raise ValueError(f"{name} must be finite, got NaN or inf")
 
 

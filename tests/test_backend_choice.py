@@ -1,5 +1,6 @@
-"""Which backend ``backend="auto"`` picks off the GPU: the chunked stream against a large queue
-(at least functional.CHUNKED_FROM_PAIRS row-candidate pairs), the reference otherwise."""
+"""Which backend ``backend="auto"`` picks off the GPU: the chunked stream against a queue of at
+least CHUNKED_FROM_QUEUE keys from max(CHUNKED_FROM_PAIRS, 16·D²) row-candidate pairs on, the
+reference otherwise."""
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ from sce_loss import chunked, functional, reference
 from sce_loss.problem import Problem
 
 
-def problem(n, m, crops=1, include_keys=False):
-    query, key = torch.zeros(crops, n, 4), torch.zeros(n, 4)
-    queue = None if m is None else torch.zeros(m, 4)
+def problem(n, m, crops=1, include_keys=False, dim=4):
+    query, key = torch.zeros(crops, n, dim), torch.zeros(n, dim)
+    queue = None if m is None else torch.zeros(m, dim)
     bank = key if queue is None or include_keys else None
     return Problem("sce", query, key, bank, queue, 0, 0.1, 0.05, 0.5)
 
@@ -18,10 +19,13 @@ def problem(n, m, crops=1, include_keys=False):
 @pytest.mark.parametrize(
     "case, want",
     [
-        (problem(256, 4094), reference),  # 256 rows × 4095 candidates < 2^20 pairs
-        (problem(256, 4095), chunked),  # 256 × 4096 = 2^20
-        (problem(128, 4095, crops=2), chunked),  # crops count as rows
-        (problem(256, 4096 - 256, include_keys=True), chunked),  # bank + queue: 4096 candidates
+        (problem(64, 4094), reference),  # 64 rows × 4095 candidates < 2^18 pairs
+        (problem(64, 4095), chunked),  # 64 × 4096 = 2^18
+        (problem(32, 4095, crops=2), chunked),  # crops count as rows
+        (problem(64, 4096 - 64, include_keys=True), chunked),  # bank + queue: 4096 candidates
+        (problem(1024, 1023), reference),  # a queue shorter than 1024 keys
+        (problem(256, 4095, dim=512), reference),  # 2^20 pairs < 16·512² = 2^22
+        (problem(1024, 4095, dim=512), chunked),  # 2^22 pairs
         (problem(4096, None), reference),  # in-batch: the reference at every measured size
     ],
 )
