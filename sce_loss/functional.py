@@ -267,14 +267,8 @@ def _explain_once(message: str) -> None:
 
 def _check_tensors(query, key, queue) -> None:
     for name, value in (("query", query), ("key", key), ("queue", queue)):
-        if name == "queue" and value is None:
-            continue
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} must be float64, float32, bfloat16 or float16, got {value.dtype}"
-            )
+        if value is not None or name != "queue":
+            check_float_tensor(name, value)
     if query.dim() not in (2, 3):
         raise ValueError(f"query must be (N, D) or (V, N, D), got shape {tuple(query.shape)}")
     if key.dim() != 2:
@@ -300,11 +294,24 @@ def _check_tensors(query, key, queue) -> None:
             )
         if queue.device != query.device:
             raise ValueError(f"queue must be on query's device {query.device}, got {queue.device}")
-    # Checking CUDA tensors would synchronise the device, and a compiled graph cannot branch on
-    # data: there finiteness is the caller's contract.
+    check_finite(query=query, key=key, queue=queue)
+
+
+def check_float_tensor(name: str, value) -> None:
+    """A TypeError unless ``value`` is a float64, float32, bfloat16 or float16 tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {value.dtype}")
+
+
+def check_finite(**tensors) -> None:
+    """A ValueError for a NaN or inf in a CPU tensor, in eager mode: checking CUDA tensors would
+    synchronise the device, and a compiled graph cannot branch on data, so there finiteness is
+    the caller's contract. None values are skipped."""
     if torch.compiler.is_compiling():
         return
-    for name, value in (("query", query), ("key", key), ("queue", queue)):
+    for name, value in tensors.items():
         if value is not None and value.device.type == "cpu" and not all_finite(value):
             raise ValueError(f"{name} must be finite, got NaN or inf")
 

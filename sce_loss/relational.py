@@ -22,7 +22,6 @@ from torch import Tensor
 
 from . import distributed
 from .functional import (
-    _FLOAT_DTYPES,
     _autocast_disabled,
     _check_backend,
     _check_bool,
@@ -30,7 +29,8 @@ from .functional import (
     _check_temperature,
     _reduce,
     _scalar_value,
-    all_finite,
+    check_finite,
+    check_float_tensor,
     info_nce_loss,
     ressl_loss,
 )
@@ -108,7 +108,7 @@ def cacr_loss(
         _check_embedding(
             "queue", queue, query, "(M, D)", lambda shape: shape[1:] == (d,), same_dtype=False
         )
-    _check_finite(query=query, key=key, queue=queue)
+    check_finite(query=query, key=key, queue=queue)
     group = distributed.resolve_group(gather) if intra_batch else None
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     with _autocast_disabled(query.device.type):
@@ -250,7 +250,7 @@ def reco_loss(
         lambda shape: shape in ((n, d), query.shape),
     )
     _check_embedding("mixed_key", mixed_key, query, "(N, D)", rows)
-    _check_finite(
+    check_finite(
         query=query,
         key=key,
         queue=queue,
@@ -291,7 +291,7 @@ def interpolated_key(query: Tensor, key: Tensor, index: Tensor, ratio: Scalar) -
         "(B, D)",
         lambda shape: len(shape) == 2 and shape[0] > 0 and shape[1] == d,
     )
-    _check_finite(query=query, key=key)
+    check_finite(query=query, key=key)
     if not isinstance(index, Tensor) or index.dtype not in (torch.int64, torch.int32):
         kind = f"a {index.dtype} tensor" if isinstance(index, Tensor) else type(index).__name__
         raise TypeError(f"index must be an int64 or int32 tensor, got {kind}")
@@ -346,7 +346,7 @@ def _check_cacr_backend(name: str, value) -> None:
 def _check_query(query, ranks=(2, 3)) -> tuple[int, int]:
     """``query`` is a non-empty float tensor of one of the ``ranks`` (2: (N, D); 3: (V, N, D));
     returns (N, D)."""
-    _check_type("query", query)
+    check_float_tensor("query", query)
     shapes = {2: "(N, D)", 3: "(V, N, D)"}
     if query.dim() not in ranks:
         raise ValueError(
@@ -362,7 +362,7 @@ def _check_embedding(
 ) -> None:
     """``value`` is a float tensor on the query's device whose shape ``fits`` (a predicate), with
     the query's dtype if ``same_dtype``."""
-    _check_type(name, value)
+    check_float_tensor(name, value)
     if not fits(value.shape):
         n, d = query.shape[-2:]
         raise ValueError(
@@ -372,24 +372,6 @@ def _check_embedding(
         raise TypeError(f"{name} must have query's dtype {query.dtype}, got {value.dtype}")
     if value.device != query.device:
         raise ValueError(f"{name} must be on query's device {query.device}, got {value.device}")
-
-
-def _check_finite(**tensors) -> None:
-    """CPU tensors only, and not while compiling: checking CUDA tensors would synchronise the
-    device, and a compiled graph cannot branch on data; there finiteness is the caller's
-    contract."""
-    if torch.compiler.is_compiling():
-        return
-    for name, value in tensors.items():
-        if value is not None and value.device.type == "cpu" and not all_finite(value):
-            raise ValueError(f"{name} must be finite, got NaN or inf")
-
-
-def _check_type(name: str, value) -> None:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {value.dtype}")
 
 
 def _check_non_negative(name: str, value) -> None:
