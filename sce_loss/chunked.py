@@ -25,7 +25,16 @@ dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ, with P and w recomputed from the sa
 No tensor of rows × candidates larger than one chunk ever exists. The exponentials are taken in
 base 2 (e^z = 2^{z·log2 e}: exp2 is the cheaper one on CPUs, as in FlashAttention). The two chunk
 loops are PyTorch custom ops: torch.compile traces everything around them and runs them as they
-are. Gradients are first-order only: differentiating the backward raises an error.
+are. Columns that are no candidate of a row (the positive in the target rows, and in the online
+rows for ReSSL; a row's own embedding in the symmetric form) are masked chunk by chunk.
+
+Beyond first-order eager autograd the streaming backward cannot serve, so this backend computes
+through the reference's differentiable graph, with the reference's memory: when the backward is
+itself differentiated (``create_graph=True``, e.g. a gradient penalty), the backward recomputes
+the losses with :mod:`sce_loss.reference` from the saved inputs; under a torch.func transform
+(grad, vjp, jacrev, vmap) :func:`losses` is the reference's. Either way the numbers are the
+reference's. A queue updated in place between the forward and such a backward cannot be
+recomputed: that raises an error.
 """
 
 from __future__ import annotations
@@ -35,11 +44,14 @@ import math
 import torch
 from torch import Tensor
 
-from .problem import Problem
+from . import reference
+from .problem import Problem, transformed
 
-# Candidate columns per chunk: the logits of a chunk are (R + N) × CHUNK_SIZE values, 4 MiB at
-# N = 256 in float32 (fastest of 512 to 16384 on a 2-core CPU: they stay in cache).
-CHUNK_SIZE = 2048
+# Logits per chunk: (rows + target rows) × columns values, 4 MiB in float32, which stay in cache
+# (at N = 256 that is 2048 columns, the fastest of 512 to 16384 measured on a 2-core CPU); never
+# fewer than MIN_CHUNK columns, so a product stays a GEMM that BLAS runs well.
+CHUNK_ELEMENTS = 1 << 20
+MIN_CHUNK = 64
 LOG2_E, LN_2 = 1 / math.log(2), math.log(2)
 
 
@@ -48,8 +60,15 @@ def unsupported_reason(problem: Problem) -> str | None:
     return None
 
 
+def chunk_columns(lhs_rows: int) -> int:
+    """Candidate columns per chunk for ``lhs_rows`` rows of logits (online and target)."""
+    return max(MIN_CHUNK, CHUNK_ELEMENTS // max(lhs_rows, 1))
+
+
 def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
     """Per-row losses (V, N) of ``problem``: float64 for float64 inputs, float32 otherwise."""
+    if transformed():  # torch.func cannot transform the streaming autograd: the reference's graph
+        return reference.losses(problem)
     dtype = problem.compute_dtype
     views, n, dim = problem.query.shape
     # With a bank, the keys are its rows offset..offset+N (and get their gradient through it).
@@ -62,11 +81,11 @@ def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
         problem.temperature,
         _constant(problem.target_temperature),
         _constant(problem.coeff),
+        problem.loss,
         problem.offset,
         views,
-        problem.online_has_positive,
-        problem.needs_target,
-        chunk_size or CHUNK_SIZE,
+        problem.symmetric,
+        chunk_size,
     )
     return flat.view(views, n)
 
@@ -86,24 +105,25 @@ class _StreamingLoss(torch.autograd.Function):
     def forward(
         ctx,
         x,
-        key,
+        own_key,
         bank,
         queue,
         temperature,
         target_temperature,
         coeff,
+        loss_name,
         offset,
         views,
-        online_has_pos,
-        need_target,
+        symmetric,
         chunk_size,
     ):
         r = len(x)
         n = r // views
-        if key is None:
-            key = bank[offset : offset + n]
+        online_has_pos, need_target = loss_name != "ressl", loss_name != "info_nce"
+        key = bank[offset : offset + n] if own_key is None else own_key
         rows = x / temperature  # a = rows·c; the target rows below give b = (k/τ_m)·c
         lhs = torch.cat([rows, key / target_temperature]) if need_target else rows
+        chunk_size = chunk_size or chunk_columns(len(lhs))
         c_pos = key.repeat(views, 1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[4]
 
@@ -118,9 +138,10 @@ class _StreamingLoss(torch.autograd.Function):
             m[:r], l[:r] = a_pos2, 1.0
             if need_grad:
                 o[:r] = c_pos
-        m, l, o = _stream(
-            exponents, m, l, o, bank, queue, r, views, offset, online_has_pos, chunk_size
+        masked = _masked_columns(
+            n, views, offset, online_has_pos, need_target, symmetric, device=x.device
         )
+        m, l, o = _stream(exponents, m, l, o, bank, queue, masked, chunk_size)
 
         # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as (LSE_a − a_pos) + (1−λ)·(a_pos −
         # U_b/l_b) so that large logits cancel before they are rounded.
@@ -138,25 +159,30 @@ class _StreamingLoss(torch.autograd.Function):
             # dL/dk_r = (p_pos − λ)·x_r/τ, with p_pos = 2^{a_pos·log2 e − m_a}/l_a: exactly 1/l_a
             # when the positive is the row's maximum, so p_pos − 1 keeps its digits.
             key_weight = torch.exp2(a_pos2 - m[:r]) / l[:r] - coeff
-        ctx.save_for_backward(lhs, m, l, grad, dtau, key_weight, bank)
-        ctx.options = (views, offset, coeff, online_has_pos, need_target, chunk_size)
+        tau = temperature if isinstance(temperature, Tensor) else None
+        ctx.save_for_backward(x, own_key, bank, tau, lhs, m, l, grad, dtau, key_weight, masked)
+        ctx.options = (target_temperature, coeff, loss_name, offset, views, symmetric, chunk_size)
+        # Kept for a recomputation (create_graph=True), which refuses a queue updated since.
+        ctx.queue, ctx.queue_version = queue, _version(queue)
+        ctx.temperature = None if isinstance(temperature, Tensor) else temperature
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, upstream):
-        lhs, m, l, grad, dtau, key_weight, bank = ctx.saved_tensors
-        views, offset, coeff, online_has_pos, need_target, chunk_size = ctx.options
-        rows = lhs[: len(upstream)]
+        if torch.is_grad_enabled():  # create_graph=True: the backward itself is differentiated
+            return _differentiable_backward(ctx, upstream)
+        _, _, bank, _, lhs, m, l, grad, dtau, key_weight, masked = ctx.saved_tensors
+        _, coeff, loss_name, offset, views, _, chunk_size = ctx.options
         grad_x = grad_key = grad_bank = grad_tau = None
         if ctx.needs_input_grad[0]:
             grad_x = upstream[:, None] * grad
         if ctx.needs_input_grad[1]:
             # Queue mode: the key is an online candidate only as its own row's positive, and
             # not at all for ReSSL (whose key then gets zeros).
+            rows = lhs[: len(upstream)]
             per_row = (
                 rows * (upstream * key_weight)[:, None]
-                if online_has_pos
+                if key_weight is not None
                 else torch.zeros_like(rows)
             )
             grad_key = per_row.view(views, -1, rows.shape[1]).sum(0)
@@ -167,16 +193,81 @@ class _StreamingLoss(torch.autograd.Function):
                 l,
                 upstream,
                 bank,
-                views,
-                offset,
-                coeff,
-                online_has_pos,
-                need_target,
-                chunk_size,
+                masked=masked,
+                views=views,
+                offset=offset,
+                coeff=coeff,
+                need_target=loss_name != "info_nce",
+                chunk_size=chunk_size,
             )
         if ctx.needs_input_grad[4]:
             grad_tau = (upstream * dtau).sum()
         return (grad_x, grad_key, grad_bank, None, grad_tau) + (None,) * 7
+
+
+def _version(queue: Tensor | None) -> int | None:
+    """The queue's version counter (it counts in-place updates), where it can be read."""
+    if queue is None or torch.compiler.is_compiling():
+        return None
+    return queue._version
+
+
+def _differentiable_backward(ctx, upstream):
+    """The gradients as a differentiable graph: the reference's losses recomputed from the saved
+    inputs, differentiated with ``create_graph=True``."""
+    x, key, bank, tau, *_ = ctx.saved_tensors
+    target_temperature, coeff, loss_name, offset, views, symmetric, _ = ctx.options
+    queue = ctx.queue
+    if queue is not None and ctx.queue_version not in (None, queue._version):
+        raise RuntimeError(
+            "backend='chunked' cannot differentiate its backward (create_graph=True) after the "
+            "queue was updated in place: push to the queue after the backward, or use "
+            "backend='reference'"
+        )
+    n = len(x) // views
+    problem = Problem(
+        loss_name,
+        x.view(views, n, -1),
+        bank[offset : offset + n] if bank is not None else key,
+        bank,
+        queue,
+        offset,
+        ctx.temperature if tau is None else tau,
+        None if loss_name == "info_nce" else target_temperature,
+        coeff,
+        symmetric,
+    )
+    inputs = (x, key, bank, None, tau)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
+    with torch.enable_grad():
+        per_row = reference.losses(problem).reshape(-1)
+        grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
+    result = [
+        next(grads) if need and t is not None else None
+        for t, need in zip(inputs, ctx.needs_input_grad)
+    ]
+    return tuple(result) + (None,) * 7
+
+
+def _masked_columns(
+    n: int,
+    views: int,
+    offset: int,
+    online_has_pos: bool,
+    need_target: bool,
+    symmetric: bool,
+    device,
+) -> Tensor:
+    """Bank columns that are no candidate of each row of [online rows (V·N); target rows (N)],
+    shape (rows, 2), −1 for none: the positive offset + i in the target rows (and in the online
+    rows for ReSSL), and in the symmetric form each row's own embedding."""
+    positive = offset + torch.arange(n, device=device)
+    none = torch.full_like(positive, -1)
+    own = offset + (positive - offset + n // 2) % n if symmetric else none
+    online = torch.stack([none if online_has_pos else positive, own], 1).repeat(views, 1)
+    if not need_target:
+        return online
+    return torch.cat([online, torch.stack([positive, own], 1)])
 
 
 # The two chunk loops are PyTorch custom ops, which torch.compile runs as they are. Traced, a loop
@@ -192,21 +283,18 @@ def _stream(
     o: Tensor,
     bank: Tensor | None,
     queue: Tensor | None,
-    rows: int,
-    views: int,
-    offset: int,
-    online_has_pos: bool,
+    masked: Tensor,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The running states (m, l, O) of the rows of ``exponents`` (base-2 logits z =
-    exponents·c) after every candidate, [bank; queue], a chunk at a time: the loop of
-    ``partial_stats_kernel``."""
-    for candidates, has_pos in ((bank, True), (queue, False)):
+    exponents·c) after every candidate, [bank; queue], a chunk at a time, without each row's
+    ``masked`` bank columns: the loop of ``partial_stats_kernel``."""
+    for candidates, has_masks in ((bank, True), (queue, False)):
         for start in range(0, 0 if candidates is None else len(candidates), chunk_size):
             c = candidates[start : start + chunk_size].to(exponents.dtype)
             logits = exponents @ c.T
-            if has_pos:
-                _mask_positives(logits, rows, views, offset - start, online_has_pos)
+            if has_masks:
+                _mask_columns(logits, masked - start)
             m, l, o = _online_update(m, l, o, logits, c)
     return m, l, o
 
@@ -230,19 +318,18 @@ def _online_update(m: Tensor, l: Tensor, o: Tensor, logits: Tensor, c: Tensor):
     return new_m, l, o
 
 
-def _mask_positives(
-    logits: Tensor, rows: int, views: int, diagonal: int, online_has_pos: bool
-) -> None:
-    """Set the positive's logit to −inf where it is no candidate: in the target rows (those after
-    the first ``rows``, if any), and in the online rows too for ReSSL. Row i's positive (in every
-    crop) is column i + ``diagonal``."""
-    logits[rows:].diagonal(diagonal).fill_(float("-inf"))
-    if not online_has_pos:
-        logits[:rows].view(views, rows // views, -1).diagonal(diagonal, 1, 2).fill_(float("-inf"))
+def _mask_columns(logits: Tensor, columns: Tensor) -> None:
+    """Set logits[r, columns[r, j]] to −inf for every j where that column lies in this chunk
+    (0 ≤ column < width; −1 and other columns are left alone), in place."""
+    width = logits.shape[1]
+    for column in columns.unbind(1):
+        index = column.clamp(0, width - 1)[:, None]
+        inside = ((column >= 0) & (column < width))[:, None]
+        logits.scatter_(1, index, torch.where(inside, float("-inf"), logits.gather(1, index)))
 
 
 def _bank_gradient(
-    lhs, m, l, upstream, bank, views, offset, coeff, online_has_pos, need_target, chunk_size
+    lhs, m, l, upstream, bank, *, masked, views, offset, coeff, need_target, chunk_size
 ) -> Tensor:
     """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for the bank's columns, with P_rk = e^{a_rk − LSE_a}
     and w_rk = λ·[k = pos] + (1−λ)·e^{b_rk − LSE_b} (k ≠ pos). The target rows are shared by the
@@ -252,39 +339,21 @@ def _bank_gradient(
     summed = weighted.view(views, -1, rows.shape[1]).sum(0)  # x̄_i / τ
     rhs = torch.cat([weighted, -(1 - coeff) * summed]) if need_target else weighted
     # P and w are 2^{z − m}/l with the forward's base-2 states: the 1/l goes into the rhs.
-    grad = _bank_products(
-        lhs * LOG2_E,
-        m,
-        rhs / l[:, None],
-        bank,
-        len(rows),
-        views,
-        offset,
-        online_has_pos,
-        chunk_size,
-    )
+    grad = _bank_products(lhs * LOG2_E, m, rhs / l[:, None], bank, masked, chunk_size)
     grad[offset : offset + len(summed)] -= coeff * summed
     return grad
 
 
 @torch.library.custom_op("sce_loss::chunked_bank_products", mutates_args=())
 def _bank_products(
-    exponents: Tensor,
-    m: Tensor,
-    rhs: Tensor,
-    bank: Tensor,
-    rows: int,
-    views: int,
-    offset: int,
-    online_has_pos: bool,
-    chunk_size: int,
+    exponents: Tensor, m: Tensor, rhs: Tensor, bank: Tensor, masked: Tensor, chunk_size: int
 ) -> Tensor:
     """Σ_r 2^{z_rk − m_r}·rhs_r for each bank column k, z = exponents·c_k as in the forward pass
-    (positives masked), a chunk of columns at a time: ``key_gradient_kernel``'s loop."""
+    (``masked`` columns left out), a chunk of columns at a time: ``key_gradient_kernel``'s loop."""
     chunks = []
     for start in range(0, len(bank), chunk_size):
         logits = exponents @ bank[start : start + chunk_size].T
-        _mask_positives(logits, rows, views, offset - start, online_has_pos)
+        _mask_columns(logits, masked - start)
         chunks.append(logits.sub_(m[:, None]).exp2_().T @ rhs)
     return torch.cat(chunks)
 

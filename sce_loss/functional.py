@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import chunked, distributed, fused, reference
-from .problem import Problem, Scalar
+from .problem import Problem, Scalar, tracing, transformed
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -34,6 +34,9 @@ _MIN_TEMPERATURE_FLOAT32 = float(torch.tensor(MIN_TEMPERATURE, dtype=torch.float
 # gradient keeps it 1.2–2.6× slower at every measured size, so there the reference serves.
 CHUNKED_FROM_QUEUE = 1024
 CHUNKED_FROM_PAIRS = 1 << 18
+# The symmetric (SimCLR) form streams from 2N = 4096 rows on (2N × 2N logits of 64 MiB each in
+# float32; benchmarks/results/simclr-cpu.md).
+CHUNKED_FROM_SYMMETRIC_PAIRS = 1 << 24
 
 
 def info_nce_loss(
@@ -43,6 +46,7 @@ def info_nce_loss(
     *,
     temperature: Scalar = 0.2,
     include_keys: bool = False,
+    symmetric: bool = False,
     normalize: bool = False,
     reduction: str = "mean",
     gather=False,
@@ -57,10 +61,16 @@ def info_nce_loss(
             in place before the backward); never gets a gradient.
         temperature: τ ≥ 1e-4, a float or a 0-d tensor (which may require grad).
         include_keys: with a queue, every in-batch key is a candidate too (positive at column i).
+        symmetric: the SimCLR form: ``query`` z1 and ``key`` z2 are (N, D), two views of N
+            samples through one online network, both with gradients; each of the 2N embeddings
+            is a row whose candidates are the other 2N − 1 and whose positive is its sample's
+            other view (NT-Xent for InfoNCE). No queue, no ``include_keys``, no crops.
         normalize: L2-normalise query, key and queue first.
-        reduction: "mean" (default), "sum" or "none" (per-row losses, shape (N,) or (V, N)).
+        reduction: "mean" (default), "sum" or "none" (per-row losses, shape (N,) or (V, N);
+            (2, N) in the symmetric form, row v holding view v's).
         gather: True or a process group: under torch.distributed, the keys of every rank are
-            candidates (in-batch mode and ``include_keys``), as if one process held every batch.
+            candidates (in-batch mode and ``include_keys``; both views in the symmetric form),
+            as if one process held every batch.
         backend: "auto" (the fused kernels on CUDA when Triton is installed and they pass their
             first-use check, else chunked or reference, whichever is faster for the size),
             "reference", "chunked" or "fused".
@@ -71,12 +81,13 @@ def info_nce_loss(
         query,
         key,
         queue,
-        include_keys,
-        normalize,
-        reduction,
-        gather,
-        backend,
-        temperature=temperature,
+        dict(temperature=temperature),
+        include_keys=include_keys,
+        symmetric=symmetric,
+        normalize=normalize,
+        reduction=reduction,
+        gather=gather,
+        backend=backend,
     )
 
 
@@ -88,6 +99,7 @@ def ressl_loss(
     temperature: Scalar = 0.1,
     target_temperature: Scalar = 0.04,
     include_keys: bool = False,
+    symmetric: bool = False,
     normalize: bool = False,
     reduction: str = "mean",
     gather=False,
@@ -102,14 +114,13 @@ def ressl_loss(
         query,
         key,
         queue,
-        include_keys,
-        normalize,
-        reduction,
-        gather,
-        backend,
-        temperature=temperature,
-        target_temperature=target_temperature,
-        coeff=0.0,
+        dict(temperature=temperature, target_temperature=target_temperature, coeff=0.0),
+        include_keys=include_keys,
+        symmetric=symmetric,
+        normalize=normalize,
+        reduction=reduction,
+        gather=gather,
+        backend=backend,
     )
 
 
@@ -122,6 +133,7 @@ def sce_loss(
     temperature: Scalar = 0.1,
     target_temperature: Scalar = 0.05,
     include_keys: bool = False,
+    symmetric: bool = False,
     normalize: bool = False,
     reduction: str = "mean",
     gather=False,
@@ -140,14 +152,13 @@ def sce_loss(
         query,
         key,
         queue,
-        include_keys,
-        normalize,
-        reduction,
-        gather,
-        backend,
-        temperature=temperature,
-        target_temperature=target_temperature,
-        coeff=coeff,
+        dict(temperature=temperature, target_temperature=target_temperature, coeff=coeff),
+        include_keys=include_keys,
+        symmetric=symmetric,
+        normalize=normalize,
+        reduction=reduction,
+        gather=gather,
+        backend=backend,
     )
 
 
@@ -156,22 +167,27 @@ def _loss(
     query,
     key,
     queue,
+    hyper_parameters: dict,
+    *,
     include_keys,
+    symmetric,
     normalize,
     reduction,
     gather,
     backend,
-    **hyper_parameters,
 ) -> Tensor:
     """Check the inputs, build the problem, compute its per-row losses on a backend, reduce."""
     check_options(
         include_keys=include_keys,
+        symmetric=symmetric,
         normalize=normalize,
         reduction=reduction,
         gather=gather,
         backend=backend,
     )
     _check_tensors(query, key, queue)
+    if symmetric:
+        _check_symmetric(query, queue, include_keys)
     hyper_parameters = {
         name: _hyper_parameter(name, value, query.device)
         for name, value in hyper_parameters.items()
@@ -182,10 +198,12 @@ def _loss(
         if normalize:
             query, key = _normalized(query), _normalized(key)
             queue = None if queue is None else _normalized(queue)
+        if symmetric:  # rows [z1; z2], each row's positive [z2; z1] (sce_loss.problem)
+            query, key = torch.cat([query, key]), torch.cat([key, query])
         bank, offset = None, 0
         if queue is None or include_keys:
             bank, offset = distributed.gather_keys(key, group)
-        _check_has_negatives(bank, queue)
+        _check_has_negatives(bank, queue, symmetric)
         problem = Problem(
             loss,
             query if query.dim() == 3 else query.unsqueeze(0),
@@ -194,9 +212,28 @@ def _loss(
             None if queue is None else queue.detach(),
             offset,
             **hyper_parameters,
+            symmetric=symmetric,
         )
         losses = _backend(backend, problem).losses(problem)
-    return _reduce(losses if query.dim() == 3 else losses.squeeze(0), reduction)
+    if symmetric:
+        losses = losses.view(2, -1)
+    elif query.dim() == 2:
+        losses = losses.squeeze(0)
+    return _reduce(losses, reduction)
+
+
+def _check_symmetric(query: Tensor, queue: Tensor | None, include_keys: bool) -> None:
+    """The symmetric form takes two (N, D) views and nothing else."""
+    if query.dim() != 2:
+        raise ValueError(
+            f"symmetric=True takes query and key as two (N, D) views, got query of shape "
+            f"{tuple(query.shape)}"
+        )
+    if queue is not None or include_keys:
+        raise ValueError(
+            "symmetric=True compares the 2N in-batch embeddings only: pass no queue and "
+            "include_keys=False"
+        )
 
 
 def _hyper_parameter(name: str, value, device: torch.device):
@@ -208,7 +245,7 @@ def _hyper_parameter(name: str, value, device: torch.device):
                 f"{name} must be on the inputs' device {device} or the CPU, got {value.device}"
             )
         return value
-    return value if torch.compiler.is_compiling() else float(value)
+    return value if tracing() else float(value)
 
 
 def _normalized(x: Tensor) -> Tensor:
@@ -217,14 +254,16 @@ def _normalized(x: Tensor) -> Tensor:
 
 
 def _autocast_disabled(device_type: str):
-    if torch.amp.is_autocast_available(device_type):
+    """A context that turns autocast off on ``device_type``. CPU and CUDA always have autocast:
+    asking (``torch.amp.is_autocast_available``) cannot be traced by torch.compile before 2.12."""
+    if device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
 
 def _backend(name: str, problem: Problem):
     """The backend module that computes ``problem``: the named one, or ``auto``'s choice."""
-    if name == "reference":
+    if name == "reference" or (name == "auto" and transformed()):
         return reference
     if name == "chunked":
         return chunked
@@ -243,6 +282,9 @@ def _backend(name: str, problem: Problem):
                 "using the chunked backend"
             )
         return chunked
+    if problem.symmetric:
+        views, rows, _ = problem.query.shape
+        return chunked if rows * rows >= CHUNKED_FROM_SYMMETRIC_PAIRS else reference
     if problem.queue is None or problem.queue.shape[0] < CHUNKED_FROM_QUEUE:
         return reference
     views, rows, dim = problem.query.shape
@@ -308,8 +350,8 @@ def check_float_tensor(name: str, value) -> None:
 def check_finite(**tensors) -> None:
     """A ValueError for a NaN or inf in a CPU tensor, in eager mode: checking CUDA tensors would
     synchronise the device, and a compiled graph cannot branch on data, so there finiteness is
-    the caller's contract. None values are skipped."""
-    if torch.compiler.is_compiling():
+    the caller's contract; under torch.func transforms too. None values are skipped."""
+    if tracing():
         return
     for name, value in tensors.items():
         if value is not None and value.device.type == "cpu" and not all_finite(value):
@@ -325,13 +367,18 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
-def _check_has_negatives(bank: Tensor | None, queue: Tensor | None) -> None:
+def _check_has_negatives(bank: Tensor | None, queue: Tensor | None, symmetric: bool) -> None:
     queued = 0 if queue is None else queue.shape[0]
-    if queued + (0 if bank is None else bank.shape[0] - 1) < 1:
+    banked = 0 if bank is None else bank.shape[0]
+    if symmetric and banked - 2 < 1:
         raise ValueError(
-            "each row needs at least one negative: got a batch of "
-            f"{0 if bank is None else bank.shape[0]} key(s) and a queue of "
-            f"{queued} entries"
+            "each row needs at least one negative: symmetric=True needs a batch of at least 2 "
+            f"samples (across every rank), got {banked // 2}"
+        )
+    if queued + max(banked - 1, 0) < 1:
+        raise ValueError(
+            f"each row needs at least one negative: got a batch of {banked} key(s) and a queue "
+            f"of {queued} entries"
         )
 
 
@@ -359,7 +406,7 @@ def _check_coeff(name: str, value) -> None:
 def _scalar_value(name: str, value) -> float | None:
     """The value of a real number or 0-d float tensor, None when it cannot be read for free (a
     device tensor, or while compiling); a TypeError for anything else."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return None
     if isinstance(value, Tensor):
         if value.dim() != 0 or not value.is_floating_point():
@@ -393,6 +440,7 @@ _CHECKS = {
     "temperature": _check_temperature,
     "target_temperature": _check_temperature,
     "include_keys": _check_bool,
+    "symmetric": _check_bool,
     "normalize": _check_bool,
     "reduction": _check_reduction,
     "gather": lambda name, value: distributed.resolve_group(value),

@@ -11,6 +11,11 @@ Row i's candidates and positive (README, "The mathematics"): ``bank`` (the in-ba
 rank's when gathered; positive at ``offset + i``) followed by ``queue``; with no ``bank``
 (plain queue mode) the candidates are [z²_i, queue] and the positive is the row's own key, column 0.
 
+The symmetric (SimCLR) form is in-batch mode over the 2N embeddings of two online views: ``query``
+is (1, 2N, D) = [z1; z2], ``key`` (2N, D) = [z2; z1] (each row's positive, the same sample's other
+view), ``bank`` every rank's ``key`` (positive of row r at ``offset + r``), and each row's own
+embedding, at column ``offset + (r + N) mod 2N``, is no candidate of any distribution.
+
 All three losses are one family: SCE with target weight λ = ``coeff`` on the positive, InfoNCE is
 λ = 1 (no target needed), ReSSL is λ = 0 with the positive left out of the online softmax.
 """
@@ -46,6 +51,7 @@ class Problem:
     temperature: Scalar
     target_temperature: Scalar | None = None  # None for InfoNCE
     coeff: Scalar = 1.0  # λ; 1 for InfoNCE, 0 for ReSSL
+    symmetric: bool = False  # the SimCLR form (module docstring)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -61,7 +67,27 @@ class Problem:
         """False for ReSSL, whose online softmax leaves the positive out."""
         return self.loss != "ressl"
 
+    def own_columns(self) -> Tensor | None:
+        """Symmetric form: each row's own embedding's column of the bank, (2N,); else None."""
+        if not self.symmetric:
+            return None
+        rows = self.key.shape[0]
+        index = torch.arange(rows, device=self.key.device)
+        return self.offset + (index + rows // 2) % rows
+
     @property
     def needs_target(self) -> bool:
         """Whether the target distribution s² (temperature τ_m) enters the loss."""
         return self.loss != "info_nce"
+
+
+def transformed() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running: there values
+    cannot be read on the host and the streaming backends' own autograd cannot be transformed."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def tracing() -> bool:
+    """Whether values cannot be read on the host: torch.compile traces or a torch.func transform
+    runs. Value checks are skipped there (the caller's contract)."""
+    return torch.compiler.is_compiling() or transformed()

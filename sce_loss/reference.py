@@ -5,7 +5,9 @@ Notation (README, "The mathematics"): ``query`` z¹ is (V, N, D) (V online crops
 
 - in-batch mode: the keys of ``key_bank`` (the local keys, or every rank's), positive at offset + i;
 - queue mode: [z²_i, Q_1..Q_M], positive at column 0;
-- queue mode with ``include_keys``: [key_bank, Q], positive at offset + i.
+- queue mode with ``include_keys``: [key_bank, Q], positive at offset + i;
+- symmetric (SimCLR) form: in-batch mode over ``key_bank``, less each row's ``excluded`` column
+  (its own embedding), which no distribution of the row includes.
 
 With a_ik = z¹_i·c_k / τ and b_ik = z²_i·c_k / τ_m:
   InfoNCE  loss_i = −log softmax_k(a_i)[pos]
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .problem import Problem, Scalar
+from .problem import Problem, Scalar, transformed
 
 
 @torch.library.custom_op("sce_loss::snapshot", mutates_args=())
@@ -50,11 +52,14 @@ def losses(problem: Problem) -> Tensor:
     if queue is not None:
         # A private copy when a backward will read it: the caller may update its queue in place
         # (MoCo enqueues inside forward) before the backward.
-        queue = snapshot(queue, dtype) if torch.is_grad_enabled() else queue.to(dtype)
+        # (torch.func transforms cannot batch the opaque op: there a plain copy serves.)
+        private = torch.is_grad_enabled() and not transformed()
+        queue = snapshot(queue, dtype) if private else queue.to(dtype, copy=True)
     options = dict(
         include_keys=bank is not None and queue is not None,
         key_bank=key if bank is None else bank,
         offset=problem.offset,
+        excluded=problem.own_columns(),
         temperature=problem.temperature,
     )
     if problem.loss == "info_nce":
@@ -80,18 +85,26 @@ def similarities(
     return torch.cat([positive, x @ queue.mT], -1), torch.zeros_like(rows)
 
 
-def _positive_mask(logits: Tensor, pos: Tensor) -> Tensor:
+def _column_mask(logits: Tensor, *columns: Tensor | None) -> Tensor:
+    """(N, K) mask, True at row i's column ``c[i]`` for each ``c`` of ``columns`` (None: none)."""
     mask = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
-    mask[torch.arange(len(pos), device=logits.device), pos] = True
+    for column in columns:
+        if column is not None:
+            mask[torch.arange(len(column), device=logits.device), column] = True
     return mask
 
 
+def _without(values: Tensor, excluded: Tensor | None, fill: float) -> Tensor:
+    """``values`` with each row's ``excluded`` column set to ``fill`` (unchanged for None)."""
+    return values if excluded is None else values.masked_fill(_column_mask(values, excluded), fill)
+
+
 @torch.no_grad()
-def _target_distribution(key, queue, include_keys, key_bank, offset, target_temperature):
-    """s²_i = softmax over the candidates without the positive of b_i (positive's weight is 0)."""
+def _target_distribution(key, queue, include_keys, key_bank, offset, excluded, target_temperature):
+    """s²_i = softmax of b_i over the candidates without the positive (whose weight is 0)."""
     sims, pos = similarities(key, key, queue, include_keys, key_bank, offset)
-    logits = (sims / target_temperature).masked_fill(_positive_mask(sims, pos), float("-inf"))
-    return torch.softmax(logits, -1)
+    mask = _column_mask(sims, pos, excluded)
+    return torch.softmax((sims / target_temperature).masked_fill(mask, float("-inf")), -1)
 
 
 def _gather_positive(values: Tensor, pos: Tensor) -> Tensor:
@@ -108,11 +121,12 @@ def info_nce(
     include_keys: bool = False,
     key_bank: Tensor | None = None,
     offset: int = 0,
+    excluded: Tensor | None = None,
 ) -> Tensor:
     """loss_i = −log p_i,pos with p_i = softmax_k(z¹_i·c_k / τ)."""
     bank = key if key_bank is None else key_bank
     sims, pos = similarities(query, key, queue, include_keys, bank, offset)
-    logits = sims / temperature
+    logits = _without(sims / temperature, excluded, float("-inf"))
     return -_gather_positive(torch.log_softmax(logits, -1), pos)
 
 
@@ -126,13 +140,16 @@ def ressl(
     include_keys: bool = False,
     key_bank: Tensor | None = None,
     offset: int = 0,
+    excluded: Tensor | None = None,
 ) -> Tensor:
     """loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, both softmaxes over the candidates but the positive."""
     bank = key if key_bank is None else key_bank
-    target = _target_distribution(key, queue, include_keys, bank, offset, target_temperature)
+    target = _target_distribution(
+        key, queue, include_keys, bank, offset, excluded, target_temperature
+    )
     sims, pos = similarities(query, key, queue, include_keys, bank, offset)
     logits = sims / temperature
-    mask = _positive_mask(logits, pos)
+    mask = _column_mask(logits, pos, excluded)
     log_s1 = torch.log_softmax(logits.masked_fill(mask, float("-inf")), -1).masked_fill(mask, 0.0)
     return -(target * log_s1).sum(-1)
 
@@ -148,12 +165,15 @@ def sce(
     include_keys: bool = False,
     key_bank: Tensor | None = None,
     offset: int = 0,
+    excluded: Tensor | None = None,
 ) -> Tensor:
     """loss_i = −λ log p_i,pos − (1−λ) Σ_k s²_ik log p_ik, i.e. −Σ_k w_ik log p_ik."""
     bank = key if key_bank is None else key_bank
-    target = _target_distribution(key, queue, include_keys, bank, offset, target_temperature)
+    target = _target_distribution(
+        key, queue, include_keys, bank, offset, excluded, target_temperature
+    )
     sims, pos = similarities(query, key, queue, include_keys, bank, offset)
-    logits = sims / temperature
-    log_p = torch.log_softmax(logits, -1)
+    logits = _without(sims / temperature, excluded, float("-inf"))
+    log_p = _without(torch.log_softmax(logits, -1), excluded, 0.0)  # its target weight is 0
     coeff = coeff.detach() if isinstance(coeff, Tensor) else coeff
     return -coeff * _gather_positive(log_p, pos) - (1 - coeff) * (target * log_p).sum(-1)

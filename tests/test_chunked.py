@@ -19,7 +19,7 @@ HYPER = {
 }
 FUNCTIONS = {"info_nce": info_nce_loss, "ressl": ressl_loss, "sce": sce_loss}
 # With N=5 (a bank of 5 or 15 keys) and M=7: chunks of one column, ragged splits, one chunk.
-CHUNKS = [1, 2, 3, chunked.CHUNK_SIZE]
+CHUNKS = [1, 2, 3, None]
 
 
 def public_hyper(loss, **changes):
@@ -65,7 +65,7 @@ def leaves_of(mode, crops=None, dtype=torch.float64, temperature=0.1, seed=0, **
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_chunked_matches_the_reference_in_float64(loss, mode, crops, ranks, chunk):
     query, key, queue, temperature = leaves_of(
-        mode, crops, temperature=HYPER[loss]["temperature"], seed=chunk + ranks
+        mode, crops, temperature=HYPER[loss]["temperature"], seed=(chunk or 4) + ranks
     )
     problem = build(loss, mode, query, key, queue, temperature, ranks)
     leaves = (query, key, temperature)
@@ -79,12 +79,13 @@ def test_chunked_matches_the_reference_in_float64(loss, mode, crops, ranks, chun
 @pytest.mark.parametrize("loss", HYPER)
 @pytest.mark.parametrize("chunk", [2, None])
 def test_public_functions_with_the_chunked_backend(loss, mode, chunk, monkeypatch):
-    """Through the public API, with chunks of 2 and, on a queue longer than CHUNK_SIZE, the
-    default; normalisation and reduction around the backend; the queue stored (D, M) and passed
+    """Through the public API, with chunks of 2 and, on a queue longer than two default chunks,
+    the default; normalisation and reduction around the backend; the queue stored (D, M) and passed
     transposed, as the official MoCo code holds it."""
     if chunk is not None:
-        monkeypatch.setattr(chunked, "CHUNK_SIZE", chunk)
-    m = 7 if chunk else 2 * chunked.CHUNK_SIZE + 5
+        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 0)
+        monkeypatch.setattr(chunked, "MIN_CHUNK", chunk)
+    m = 7 if chunk else 2 * chunked.chunk_columns(3 * 6) + 5
     query, key, queue, _ = make_inputs(mode, n=6, d=5, m=m, crops=2, seed=3)
     queue = None if queue is None else queue.T.contiguous().T
     hyper = public_hyper(loss)
@@ -291,15 +292,28 @@ def test_memory_is_one_chunk_not_the_queue(mode):
     assert largest_allocation(reference.losses) >= n * m * 4
 
 
-def test_second_derivatives_raise_instead_of_being_wrong():
-    """The backward scales gradients saved by the forward: it is not differentiable itself, and
-    differentiating it (here through a learnable weighting of the rows) says so."""
+def test_a_differentiated_backward_is_the_references():
+    """Differentiating the backward (create_graph=True, here through a learnable weighting of the
+    rows and a gradient penalty) recomputes through the reference's graph: the same numbers."""
+
+    def second_order(losses_of):
+        query, key, queue, temperature = leaves_of("queue")
+        weights = torch.ones(1, len(key), dtype=torch.float64, requires_grad=True)
+        per_row = losses_of(build("sce", "queue", query, key, queue, temperature))
+        (grad,) = torch.autograd.grad((weights * per_row).sum(), query, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), (weights, query, key, temperature))
+
+    for got, want in zip(second_order(chunked.losses), second_order(reference.losses)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_queue_updated_before_a_differentiated_backward_raises():
     query, key, queue, temperature = leaves_of("queue")
-    weights = torch.ones(1, len(key), dtype=torch.float64, requires_grad=True)
+    queue = queue.clone()
     per_row = chunked.losses(build("sce", "queue", query, key, queue, temperature))
-    (grad,) = torch.autograd.grad((weights * per_row).sum(), query, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad.square().sum().backward()
+    queue.mul_(-1)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(per_row.sum(), query, create_graph=True)
 
 
 def test_chunk_loops_pass_opcheck():
@@ -309,6 +323,9 @@ def test_chunk_loops_pass_opcheck():
     exponents = unit(views * n + n, d, dtype=torch.float32)
     m = torch.full((len(exponents),), float("-inf"))
     bank, queue = unit(3 * n, d, dtype=torch.float32), unit(7, d, dtype=torch.float32)
+    masked = chunked._masked_columns(
+        n, views, n, online_has_pos=False, need_target=True, symmetric=False, device="cpu"
+    )
     stream_args = (
         exponents,
         m,
@@ -316,17 +333,14 @@ def test_chunk_loops_pass_opcheck():
         torch.zeros_like(exponents),
         bank,
         queue.bfloat16(),
-        views * n,
-        views,
-        n,
-        False,
+        masked,
         3,
     )
     torch.library.opcheck(
         chunked._stream, stream_args, test_utils=("test_schema", "test_faketensor")
     )
     m = torch.ones(len(exponents))
-    products_args = (exponents, m, torch.ones_like(exponents), bank, views * n, views, n, True, 4)
+    products_args = (exponents, m, torch.ones_like(exponents), bank, masked, 4)
     torch.library.opcheck(
         chunked._bank_products, products_args, test_utils=("test_schema", "test_faketensor")
     )

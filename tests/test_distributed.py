@@ -36,6 +36,23 @@ def loss_and_gradients(name, query, key, queue, include_keys, gather, backend="r
     return loss.detach(), query.grad, key.grad
 
 
+SYMMETRIC_CASES = [(name, backend) for name in LOSSES for backend in ("reference", "chunked")]
+
+
+def symmetric_batch(world):
+    """Two views (z1, z2) of every rank's samples, float64."""
+    query, key, _, _ = make_inputs("in-batch", n=N_PER_RANK * world, d=6, seed=20 + world)
+    return query, key
+
+
+def symmetric_loss_and_gradients(name, z1, z2, gather, backend):
+    fn, hyper = LOSSES[name]
+    z1, z2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss = fn(z1, z2, symmetric=True, gather=gather, backend=backend, **hyper)
+    loss.backward()
+    return loss.detach(), z1.grad, z2.grad
+
+
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -50,6 +67,11 @@ def _worker(rank, world, init_file, out_dir):
             query, key, queue, include_keys = full_batch(mode, world, crops, torch.float32)
             results["fused", name, mode] = loss_and_gradients(
                 name, query[rows], key[rows], queue, include_keys, gather=True, backend="fused"
+            )
+        for name, backend in SYMMETRIC_CASES:
+            z1, z2 = symmetric_batch(world)
+            results["symmetric", name, backend] = symmetric_loss_and_gradients(
+                name, z1[rows], z2[rows], gather=True, backend=backend
             )
         results["compiled"] = _compiled_gather(rank, world)
         results["host reads"] = _host_reads_of_a_gathered_step(rank, world)
@@ -133,6 +155,25 @@ def test_ranks_match_one_process_on_the_concatenated_batch(ranks, name, mode, cr
             rank_grad_query, world * grad_query[..., rows, :], rtol=1e-10, atol=1e-13
         )
         torch.testing.assert_close(rank_grad_key, world * grad_key[rows], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name, backend", SYMMETRIC_CASES)
+def test_symmetric_ranks_match_one_process_holding_both_views_of_every_batch(ranks, name, backend):
+    """SimCLR form, gathered (lightly's gather_distributed): every rank's z1 and z2 are
+    candidates; mean_r L_r = L and each rank's gradients are W × its rows' one-process ones."""
+    world, results = ranks
+    z1, z2 = symmetric_batch(world)
+    loss, grad_z1, grad_z2 = symmetric_loss_and_gradients(
+        name, z1, z2, gather=False, backend="reference"
+    )
+    per_rank = [r["symmetric", name, backend] for r in results]
+    torch.testing.assert_close(
+        torch.stack([r[0] for r in per_rank]).mean(), loss, rtol=1e-12, atol=1e-14
+    )
+    for rank, (_, rank_grad_z1, rank_grad_z2) in enumerate(per_rank):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        torch.testing.assert_close(rank_grad_z1, world * grad_z1[rows], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(rank_grad_z2, world * grad_z2[rows], rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="the fused backend needs Triton")

@@ -28,6 +28,8 @@ __all__ = ["MAX_DIM", "DTYPES", "SKIP_VARIABLE", "losses", "unsupported_reason",
 def unsupported_reason(problem: Problem) -> str | None:
     """Why the fused backend cannot run this problem, or None if it can."""
     query = problem.query
+    if problem.symmetric:
+        return "the symmetric (SimCLR) form runs on the chunked and reference backends"
     if not TRITON_AVAILABLE:
         return "Triton is not installed (pip install 'sce-loss[triton]')"
     if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
