@@ -31,10 +31,10 @@ rows for ReSSL; a row's own embedding in the symmetric form) are masked chunk by
 Beyond first-order eager autograd the streaming backward cannot serve, so this backend computes
 through the reference's differentiable graph, with the reference's memory: when the backward is
 itself differentiated (``create_graph=True``, e.g. a gradient penalty), the backward recomputes
-the losses with :mod:`sce_loss.reference` from the saved inputs; under a torch.func transform
-(grad, vjp, jacrev, vmap) :func:`losses` is the reference's. Either way the numbers are the
-reference's. A queue updated in place between the forward and such a backward cannot be
-recomputed: that raises an error.
+the losses with :mod:`sce_loss.reference` from the saved inputs (and under a torch.func
+transform, grad, vjp, jacrev or vmap, :mod:`sce_loss.functional` hands every call to the
+reference). Either way the numbers are the reference's. A queue updated in place between the
+forward and such a backward cannot be recomputed: that raises an error.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .problem import Problem, transformed
+from .problem import Problem, differentiating_backward
 
 # Logits per chunk: (rows + target rows) × columns values, 4 MiB in float32, which stay in cache
 # (at N = 256 that is 2048 columns, the fastest of 512 to 16384 measured on a 2-core CPU); never
@@ -67,8 +67,6 @@ def chunk_columns(lhs_rows: int) -> int:
 
 def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
     """Per-row losses (V, N) of ``problem``: float64 for float64 inputs, float32 otherwise."""
-    if transformed():  # torch.func cannot transform the streaming autograd: the reference's graph
-        return reference.losses(problem)
     dtype = problem.compute_dtype
     views, n, dim = problem.query.shape
     # With a bank, the keys are its rows offset..offset+N (and get their gradient through it).
@@ -169,7 +167,7 @@ class _StreamingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream):
-        if torch.is_grad_enabled():  # create_graph=True: the backward itself is differentiated
+        if differentiating_backward():
             return _differentiable_backward(ctx, upstream)
         _, _, bank, _, lhs, m, l, grad, dtau, key_weight, masked = ctx.saved_tensors
         _, coeff, loss_name, offset, views, _, chunk_size = ctx.options

@@ -83,7 +83,10 @@ class Problem:
 
 def transformed() -> bool:
     """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running: there values
-    cannot be read on the host and the streaming backends' own autograd cannot be transformed."""
+    cannot be read on the host and the streaming backends' own autograd cannot be transformed.
+    (torch.compile traces through functorch's machinery too; that is not a transform here.)"""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
@@ -91,3 +94,10 @@ def tracing() -> bool:
     """Whether values cannot be read on the host: torch.compile traces or a torch.func transform
     runs. Value checks are skipped there (the caller's contract)."""
     return torch.compiler.is_compiling() or transformed()
+
+
+def differentiating_backward() -> bool:
+    """Inside a backward: whether it is itself being differentiated (create_graph=True, e.g. a
+    gradient penalty, or torch.func.grad). A compiled graph's backward is traced with grad mode
+    on but never differentiated (torch.compile does not support double backward)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()

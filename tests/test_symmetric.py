@@ -322,3 +322,22 @@ def test_compiles_at_most_twice_under_a_temperature_schedule(backend):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.grad, c.grad, rtol=1e-5, atol=1e-6)
     assert counter.frame_count <= 2
+
+
+def test_a_compiled_step_streams_on_the_chunked_backend():
+    """The compiled graph runs the chunk loop: compiling does not fall back to the reference."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))
+        return gm.forward
+
+    torch._dynamo.reset()
+    z1, z2 = views(n=6, seed=12, dtype=torch.float32)
+    step = torch.compile(
+        lambda a, b: sce_loss(a, b, symmetric=True, backend="chunked"),
+        backend=recording,
+        fullgraph=True,
+    )
+    step(z1, z2).backward()
+    assert any("chunked_stream" in graph for graph in graphs)

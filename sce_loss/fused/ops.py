@@ -13,6 +13,7 @@ import os
 import torch
 from torch import Tensor
 
+from ..problem import differentiating_backward
 from . import kernels, plan
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -262,7 +263,7 @@ def _setup_context(ctx, inputs, output):
         query,
         key,
         bank,
-        _queue,
+        queue,
         offset,
         coeff,
         temperature,
@@ -272,14 +273,55 @@ def _setup_context(ctx, inputs, output):
         _,
     ) = inputs
     _, grad, dtau, lse_a, lse_b = output
-    # The queue is not saved: it may be updated in place before the backward.
+    # The queue is not saved: it may be updated in place before the backward. It is kept for a
+    # recomputation (create_graph=True), which refuses a queue updated since.
     ctx.save_for_backward(
         query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature, target_temperature
     )
     ctx.options = (offset, online_has_pos, need_target)
+    ctx.queue = queue
+    ctx.queue_version = None if torch.compiler.is_compiling() or queue is None else queue._version
+
+
+def _differentiable_backward(ctx, upstream):
+    """The gradients as a differentiable graph (create_graph=True: the backward itself is being
+    differentiated): the reference's losses recomputed from the saved inputs."""
+    from .. import reference
+    from ..problem import Problem
+
+    query, key, bank, *_, coeff, temperature, target_temperature = ctx.saved_tensors
+    offset, online_has_pos, need_target = ctx.options
+    queue = ctx.queue
+    if queue is not None and ctx.queue_version not in (None, queue._version):
+        raise RuntimeError(
+            "backend='fused' cannot differentiate its backward (create_graph=True) after the "
+            "queue was updated in place: push to the queue after the backward, or use "
+            "backend='reference'"
+        )
+    loss = "info_nce" if not need_target else ("sce" if online_has_pos else "ressl")
+    problem = Problem(
+        loss,
+        query.view(-1, *key.shape),
+        key,
+        bank,
+        queue,
+        offset,
+        temperature,
+        target_temperature if need_target else None,
+        coeff,
+    )
+    inputs = (query, key, bank, None, None, None, temperature)
+    needed = [need and x is not None for x, need in zip(inputs, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        per_row = reference.losses(problem).reshape(-1)
+        wanted = [x for x, need in zip(inputs, needed) if need]
+        grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
+    return tuple(next(grads) if need else None for need in needed) + (None,) * 4
 
 
 def _backward(ctx, upstream, *_):
+    if differentiating_backward():
+        return _differentiable_backward(ctx, upstream)
     (query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature, target_temperature) = (
         ctx.saved_tensors
     )
