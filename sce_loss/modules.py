@@ -33,7 +33,9 @@ class _ContrastiveLoss(nn.Module):
         for name, value in options.items():
             setattr(self, name, value)  # an nn.Parameter registers itself
 
-    def forward(self, query: Tensor, key: Tensor, queue: Tensor | None = None) -> Tensor:
+    def forward(
+        self, query: Tensor, key: Tensor | None = None, queue: Tensor | None = None
+    ) -> Tensor:
         if queue is None and self.queue is not None:
             queue = self.queue.keys
         return self.loss_fn(
@@ -156,6 +158,7 @@ class CACRLoss(_ContrastiveLoss):
         *,
         queue: MemoryQueue | None = None,
         intra_batch=True,
+        weight_gradients=False,
         normalize=False,
         reduction="mean",
         gather=False,
@@ -168,6 +171,7 @@ class CACRLoss(_ContrastiveLoss):
             attraction_weight=attraction_weight,
             repulsion_weight=repulsion_weight,
             intra_batch=intra_batch,
+            weight_gradients=weight_gradients,
             normalize=normalize,
             reduction=reduction,
             gather=gather,

@@ -41,7 +41,7 @@ CACR_BACKENDS = ("auto", "reference")
 
 def cacr_loss(
     query: Tensor,
-    key: Tensor,
+    key: Tensor | None = None,
     queue: Tensor | None = None,
     *,
     attraction_temperature: Scalar = 1.0,
@@ -49,6 +49,7 @@ def cacr_loss(
     attraction_weight: Scalar = 1.0,
     repulsion_weight: Scalar = 1.0,
     intra_batch: bool = True,
+    weight_gradients: bool = False,
     normalize: bool = False,
     reduction: str = "mean",
     gather=False,
@@ -61,13 +62,22 @@ def cacr_loss(
     Positives of query view v, row i: the key views k_ui of row i — all of them, except that when
     ``key`` is (V, N, D) with the query's V ≥ 2 the own view u = v is left out (each view is
     attracted to the other views' keys). Negatives n_j: the queue rows, then, with ``intra_batch``,
-    the other rows j ≠ i of the same query view. The weights carry no gradient; gradient flows
-    through every distance: into the query, the key, and both ends of an intra-batch negative.
+    the other rows j ≠ i of the same query view. By default the weights carry no gradient;
+    gradient flows through every distance: into the query, the key, and both ends of an
+    intra-batch negative.
+
+    **One-encoder form** (the official CIFAR/STL code): ``cacr_loss(views)`` with ``key`` None
+    and no queue, ``views`` (V, N, D), V ≥ 2, all online. Attraction as above with the other views
+    u ≠ v of row i as positives; repulsion for every pair of views x < y: row i of view x against
+    the rows j ≠ i of view y, −β·Σ_j w⁻_j ‖z_xi − z_yj‖², averaged over the V(V−1)/2 pairs. The
+    loss is attraction (averaged over views) + repulsion; ``reduction="none"`` gives per row (N,)
+    the attraction plus the mean of the pair terms.
 
     The official code (JegZheng/CACR-SSL) differs in two places that change gradients, not values:
-    it leaves the intra-batch weights w⁻ with gradient, and it writes the queue distances as
-    2 − 2q·n (equal to ‖q − n‖² for unit vectors; the gradient differs by a multiple of q, which
-    the normalisation before the loss removes).
+    it lets gradient flow through some weights (``weight_gradients=True`` does the same: the
+    intra-batch repulsion distances inside w⁻ in the queue form, every weight in the one-encoder
+    form), and it writes the queue distances as 2 − 2q·n (equal to ‖q − n‖² for unit vectors; the
+    gradient differs by a multiple of q, which the normalisation before the loss removes).
 
     Args:
         query: online embeddings q, (N, D) or (V, N, D) for V views; gradients flow through it.
@@ -78,6 +88,7 @@ def cacr_loss(
         attraction_weight: α ≥ 0. repulsion_weight: β ≥ 0. Each hyper-parameter is a float or
             a 0-d tensor; τ⁺ and τ⁻ shape the constant weights, so no gradient reaches them.
         intra_batch: the other rows of the same query view are negatives too.
+        weight_gradients: let gradient flow through the weights where the official code does.
         normalize: L2-normalise query, key and queue first.
         reduction: "mean" (default), "sum" or "none" (per-row losses, shape (N,) or (V, N)).
         gather: True or a process group: under torch.distributed, the intra-batch negatives are
@@ -91,11 +102,26 @@ def cacr_loss(
         attraction_weight=attraction_weight,
         repulsion_weight=repulsion_weight,
         intra_batch=intra_batch,
+        weight_gradients=weight_gradients,
         normalize=normalize,
         reduction=reduction,
         gather=gather,
         backend=backend,
     )
+    if key is None:
+        return _one_encoder_cacr(
+            query,
+            queue,
+            attraction_temperature,
+            repulsion_temperature,
+            attraction_weight,
+            repulsion_weight,
+            intra_batch=intra_batch,
+            weight_gradients=weight_gradients,
+            normalize=normalize,
+            reduction=reduction,
+            gather=gather,
+        )
     n, d = _check_query(query)
     _check_embedding(
         "key",
@@ -121,13 +147,16 @@ def cacr_loss(
             key_views,
             attraction_temperature,
             leave_own_view_out=query.dim() == 3 and key.dim() == 3 and len(query) == len(key) >= 2,
+            weight_gradients=False,
         )
         if queue is not None:
             # A private copy when a backward will read it: the caller may update the queue in
             # place (MoCo enqueues inside forward) before the backward.
             queue = _prepared(queue.detach(), normalize, compute, copy=torch.is_grad_enabled())
         cost, excluded = _negative_costs(views, queue, intra_batch, group)
-        repulsion = _repulsion(cost, excluded, repulsion_temperature)
+        # The official queue code lets gradient into the intra-batch distances inside w⁻ only.
+        live_from = (0 if queue is None else len(queue)) if weight_gradients else cost.shape[-1]
+        repulsion = _repulsion(cost, excluded, repulsion_temperature, live_from)
         losses = attraction_weight * attraction - repulsion_weight * repulsion
     return _reduce(losses if query.dim() == 3 else losses.squeeze(0), reduction)
 
@@ -156,20 +185,83 @@ def _negative_costs(
     return torch.cat(costs, -1), torch.cat(excluded, -1)
 
 
-def _attraction(views: Tensor, key_views: Tensor, temperature, leave_own_view_out: bool) -> Tensor:
-    """Σ_u w⁺_u c⁺_u per view and row, (V, N), with c⁺_u = ‖q − k_u‖², w⁺ = softmax_u(τ⁺·c⁺)."""
+def _one_encoder_cacr(
+    views: Tensor,
+    queue: Tensor | None,
+    attraction_temperature,
+    repulsion_temperature,
+    attraction_weight,
+    repulsion_weight,
+    *,
+    intra_batch: bool,
+    weight_gradients: bool,
+    normalize: bool,
+    reduction: str,
+    gather,
+) -> Tensor:
+    """The one-encoder form of :func:`cacr_loss` (``key`` None): per row (N,), α·mean_v Σ_u w⁺ c⁺
+    over the other views, minus β·mean over pairs x < y of Σ_{j≠i} w⁻ c⁻ (row i of view x
+    against the rows of view y)."""
+    check_float_tensor("query", views)
+    if views.dim() != 3 or len(views) < 2 or views.shape[1] == 0 or views.shape[2] == 0:
+        raise ValueError(
+            "cacr_loss without a key takes query as (V, N, D) views of one encoder with V ≥ 2, "
+            f"got shape {tuple(views.shape)}"
+        )
+    if queue is not None or not intra_batch:
+        raise ValueError(
+            "cacr_loss without a key (the one-encoder form) takes no queue and intra_batch=True: "
+            "its negatives are the other rows of the other views"
+        )
+    check_finite(query=views)
+    group = distributed.resolve_group(gather)
+    compute = torch.float64 if views.dtype == torch.float64 else torch.float32
+    with _autocast_disabled(views.device.type):
+        views = _prepared(views, normalize, compute)
+        attraction = _attraction(views, views, attraction_temperature, True, weight_gradients).mean(
+            0
+        )
+        every, offset = distributed.gather_keys(views.transpose(0, 1), group)  # (B, V, D)
+        n = views.shape[1]
+        excluded = F.one_hot(torch.arange(n, device=views.device) + offset, len(every)).bool()
+        live_from = 0 if weight_gradients else len(every)
+        pairs = [
+            _repulsion(
+                _squared_distances(views[x], every[:, y]),
+                excluded,
+                repulsion_temperature,
+                live_from,
+            )
+            for x in range(len(views))
+            for y in range(x + 1, len(views))
+        ]
+        losses = attraction_weight * attraction - repulsion_weight * torch.stack(pairs).mean(0)
+    return _reduce(losses, reduction)
+
+
+def _attraction(
+    views: Tensor,
+    key_views: Tensor,
+    temperature,
+    leave_own_view_out: bool,
+    weight_gradients: bool,
+) -> Tensor:
+    """Σ_u w⁺_u c⁺_u per view and row, (V, N), with c⁺_u = ‖q − k_u‖², w⁺ = softmax_u(τ⁺·c⁺)
+    (constant unless ``weight_gradients``)."""
     cost = (views.unsqueeze(1) - key_views.unsqueeze(0)).pow(2).sum(-1)  # (V, U, N)
-    logits = _constant(temperature) * cost.detach()
+    logits = _constant(temperature) * (cost if weight_gradients else cost.detach())
     if leave_own_view_out:
         own = torch.eye(len(views), dtype=torch.bool, device=views.device).unsqueeze(-1)
         logits = logits.masked_fill(own, float("-inf"))
     return (torch.softmax(logits, 1) * cost).sum(1)
 
 
-def _repulsion(cost: Tensor, excluded: Tensor, temperature) -> Tensor:
-    """Σ_j w⁻_j c⁻_j per view and row, (V, N), over the columns of ``cost`` (V, N, K) that are not
-    ``excluded`` (N, K), with w⁻ = softmax_j(−τ⁻·c⁻); an excluded column weighs exactly 0."""
-    logits = (-_constant(temperature) * cost.detach()).masked_fill(excluded, float("-inf"))
+def _repulsion(cost: Tensor, excluded: Tensor, temperature, live_from: int) -> Tensor:
+    """Σ_j w⁻_j c⁻_j per row, over the columns of ``cost`` (..., N, K) that are not ``excluded``
+    (N, K), with w⁻ = softmax_j(−τ⁻·c⁻); an excluded column weighs exactly 0. Gradient flows into
+    w⁻ through the columns from ``live_from`` on (none when ``live_from`` is K)."""
+    inside = torch.cat([cost[..., :live_from].detach(), cost[..., live_from:]], -1)
+    logits = (-_constant(temperature) * inside).masked_fill(excluded, float("-inf"))
     return (torch.softmax(logits, -1) * cost).sum(-1)
 
 
@@ -413,6 +505,7 @@ _CACR_CHECKS = _SHARED_CHECKS | {
     "attraction_weight": _check_non_negative,
     "repulsion_weight": _check_non_negative,
     "intra_batch": _check_bool,
+    "weight_gradients": _check_bool,
     "backend": _check_cacr_backend,
 }
 _RECO_CHECKS = _SHARED_CHECKS | {

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from sce_loss.functional import info_nce_loss, ressl_loss
+from sce_loss.modules import CACRLoss
 from sce_loss.relational import cacr_loss, interpolated_key, reco_loss
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)
@@ -864,3 +865,113 @@ def test_reco_ranks_compute_their_own_rows(two_ranks):
     world, results = two_ranks
     want = reco(reco_inputs(2, n=N_PER_RANK * world, seed=world), reduction="none")
     torch.testing.assert_close(torch.cat([r["reco"] for r in results], -1), want, **TIGHT)
+
+
+# -- CACR's one-encoder form against the official small-scale code ------------------------------
+
+
+def official_attraction(latent_codes_list, alpha, tau_pos):
+    """JegZheng/CACR-SSL small_scale_experiments/losses our_loss1 (choice='full'), transcribed."""
+    loss1 = 0.0
+    for x in range(len(latent_codes_list)):
+        z_x = latent_codes_list[x]
+        mask = list(range(len(latent_codes_list)))
+        mask.pop(x)
+        masked_z_x = torch.stack(latent_codes_list, dim=0)[mask]
+        cost = (z_x - masked_z_x).norm(p=2, dim=-1).pow(2).transpose(1, 0).mul(alpha)
+        dist = cost.mul(tau_pos / alpha)
+        weights = torch.softmax(dist, dim=1)
+        loss1 += (cost * weights).sum(1).mean()
+    return loss1 / len(latent_codes_list)
+
+
+def official_repulsion(latent_codes_list, beta, tau_neg):
+    """our_loss2 with forward_negative_loss (Euclidean cost, choice='full', not debiased)."""
+    loss2, counter = 0.0, 0
+    for x in range(len(latent_codes_list)):
+        for y in range(x + 1, len(latent_codes_list)):
+            z_x, z_y = latent_codes_list[x], latent_codes_list[y]
+            cost = torch.norm(z_x[:, None] - z_y, dim=-1).pow(2).mul(-beta)
+            off_diagonal = ~torch.eye(cost.shape[0], dtype=torch.bool)
+            cost = cost.masked_select(off_diagonal).view(cost.shape[0], cost.shape[0] - 1)
+            weights = torch.softmax(cost.mul(tau_neg / beta), dim=1)
+            loss2 += (cost * weights).sum(1).mean()
+            counter += 1
+    return loss2 / counter
+
+
+ONE_ENCODER_HYPER = dict(
+    attraction_temperature=0.7,
+    repulsion_temperature=0.9,
+    attraction_weight=1.3,
+    repulsion_weight=0.8,
+)
+
+
+@pytest.mark.parametrize("views", [2, 3, 5])
+@pytest.mark.parametrize("weight_gradients", [True, False])
+def test_cacr_one_encoder_form_equals_the_official_code(views, weight_gradients):
+    """Values always; gradients too with weight_gradients=True (the official weights carry
+    gradient)."""
+    latent = unit(views, 6, 4, generator=torch.Generator().manual_seed(views)).requires_grad_()
+    h = ONE_ENCODER_HYPER
+    ours = cacr_loss(latent, weight_gradients=weight_gradients, **h)
+    theirs = official_attraction(
+        list(latent.unbind(0)), h["attraction_weight"], h["attraction_temperature"]
+    ) + official_repulsion(
+        list(latent.unbind(0)), h["repulsion_weight"], h["repulsion_temperature"]
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    (got,) = torch.autograd.grad(ours, latent)
+    (want,) = torch.autograd.grad(theirs, latent)
+    if weight_gradients:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    else:
+        assert not torch.allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_cacr_one_encoder_rows_average_to_the_loss_and_its_module_agrees():
+    latent = unit(3, 5, 4, generator=torch.Generator().manual_seed(9))
+    rows = cacr_loss(latent, reduction="none", **ONE_ENCODER_HYPER)
+    assert rows.shape == (5,)
+    torch.testing.assert_close(rows.mean(), cacr_loss(latent, **ONE_ENCODER_HYPER))
+    torch.testing.assert_close(CACRLoss(**ONE_ENCODER_HYPER)(latent), rows.mean())
+
+
+def test_cacr_weight_gradients_in_the_queue_form_flow_through_intra_batch_distances_only():
+    """The official queue code: w⁻ over [queue (detached), intra-batch (live)] distances."""
+    query, key, queue = cacr_inputs((None, None), True, seed=10)
+    query.requires_grad_()
+    h = ONE_ENCODER_HYPER
+    ours = cacr_loss(query, key, queue, weight_gradients=True, **h)
+    q = query
+    sq_queue = (q[:, None] - queue).pow(2).sum(-1)
+    intra = torch.norm(q[:, None] - q, dim=-1).pow(2)
+    off_diagonal = ~torch.eye(len(q), dtype=torch.bool)
+    intra = intra.masked_select(off_diagonal).view(len(q), len(q) - 1)
+    cost = torch.cat([sq_queue, intra], 1)
+    weights = torch.softmax(
+        torch.cat([sq_queue.detach(), intra], 1).mul(-h["repulsion_temperature"]), 1
+    )
+    repulsion = (cost.mul(-1.0) * weights).sum(1).mean().mul(h["repulsion_weight"])
+    pos = (q - key).pow(2).sum(-1)
+    theirs = h["attraction_weight"] * pos.mean() + repulsion
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    (got,) = torch.autograd.grad(ours, query)
+    (want,) = torch.autograd.grad(theirs, query)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda z: cacr_loss(z[0]), r"\(V, N, D\)"),
+        (lambda z: cacr_loss(z[:1]), "V ≥ 2"),
+        (lambda z: cacr_loss(z, queue=z[0]), "no queue"),
+        (lambda z: cacr_loss(z, intra_batch=False), "intra_batch=True"),
+        (lambda z: cacr_loss(z, weight_gradients=1), "weight_gradients must be a bool"),
+    ],
+)
+def test_cacr_one_encoder_bad_calls_are_refused(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(unit(2, 4, 3))
