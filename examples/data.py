@@ -46,11 +46,20 @@ def load(data: str | None, data_dir: Path) -> Dataset:
             )
             return dataset
     if data == "cifar10":
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--data cifar10 downloads CIFAR-10 with torchvision, which is not installed: "
+                "pip install 'sce-loss[vision]', or pass a CIFAR-10 .npz file"
+            ) from None
         return _cifar10_torchvision(data_dir)
     if data == "digits":
         return _digits()
     path = Path(data)
-    if path.suffix == ".npz" and path.is_file():
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise ValueError(f"--data {data}: file not found")
         return _npz(path)
     if path.is_dir():
         return _image_folder(path)

@@ -66,7 +66,7 @@ LOSS_DEFAULTS = {
         relation_temperature=0.1,
         target_temperature=0.04,
         global_weight=1.0,
-        local_weight=2.0,
+        local_weight=1.0,
     ),
 }
 LOSS_FUNCTIONS = {
@@ -102,6 +102,19 @@ def parse_args(argv=None):
     )
     p.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="sce")
     p.add_argument(
+        "--framework",
+        choices=["moco", "simclr"],
+        default="moco",
+        help="moco: online strong view against a momentum encoder's key and a queue; simclr: "
+        "two strong views through the one online encoder, in-batch (symmetric) loss",
+    )
+    p.add_argument(
+        "--views",
+        type=int,
+        default=2,
+        help="CACR's views per image (the official CACR commands use 5)",
+    )
+    p.add_argument(
         "--data",
         default=None,
         help=".npz, 'cifar10', 'digits' or an ImageFolder path "
@@ -117,6 +130,11 @@ def parse_args(argv=None):
         help="output folder (default runs/pretrain, with --smoke runs/smoke)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="write no OUT/checkpoint.pt (about 139 MB for the ResNet-18, written every epoch)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default 200 (20 on digits)")
     p.add_argument("--warmup-epochs", type=int, default=5)
     p.add_argument(
@@ -166,6 +184,14 @@ def parse_args(argv=None):
         help="tiny preset for a CPU check: 2 epochs of 3 steps of 32 images on a subset",
     )
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    if args.framework == "simclr" and args.loss == "reco":
+        p.error("--loss reco needs the momentum encoder and queues of --framework moco")
+    if args.views < 2:
+        p.error(f"--views must be at least 2, got {args.views}")
+    if args.views != 2 and args.loss != "cacr":
+        p.error("--views applies to --loss cacr")
     given = [name for name in HYPER_PARAMETER_HELP if getattr(args, name) is not None]
     foreign = [name for name in given if name not in LOSS_DEFAULTS[args.loss]]
     if foreign:
@@ -261,9 +287,12 @@ class Run:
         self.forward_online = torch.compile(self.online) if args.compile else self.online
         self.forward_target = torch.compile(self.target) if args.compile else self.target
         self.hyper = args.hyper_parameters
-        self.loss_step = {"cacr": self._cacr_loss, "reco": self._reco_loss}.get(
-            args.loss, self._moco_loss
-        )
+        if args.framework == "simclr":
+            self.loss_step = self._simclr_loss
+        else:
+            self.loss_step = {"cacr": self._cacr_loss, "reco": self._reco_loss}.get(
+                args.loss, self._moco_loss
+            )
         # Batch order: the same on every rank (each takes its shard); augmentation: per rank. Both
         # are re-seeded from (seed, epoch, rank) each epoch, so a resumed run draws the same
         # numbers.
@@ -339,12 +368,13 @@ class Run:
     def train_step(self, images_uint8, step: int) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
-        with torch.no_grad():
-            momentum = self._ema_momentum(step)
-            online = self.online.module if self.world > 1 else self.online
-            torch._foreach_lerp_(
-                list(self.target.parameters()), list(online.parameters()), 1 - momentum
-            )
+        if self.args.framework == "moco":
+            with torch.no_grad():
+                momentum = self._ema_momentum(step)
+                online = self.online.module if self.world > 1 else self.online
+                torch._foreach_lerp_(
+                    list(self.target.parameters()), list(online.parameters()), 1 - momentum
+                )
         loss, pushes = self.loss_step(images_uint8)  # the loss reads the queues...
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -359,9 +389,10 @@ class Run:
         return view.contiguous(memory_format=torch.channels_last)
 
     def _embed(self, encoder, *views) -> tuple[torch.Tensor, ...]:
-        """The embeddings of each view; several views go through the encoder as one batch."""
+        """The embeddings of each view, each view in its own forward pass, so that batch-norm
+        statistics are per view, as in the official SCE, MoCo, SimCLR, CACR and ReCo codes."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return encoder(torch.cat(views) if len(views) > 1 else views[0]).chunk(len(views))
+            return tuple(encoder(view) for view in views)
 
     def _moco_loss(self, images_uint8):
         """SCE, InfoNCE, ReSSL: the online strong view against the target weak view's key."""
@@ -372,10 +403,22 @@ class Run:
         loss_fn = LOSS_FUNCTIONS[self.args.loss]
         return loss_fn(query, key, self.queue.keys, **self.hyper), [(self.queue, key)]
 
+    def _simclr_loss(self, images_uint8):
+        """The SimCLR family: two strong views (``--views`` for CACR) through the one online
+        encoder; SCE, InfoNCE (NT-Xent) and ReSSL in their symmetric form, CACR's one-encoder
+        form. No momentum encoder, no queue."""
+        views = [self._view("strong", images_uint8) for _ in range(self.args.views)]
+        embeddings = self._embed(self.forward_online, *views)
+        if self.args.loss == "cacr":
+            return cacr_loss(torch.stack(embeddings), **self.hyper), []
+        loss_fn = LOSS_FUNCTIONS[self.args.loss]
+        return loss_fn(*embeddings, symmetric=True, gather=True, **self.hyper), []
+
     def _cacr_loss(self, images_uint8):
-        """CACR's multi-view form: two strong views through both encoders; each online view is
-        attracted to the other view's key; the last view's keys join the queue (official)."""
-        views = self._view("strong", images_uint8), self._view("strong", images_uint8)
+        """CACR's multi-view form: ``--views`` strong views through both encoders; each online
+        view is attracted to the other views' keys; the last view's keys join the queue
+        (official)."""
+        views = [self._view("strong", images_uint8) for _ in range(self.args.views)]
         with torch.no_grad():
             keys = torch.stack(self._embed(self.forward_target, *views))
         queries = torch.stack(self._embed(self.forward_online, *views))
@@ -427,7 +470,13 @@ class Run:
     # -- checkpoints ----------------------------------------------------------------------------
     def _identity(self) -> dict:
         """What a checkpoint must share with the run that resumes it."""
-        return dict(loss=self.args.loss, data=self.dataset.name, queue_size=self.args.queue_size)
+        return dict(
+            loss=self.args.loss,
+            framework=self.args.framework,
+            views=self.args.views,
+            data=self.dataset.name,
+            queue_size=self.args.queue_size,
+        )
 
     def _save(self, path: Path) -> None:
         online = self.online.module if self.world > 1 else self.online
@@ -512,7 +561,7 @@ class Run:
                     flush=True,
                 )
             self.history.append(dict(epoch=self.epoch) | stats)
-            if self.rank == 0:
+            if self.rank == 0 and not args.no_checkpoint:
                 self._save(args.out / "checkpoint.pt")
             if self.world > 1:
                 dist.barrier()
@@ -526,7 +575,9 @@ class Run:
             print(
                 "wrote "
                 + ", ".join(
-                    str(args.out / name) for name in ("checkpoint.pt", "summary.json", "curves.png")
+                    str(args.out / name)
+                    for name in ("checkpoint.pt", "summary.json", "curves.png")
+                    if name != "checkpoint.pt" or not args.no_checkpoint
                 ),
                 flush=True,
             )
@@ -535,12 +586,14 @@ class Run:
     def summary(self) -> dict:
         result = dict(
             loss=self.args.loss,
+            framework=self.args.framework,
+            views=self.args.views,
             hyper_parameters=self.hyper,
             data=self.dataset.name,
             data_note=self.dataset.note,
             epochs=self.epoch,
             batch_size=self.args.batch_size,
-            queue_size=self.args.queue_size,
+            queue_size=self.args.queue_size if self.args.framework == "moco" else None,
             world_size=self.world,
             seed=self.args.seed,
             final_train_loss=self.history[-1]["loss"] if self.history else None,

@@ -28,6 +28,8 @@ class _ContrastiveLoss(nn.Module):
         if queue is not None and not isinstance(queue, MemoryQueue):
             raise TypeError(f"queue must be a MemoryQueue or None, got {type(queue).__name__}")
         self.check_options(**options)
+        if queue is not None and options.get("symmetric"):
+            raise ValueError("symmetric=True compares in-batch embeddings only: hold no queue")
         self.queue = queue
         self._option_names = tuple(options)
         for name, value in options.items():
@@ -193,7 +195,7 @@ class ReCoLoss(_ContrastiveLoss):
         relation_temperature=0.1,
         target_temperature=0.04,
         global_weight=1.0,
-        local_weight=2.0,
+        local_weight=1.0,
         *,
         queue: MemoryQueue | None = None,
         weak_queue: MemoryQueue | None = None,

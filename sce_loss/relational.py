@@ -223,6 +223,11 @@ def _one_encoder_cacr(
         )
         every, offset = distributed.gather_keys(views.transpose(0, 1), group)  # (B, V, D)
         n = views.shape[1]
+        if len(every) < 2:
+            raise ValueError(
+                "each row needs at least one negative: the one-encoder form of cacr_loss needs a "
+                f"batch of at least 2 samples (across every rank), got {len(every)}"
+            )
         excluded = F.one_hot(torch.arange(n, device=views.device) + offset, len(every)).bool()
         live_from = 0 if weight_gradients else len(every)
         pairs = [
@@ -284,7 +289,7 @@ def reco_loss(
     relation_temperature: Scalar = 0.1,
     target_temperature: Scalar = 0.04,
     global_weight: Scalar = 1.0,
-    local_weight: Scalar = 2.0,
+    local_weight: Scalar = 1.0,
     normalize: bool = False,
     reduction: str = "mean",
     gather=False,

@@ -30,7 +30,7 @@ OFFICIAL = {
         relation_temperature=0.1,
         target_temperature=0.04,
         global_weight=1.0,
-        local_weight=2.0,
+        local_weight=1.0,  # zhangyifei01/ReCo main_reco.py: --lambda2 default 1.0
     ),
 }
 
@@ -154,9 +154,49 @@ def test_a_hyper_parameter_of_another_loss_is_refused(tmp_path):
 
 def test_bad_data_gives_a_clear_error(tmp_path):
     result = pretrain("--out", str(tmp_path), "--data", str(tmp_path / "missing.npz"))
+    assert_clear_error(result, "missing.npz: file not found")
+    result = pretrain("--out", str(tmp_path), "--data", str(tmp_path / "nothing-here"))
     assert_clear_error(
         result, "--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory"
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_without_a_cuda_device_gives_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--device", "cuda", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_clear_error(result, "--device cuda: this torch has no CUDA device")
+
+
+@pytest.mark.parametrize(
+    "loss, extra",
+    [
+        ("infonce", ()),
+        pytest.param("sce", (), marks=pytest.mark.slow),
+        pytest.param("ressl", (), marks=pytest.mark.slow),
+        pytest.param("cacr", ("--views", "3"), marks=pytest.mark.slow),
+    ],
+)
+def test_simclr_framework_runs_every_symmetric_loss(loss, extra, tmp_path):
+    """--framework simclr: one encoder, two strong views (CACR: --views), no queue; with
+    --no-checkpoint nothing but the summary and the plot is written."""
+    result = pretrain(
+        "--framework", "simclr", "--loss", loss, *extra, "--out", str(tmp_path), "--no-checkpoint"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["loss"] == loss and summary["final_train_loss"] == summary["final_train_loss"]
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "summary.json"]
+
+
+def test_simclr_framework_refuses_reco(tmp_path):
+    result = pretrain("--framework", "simclr", "--loss", "reco", "--out", str(tmp_path))
+    assert_clear_error(result, "--loss reco needs the momentum encoder")
 
 
 def test_resume_without_a_checkpoint_gives_a_clear_error(tmp_path):

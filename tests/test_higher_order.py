@@ -171,3 +171,21 @@ def test_value_checks_are_skipped_under_vmap_as_under_compile():
         sce_loss(query[1], key)
     rows = torch.func.vmap(lambda q: sce_loss(q, key))(query)
     assert torch.isfinite(rows[0]) and torch.isnan(rows[1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the fused backend needs Triton")
+@pytest.mark.parametrize("loss", FUNCTIONS)
+@pytest.mark.parametrize("mode", ["in-batch", "queue+keys"])
+def test_a_penalty_on_the_keys_gradient_through_fused_is_the_references(loss, mode):
+    """The key is a row of the bank (often the same tensor): its gradient is counted once. (In
+    float32, second-order terms reach the hundreds: the bar is relative to their scale.)"""
+
+    def penalised(backend):
+        query, key, queue = inputs(mode, 4, 8, 6, dtype=torch.float32, seed=7)
+        value = FUNCTIONS[loss](query, key, queue, backend=backend, **MODES[mode])
+        grad_q, grad_k = torch.autograd.grad(value, (query, key), create_graph=True)
+        penalty = value + 10 * (grad_q.square().sum() + grad_k.square().sum())
+        return grad_k, *torch.autograd.grad(penalty, (query, key))
+
+    for got, want in zip(penalised("fused"), penalised("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

@@ -33,7 +33,7 @@ RECO_HYPER = dict(
     relation_temperature=0.1,
     target_temperature=0.04,
     global_weight=1.0,
-    local_weight=2.0,
+    local_weight=1.0,
 )
 # (query views, key views): None is the 2-D form; "same" is a key with the query's views.
 FORMS = [(None, None), (None, 2), (2, None), (2, "same"), (3, "same"), (3, 2), (2, 1), (1, "same")]
@@ -673,6 +673,8 @@ def test_defaults_are_the_official_values():
     assert cacr["intra_batch"].default is True
     reco_parameters = inspect.signature(reco_loss).parameters
     assert {name: reco_parameters[name].default for name in RECO_HYPER} == RECO_HYPER
+    # zhangyifei01/ReCo main_reco.py: --lambda2 default 1.0 ("default: 1.")
+    assert reco_parameters["local_weight"].default == 1.0
 
 
 def test_normalize_equals_normalising_first():
@@ -975,3 +977,8 @@ def test_cacr_weight_gradients_in_the_queue_form_flow_through_intra_batch_distan
 def test_cacr_one_encoder_bad_calls_are_refused(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call(unit(2, 4, 3))
+
+
+def test_cacr_one_encoder_needs_two_samples():
+    with pytest.raises(ValueError, match="at least one negative"):
+        cacr_loss(unit(2, 1, 3))

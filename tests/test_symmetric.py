@@ -17,7 +17,16 @@ from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.profiler import profile
 
-from sce_loss import InfoNCELoss, ReSSLLoss, SCELoss, chunked, info_nce_loss, ressl_loss, sce_loss
+from sce_loss import (
+    InfoNCELoss,
+    MemoryQueue,
+    ReSSLLoss,
+    SCELoss,
+    chunked,
+    info_nce_loss,
+    ressl_loss,
+    sce_loss,
+)
 from sce_loss import fused as fused_backend
 from sce_loss.functional import _backend
 from sce_loss.problem import Problem
@@ -273,6 +282,7 @@ def test_the_fused_kernels_decline_and_auto_streams_large_batches():
         (lambda z1, z2: sce_loss(torch.stack([z1, z1]), z2, symmetric=True), r"\(N, D\)"),
         (lambda z1, z2: sce_loss(z1[:1], z2[:1], symmetric=True), "at least 2 samples"),
         (lambda z1, z2: info_nce_loss(z1, z2, symmetric=1), "symmetric must be a bool"),
+        (lambda z1, z2: SCELoss(symmetric=True, queue=MemoryQueue(8, 8)), "hold no queue"),
     ],
 )
 def test_bad_calls_are_refused(call, message):

@@ -310,7 +310,9 @@ def _differentiable_backward(ctx, upstream):
         target_temperature if need_target else None,
         coeff,
     )
-    inputs = (query, key, bank, None, None, None, temperature)
+    # With a bank, the key is one of its rows (often the very same tensor): it gets its gradient
+    # through the bank only, as in the first-order backward.
+    inputs = (query, None if bank is not None else key, bank, None, None, None, temperature)
     needed = [need and x is not None for x, need in zip(inputs, ctx.needs_input_grad)]
     with torch.enable_grad():
         per_row = reference.losses(problem).reshape(-1)
