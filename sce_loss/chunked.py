@@ -51,7 +51,7 @@ from .problem import Problem, differentiating_backward
 # (at N = 256 that is 2048 columns, the fastest of 512 to 16384 measured on a 2-core CPU); never
 # fewer than MIN_CHUNK columns, so a product stays a GEMM that BLAS runs well.
 CHUNK_ELEMENTS = 1 << 20
-MIN_CHUNK = 64
+MIN_CHUNK = 32
 LOG2_E, LN_2 = 1 / math.log(2), math.log(2)
 
 
@@ -119,46 +119,56 @@ class _StreamingLoss(torch.autograd.Function):
         n = r // views
         online_has_pos, need_target = loss_name != "ressl", loss_name != "info_nce"
         key = bank[offset : offset + n] if own_key is None else own_key
-        rows = x / temperature  # a = rows·c; the target rows below give b = (k/τ_m)·c
-        lhs = torch.cat([rows, key / target_temperature]) if need_target else rows
-        chunk_size = chunk_size or chunk_columns(len(lhs))
-        c_pos = key.repeat(views, 1)
+        c_pos = key if views == 1 else key.repeat(views, 1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[4]
 
-        # The running states of every row of lhs, in base 2: m, l = Σ 2^{z−m}, and O = Σ 2^{z−m}·c
-        # for the rows that need it (the target rows always: U_b = x·O_b/τ).
-        exponents = lhs * LOG2_E
-        a_pos2 = (exponents[:r] * c_pos).sum(-1)  # a_pos·log2 e
-        m = torch.full((len(lhs),), float("-inf"), dtype=lhs.dtype, device=lhs.device)
-        l = torch.zeros_like(m)
-        o = lhs.new_zeros(len(lhs) - (0 if need_grad else r), lhs.shape[1])
-        if bank is None and online_has_pos:  # queue mode: the positive z²_r is one more column
-            m[:r], l[:r] = a_pos2, 1.0
-            if need_grad:
-                o[:r] = c_pos
+        # The base-2 logits z = exponents·c of every candidate c: the online rows x·log2(e)/τ,
+        # then the target rows k·log2(e)/τ_m (one product per chunk serves both), scaled in place.
+        exponents = torch.cat([x, key]) if need_target else x.clone()
+        exponents[:r].mul_(LOG2_E / temperature)
+        exponents[r:].mul_(LOG2_E / target_temperature)
+        a_pos2 = _row_dots(exponents[:r], c_pos)  # a_pos·log2 e
         masked = _masked_columns(
             n, views, offset, online_has_pos, need_target, symmetric, device=x.device
         )
-        m, l, o = _stream(exponents, m, l, o, bank, queue, masked, chunk_size)
+        chunk_size = chunk_size or chunk_columns(len(exponents))
+        # Queue mode: the positive z²_r is one more column of the online rows, before the others.
+        queue_positive = bank is None and online_has_pos
+        m, l, o = _stream(
+            exponents,
+            bank,
+            queue,
+            masked,
+            chunk_size,
+            vectors_from=0 if need_grad else r,
+            first_logits=a_pos2 if queue_positive else None,
+            first_column=c_pos if queue_positive and need_grad else None,
+        )
 
         # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as (LSE_a − a_pos) + (1−λ)·(a_pos −
         # U_b/l_b) so that large logits cancel before they are rounded.
         loss = (m[:r] - a_pos2 + l[:r].log2()) * LN_2
-        target_mean = coeff * c_pos  # the target's mean candidate: λ·c_pos + (1−λ)·O_b/l_b
+        means = o.div_(l[len(l) - len(o) :, None])  # O/l: the distributions' mean candidates
+        target_mean = c_pos  # InfoNCE's (λ = 1); SCE's λ·c_pos + (1−λ)·O_b/l_b, ReSSL's O_b/l_b
         if need_target:
-            mean_b = (o[-n:] / l[-n:, None]).repeat(views, 1)
-            loss = loss + (1 - coeff) * (rows * (c_pos - mean_b)).sum(-1)
-            target_mean = target_mean + (1 - coeff) * mean_b
+            mean_b = means[-n:] if views == 1 else means[-n:].repeat(views, 1)
+            loss = loss + (1 - coeff) * LN_2 * (a_pos2 - _row_dots(exponents[:r], mean_b))
+            target_mean = mean_b.mul_(1 - coeff).add_(coeff * c_pos)  # in place: O is spent
         grad = dtau = key_weight = None
+        if need_grad:  # dL/dx_r = (O_a/l_a − target_mean) / τ
+            grad = means[:r] - target_mean
+        del o, means, target_mean
         if need_grad:
-            grad = (o[:r] / l[:r, None] - target_mean) / temperature
-            dtau = -(rows * grad).sum(-1)
+            grad.div_(temperature)
+            dtau = -LN_2 * _row_dots(exponents[:r], grad)
         if ctx.needs_input_grad[1] and online_has_pos:  # queue mode (key is None with a bank)
             # dL/dk_r = (p_pos − λ)·x_r/τ, with p_pos = 2^{a_pos·log2 e − m_a}/l_a: exactly 1/l_a
             # when the positive is the row's maximum, so p_pos − 1 keeps its digits.
             key_weight = torch.exp2(a_pos2 - m[:r]) / l[:r] - coeff
         tau = temperature if isinstance(temperature, Tensor) else None
-        ctx.save_for_backward(x, own_key, bank, tau, lhs, m, l, grad, dtau, key_weight, masked)
+        ctx.save_for_backward(
+            x, own_key, bank, tau, exponents, m, l, grad, dtau, key_weight, masked
+        )
         ctx.options = (target_temperature, coeff, loss_name, offset, views, symmetric, chunk_size)
         # Kept for a recomputation (create_graph=True), which refuses a queue updated since.
         ctx.queue, ctx.queue_version = queue, _version(queue)
@@ -169,7 +179,7 @@ class _StreamingLoss(torch.autograd.Function):
     def backward(ctx, upstream):
         if differentiating_backward():
             return _differentiable_backward(ctx, upstream)
-        _, _, bank, _, lhs, m, l, grad, dtau, key_weight, masked = ctx.saved_tensors
+        _, _, bank, _, exponents, m, l, grad, dtau, key_weight, masked = ctx.saved_tensors
         _, coeff, loss_name, offset, views, _, chunk_size = ctx.options
         grad_x = grad_key = grad_bank = grad_tau = None
         if ctx.needs_input_grad[0]:
@@ -177,7 +187,7 @@ class _StreamingLoss(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Queue mode: the key is an online candidate only as its own row's positive, and
             # not at all for ReSSL (whose key then gets zeros).
-            rows = lhs[: len(upstream)]
+            rows = exponents[: len(upstream)] * LN_2  # x/τ
             per_row = (
                 rows * (upstream * key_weight)[:, None]
                 if key_weight is not None
@@ -186,7 +196,7 @@ class _StreamingLoss(torch.autograd.Function):
             grad_key = per_row.view(views, -1, rows.shape[1]).sum(0)
         if ctx.needs_input_grad[2]:
             grad_bank = _bank_gradient(
-                lhs,
+                exponents,
                 m,
                 l,
                 upstream,
@@ -201,6 +211,11 @@ class _StreamingLoss(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_tau = (upstream * dtau).sum()
         return (grad_x, grad_key, grad_bank, None, grad_tau) + (None,) * 7
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """a_r·b_r for each row r of two (R, D) tensors, without an (R, D) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _version(queue: Tensor | None) -> int | None:
@@ -276,44 +291,61 @@ def _masked_columns(
 @torch.library.custom_op("sce_loss::chunked_stream", mutates_args=())
 def _stream(
     exponents: Tensor,
-    m: Tensor,
-    l: Tensor,
-    o: Tensor,
     bank: Tensor | None,
     queue: Tensor | None,
     masked: Tensor,
     chunk_size: int,
+    vectors_from: int,
+    first_logits: Tensor | None,
+    first_column: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The running states (m, l, O) of the rows of ``exponents`` (base-2 logits z =
     exponents·c) after every candidate, [bank; queue], a chunk at a time, without each row's
-    ``masked`` bank columns: the loop of ``partial_stats_kernel``."""
+    ``masked`` bank columns: the loop of ``partial_stats_kernel``. O is kept for the rows from
+    ``vectors_from`` on. With ``first_logits`` the first rows start from one column already seen:
+    logit ``first_logits``, vector ``first_column`` (queue mode's positive)."""
+    rows, dim = exponents.shape
+    m = exponents.new_full((rows,), float("-inf"))
+    l = exponents.new_zeros(rows)
+    o = exponents.new_zeros(rows - vectors_from, dim)
+    if first_logits is not None:
+        m[: len(first_logits)], l[: len(first_logits)] = first_logits, 1.0
+    if first_column is not None:
+        o[: len(first_column)] = first_column
+    buffer = exponents.new_empty(rows * chunk_size)  # one chunk's logits, reused
     for candidates, has_masks in ((bank, True), (queue, False)):
         for start in range(0, 0 if candidates is None else len(candidates), chunk_size):
             c = candidates[start : start + chunk_size].to(exponents.dtype)
-            logits = exponents @ c.T
+            logits = torch.mm(exponents, c.T, out=buffer[: rows * len(c)].view(rows, len(c)))
             if has_masks:
                 _mask_columns(logits, masked - start)
-            m, l, o = _online_update(m, l, o, logits, c)
+            _online_update_(m, l, o, logits, c)
     return m, l, o
 
 
 @_stream.register_fake
-def _(exponents, m, l, o, *_):
-    return torch.empty_like(m), torch.empty_like(l), torch.empty_like(o)
+def _(exponents, bank, queue, masked, chunk_size, vectors_from, *_):
+    rows, dim = exponents.shape
+    return (
+        exponents.new_empty(rows),
+        exponents.new_empty(rows),
+        exponents.new_empty(rows - vectors_from, dim),
+    )
 
 
-def _online_update(m: Tensor, l: Tensor, o: Tensor, logits: Tensor, c: Tensor):
-    """One chunk of columns into the running (max, Σ2^z, Σ2^z·c) states of base-2 logits z, as
-    the kernels' ``_online_update``: m' = max(m, max_k z_k), l' = l·2^{m−m'} + Σ_k 2^{z_k−m'},
-    O' = O·2^{m−m'} + Σ_k 2^{z_k−m'}·c_k. ``o`` holds the last len(o) rows' O."""
+def _online_update_(m: Tensor, l: Tensor, o: Tensor, logits: Tensor, c: Tensor) -> None:
+    """One chunk of columns into the running (max, Σ2^z, Σ2^z·c) states of base-2 logits z, in
+    place, as the kernels' ``_online_update``: m' = max(m, max_k z_k),
+    l' = l·2^{m−m'} + Σ_k 2^{z_k−m'}, O' = O·2^{m−m'} + Σ_k 2^{z_k−m'}·c_k. ``o`` holds the last
+    len(o) rows' O; ``logits`` becomes 2^{z−m'}."""
     new_m = torch.maximum(m, logits.amax(1))
     safe_m = new_m.masked_fill(new_m == float("-inf"), 0.0)  # rows with no column yet
     alpha = torch.exp2(m - safe_m)
     p = logits.sub_(safe_m[:, None]).exp2_()
-    l = l * alpha + p.sum(1)
+    l.mul_(alpha).add_(p.sum(1))
     first = len(p) - len(o)
-    o = torch.addmm(o * alpha[first:, None], p[first:], c)
-    return new_m, l, o
+    o.mul_(alpha[first:, None]).addmm_(p[first:], c)
+    m.copy_(new_m)
 
 
 def _mask_columns(logits: Tensor, columns: Tensor) -> None:
@@ -327,35 +359,64 @@ def _mask_columns(logits: Tensor, columns: Tensor) -> None:
 
 
 def _bank_gradient(
-    lhs, m, l, upstream, bank, *, masked, views, offset, coeff, need_target, chunk_size
+    exponents, m, l, upstream, bank, *, masked, views, offset, coeff, need_target, chunk_size
 ) -> Tensor:
     """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for the bank's columns, with P_rk = e^{a_rk − LSE_a}
     and w_rk = λ·[k = pos] + (1−λ)·e^{b_rk − LSE_b} (k ≠ pos). The target rows are shared by the
-    crops: Σ_r w_rk g_r x_r = Σ_i w_ik x̄_i with x̄_i = Σ_v g_vi x_vi."""
-    rows = lhs[: len(upstream)]
-    weighted = upstream[:, None] * rows  # g_r x_r / τ
-    summed = weighted.view(views, -1, rows.shape[1]).sum(0)  # x̄_i / τ
-    rhs = torch.cat([weighted, -(1 - coeff) * summed]) if need_target else weighted
-    # P and w are 2^{z − m}/l with the forward's base-2 states: the 1/l goes into the rhs.
-    grad = _bank_products(lhs * LOG2_E, m, rhs / l[:, None], bank, masked, chunk_size)
-    grad[offset : offset + len(summed)] -= coeff * summed
+    crops: Σ_r w_rk g_r x_r = Σ_i w_ik x̄_i with x̄_i = Σ_v g_vi x_vi (with one crop, x̄_i = g_i x_i,
+    and the two weightings of the same rows are summed before one product)."""
+    r, dim = len(upstream), exponents.shape[1]
+    n = r // views
+    online = upstream * LN_2  # x_r/τ = exponents_r·ln 2: row r's weight on exponents_r
+    target_rhs = None
+    if not need_target:
+        weights = online
+    elif views == 1:
+        weights = torch.cat([online, -(1 - coeff) * online])
+    else:
+        target_rhs = (exponents[:r] * online[:, None]).view(views, n, dim).sum(0)  # x̄_i / τ
+        weights = torch.cat([online, (-(1 - coeff)) * torch.ones_like(online[:n])])
+    # P and w are 2^{z − m − log2 l} with the forward's base-2 states.
+    grad = _bank_products(exponents, m + l.log2(), weights, target_rhs, bank, masked, chunk_size, r)
+    for v in range(views):  # the positive's target weight λ: −λ·x̄_i at column offset + i
+        crop = slice(v * n, (v + 1) * n)
+        grad[offset : offset + n].addcmul_(exponents[crop], (-coeff * online[crop])[:, None])
     return grad
 
 
 @torch.library.custom_op("sce_loss::chunked_bank_products", mutates_args=())
 def _bank_products(
-    exponents: Tensor, m: Tensor, rhs: Tensor, bank: Tensor, masked: Tensor, chunk_size: int
+    exponents: Tensor,
+    shift: Tensor,
+    weights: Tensor,
+    target_rhs: Tensor | None,
+    bank: Tensor,
+    masked: Tensor,
+    chunk_size: int,
+    online_rows: int,
 ) -> Tensor:
-    """Σ_r 2^{z_rk − m_r}·rhs_r for each bank column k, z = exponents·c_k as in the forward pass
-    (``masked`` columns left out), a chunk of columns at a time: ``key_gradient_kernel``'s loop."""
-    chunks = []
+    """Σ_r 2^{z_rk − shift_r}·weights_r·v_r for each bank column k, z = exponents·c_k as in the
+    forward pass (``masked`` columns left out), a chunk of columns at a time:
+    ``key_gradient_kernel``'s loop. v_r is the exponents row r for the first ``online_rows``
+    rows, and for the target rows after them ``target_rhs``'s rows, or (``target_rhs`` None) the
+    online rows again, row for row."""
+    rows, r = len(exponents), online_rows
+    grad = exponents.new_empty(bank.shape)
+    buffer = exponents.new_empty(rows * chunk_size)  # one chunk's logits, reused
     for start in range(0, len(bank), chunk_size):
-        logits = exponents @ bank[start : start + chunk_size].T
+        c = bank[start : start + chunk_size]
+        logits = torch.mm(exponents, c.T, out=buffer[: rows * len(c)].view(rows, len(c)))
         _mask_columns(logits, masked - start)
-        chunks.append(logits.sub_(m[:, None]).exp2_().T @ rhs)
-    return torch.cat(chunks)
+        p = logits.sub_(shift[:, None]).exp2_().mul_(weights[:, None])
+        out = grad[start : start + len(c)]
+        if rows > r and target_rhs is None:
+            p[:r] += p[r:]
+        torch.mm(p[:r].T, exponents[:r], out=out)
+        if rows > r and target_rhs is not None:
+            out.addmm_(p[r:].T, target_rhs)
+    return grad
 
 
 @_bank_products.register_fake
-def _(exponents, m, rhs, bank, *_):
-    return rhs.new_empty(bank.shape)
+def _(exponents, shift, weights, target_rhs, bank, *_):
+    return exponents.new_empty(bank.shape)

@@ -321,29 +321,38 @@ def test_chunk_loops_pass_opcheck():
     and fake-tensor implementations, as torch.compile relies on them."""
     views, n, d = 2, 5, 8
     exponents = unit(views * n + n, d, dtype=torch.float32)
-    m = torch.full((len(exponents),), float("-inf"))
     bank, queue = unit(3 * n, d, dtype=torch.float32), unit(7, d, dtype=torch.float32)
     masked = chunked._masked_columns(
         n, views, n, online_has_pos=False, need_target=True, symmetric=False, device="cpu"
     )
-    stream_args = (
-        exponents,
-        m,
-        torch.zeros_like(m),
-        torch.zeros_like(exponents),
-        bank,
-        queue.bfloat16(),
-        masked,
-        3,
-    )
-    torch.library.opcheck(
-        chunked._stream, stream_args, test_utils=("test_schema", "test_faketensor")
-    )
-    m = torch.ones(len(exponents))
-    products_args = (exponents, m, torch.ones_like(exponents), bank, masked, 4)
-    torch.library.opcheck(
-        chunked._bank_products, products_args, test_utils=("test_schema", "test_faketensor")
-    )
+    first_logits, first_column = exponents[: views * n, 0], exponents[: views * n]
+    for stream_args in (
+        (exponents, bank, queue.bfloat16(), masked, 3, 0, None, None),
+        (exponents, None, queue, masked, 4, views * n, first_logits, None),
+        (exponents, None, queue, masked, 4, 0, first_logits, first_column),
+    ):
+        torch.library.opcheck(
+            chunked._stream, stream_args, test_utils=("test_schema", "test_faketensor")
+        )
+    shift, weights = torch.ones(len(exponents)), torch.rand(len(exponents))
+    online, target_rhs = views * n, exponents[:n]
+    for products_args in (
+        (exponents, shift, weights, target_rhs, bank, masked, 4, online),
+        (exponents[: 2 * n], shift[: 2 * n], weights[: 2 * n], None, bank, masked[: 2 * n], 4, n),
+        (
+            exponents[:online],
+            shift[:online],
+            weights[:online],
+            None,
+            bank,
+            masked[:online],
+            4,
+            online,
+        ),
+    ):
+        torch.library.opcheck(
+            chunked._bank_products, products_args, test_utils=("test_schema", "test_faketensor")
+        )
 
 
 def test_serves_every_problem():
