@@ -47,11 +47,14 @@ from torch import Tensor
 from . import reference
 from .problem import Problem, differentiating_backward
 
-# Logits per chunk: (rows + target rows) × columns values, 4 MiB in float32, which stay in cache
-# (at N = 256 that is 2048 columns, the fastest of 512 to 16384 measured on a 2-core CPU); never
-# fewer than MIN_CHUNK columns, so a product stays a GEMM that BLAS runs well.
+# A chunk of logits is (at most ROW_BLOCK rows) × (columns) ≈ CHUNK_ELEMENTS values, 4 MiB in
+# float32, which stay in cache: at N = 256 (512 online and target rows) 2048 columns, the fastest
+# of 512 to 16384 measured on a 2-core CPU; a SimCLR batch of 2N = 16384 is streamed in row blocks
+# of 8192 against 128 columns. Never fewer than MIN_CHUNK columns, so a product stays a GEMM that
+# BLAS runs well.
 CHUNK_ELEMENTS = 1 << 20
-MIN_CHUNK = 32
+ROW_BLOCK = 8192
+MIN_CHUNK = 64
 LOG2_E, LN_2 = 1 / math.log(2), math.log(2)
 
 
@@ -61,8 +64,9 @@ def unsupported_reason(problem: Problem) -> str | None:
 
 
 def chunk_columns(lhs_rows: int) -> int:
-    """Candidate columns per chunk for ``lhs_rows`` rows of logits (online and target)."""
-    return max(MIN_CHUNK, CHUNK_ELEMENTS // max(lhs_rows, 1))
+    """Candidate columns per chunk for ``lhs_rows`` rows of logits (online and target), streamed
+    ROW_BLOCK rows at a time."""
+    return max(MIN_CHUNK, CHUNK_ELEMENTS // max(min(lhs_rows, ROW_BLOCK), 1))
 
 
 def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
@@ -312,15 +316,25 @@ def _stream(
         m[: len(first_logits)], l[: len(first_logits)] = first_logits, 1.0
     if first_column is not None:
         o[: len(first_column)] = first_column
-    buffer = exponents.new_empty(rows * chunk_size)  # one chunk's logits, reused
-    for candidates, has_masks in ((bank, True), (queue, False)):
-        for start in range(0, 0 if candidates is None else len(candidates), chunk_size):
-            c = candidates[start : start + chunk_size].to(exponents.dtype)
-            logits = torch.mm(exponents, c.T, out=buffer[: rows * len(c)].view(rows, len(c)))
-            if has_masks:
-                _mask_columns(logits, masked - start)
-            _online_update_(m, l, o, logits, c)
+    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * chunk_size)  # one chunk's logits
+    for first in range(0, rows, ROW_BLOCK):  # row blocks (one unless the batch is large)
+        block = slice(first, min(first + ROW_BLOCK, rows))
+        vectors = slice(
+            max(block.start - vectors_from, 0), max(block.stop - vectors_from, 0)
+        )  # the rows of the block that keep O
+        for candidates, has_masks in ((bank, True), (queue, False)):
+            for start in range(0, 0 if candidates is None else len(candidates), chunk_size):
+                c = candidates[start : start + chunk_size].to(exponents.dtype)
+                logits = _logits(exponents[block], c, buffer)
+                if has_masks:
+                    _mask_columns(logits, masked[block] - start)
+                _online_update_(m[block], l[block], o[vectors], logits, c)
     return m, l, o
+
+
+def _logits(rows: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
+    """rows·cᵀ, written into the front of ``buffer`` (reused from chunk to chunk)."""
+    return torch.mm(rows, c.T, out=buffer[: len(rows) * len(c)].view(len(rows), len(c)))
 
 
 @_stream.register_fake
@@ -401,19 +415,32 @@ def _bank_products(
     rows, and for the target rows after them ``target_rhs``'s rows, or (``target_rhs`` None) the
     online rows again, row for row."""
     rows, r = len(exponents), online_rows
-    grad = exponents.new_empty(bank.shape)
-    buffer = exponents.new_empty(rows * chunk_size)  # one chunk's logits, reused
+    paired = rows > r and target_rhs is None  # target row r + i weighs online row i's vector
+    block_rows = ROW_BLOCK // 2 if paired else ROW_BLOCK
+    grad = exponents.new_zeros(bank.shape)
+    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * chunk_size)  # one chunk's logits
+
+    def weighted_probabilities(block: slice, c: Tensor, start: int, into: Tensor) -> Tensor:
+        logits = _logits(exponents[block], c, into)
+        _mask_columns(logits, masked[block] - start)
+        return logits.sub_(shift[block, None]).exp2_().mul_(weights[block, None])
+
     for start in range(0, len(bank), chunk_size):
         c = bank[start : start + chunk_size]
-        logits = torch.mm(exponents, c.T, out=buffer[: rows * len(c)].view(rows, len(c)))
-        _mask_columns(logits, masked - start)
-        p = logits.sub_(shift[:, None]).exp2_().mul_(weights[:, None])
         out = grad[start : start + len(c)]
-        if rows > r and target_rhs is None:
-            p[:r] += p[r:]
-        torch.mm(p[:r].T, exponents[:r], out=out)
-        if rows > r and target_rhs is not None:
-            out.addmm_(p[r:].T, target_rhs)
+        for first in range(0, r, block_rows):  # the online rows (with their target rows)
+            block = slice(first, min(first + block_rows, r))
+            p = weighted_probabilities(block, c, start, buffer)
+            if paired:
+                size = block.stop - block.start
+                target = slice(r + block.start, r + block.stop)
+                p += weighted_probabilities(target, c, start, buffer[size * len(c) :])
+            out.addmm_(p.T, exponents[block])
+        if not paired:  # the target rows, if any, weigh target_rhs's rows
+            for first in range(r, rows, block_rows):
+                block = slice(first, min(first + block_rows, rows))
+                p = weighted_probabilities(block, c, start, buffer)
+                out.addmm_(p.T, target_rhs[block.start - r : block.stop - r])
     return grad
 
 

@@ -423,3 +423,19 @@ def test_compiles_once_with_a_learnable_temperature(mode, fresh_dynamo):
         with torch.no_grad():
             temperature -= 0.01 * got[1].sign()  # a learning step
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("loss", HYPER)
+@pytest.mark.parametrize("mode, crops", [("queue", 2), ("in-batch", None), ("queue+keys", 2)])
+@pytest.mark.parametrize("row_block", [2, 3])
+def test_row_blocks_give_the_references_numbers(loss, mode, crops, row_block, monkeypatch):
+    """Large batches stream ROW_BLOCK rows at a time: blocks that split the online and target
+    rows raggedly change nothing."""
+    monkeypatch.setattr(chunked, "ROW_BLOCK", row_block)
+    query, key, queue, temperature = leaves_of(mode, crops, temperature=0.2, seed=11)
+    problem = build(loss, mode, query, key, queue, temperature, ranks=2)
+    leaves = (query, key, temperature)
+    got = evaluate(lambda p: chunked.losses(p, 3), problem, leaves)
+    want = evaluate(reference.losses, problem, leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

@@ -5,8 +5,10 @@ once with the recipe (this library's loss, the codebase's queue layout and enque
 outputs) and once with a plain-PyTorch transcription of the same objective, and checks every step's
 loss and gradients against each other. The models are written from the codebases' public structure:
 the official MoCo builder (a (D, K) queue buffer, enqueue inside ``forward`` before the backward),
-solo-learn's MoCo V2+ (one (D, K) queue per view, a symmetric loss, enqueue in ``training_step``
-before the backward) and lightly (raw projection outputs, a memory bank of normalised keys).
+solo-learn's MoCo V2+ (one (D, K) queue per view, enqueue in ``training_step`` before the
+backward), lightly (raw projection outputs, a memory bank of normalised keys, a dataset that
+yields (views, targets, filenames)), and the SimCLR family: lightly's SimCLR example and
+solo-learn's SimCLR ``training_step``, against transcriptions of their NT-Xent.
 """
 
 import copy
@@ -14,9 +16,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_symmetric import lightly_ntxent, solo_learn_simclr
 from torch import nn
 
-from sce_loss import MemoryQueue, SCELoss, sce_loss
+from sce_loss import InfoNCELoss, MemoryQueue, SCELoss, info_nce_loss, sce_loss
 
 COEFF, TAU, TAU_M = 0.5, 0.1, 0.05
 DIM, QUEUE, BATCH, STEPS = 16, 24, 8, 4
@@ -85,6 +88,7 @@ class MoCo(nn.Module):
         )
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.objective = objective
+        self.T = TAU  # the builder's configured temperature (--moco-t)
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
@@ -109,9 +113,15 @@ class MoCo(nn.Module):
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_official_moco_builder(backend):
-    def recipe(self, q, k):  # the README's recipe, verbatim
+    def recipe(self, q, k):  # the README's recipe, verbatim (but the backend)
         return sce_loss(
-            q, k, self.queue.T, coeff=0.5, temperature=0.1, target_temperature=0.05, backend=backend
+            q,
+            k,
+            self.queue.T,
+            coeff=0.5,
+            temperature=self.T,
+            target_temperature=0.05,
+            backend=backend,
         )
 
     def plain(self, q, k):
@@ -136,6 +146,7 @@ class MoCoV2Plus(nn.Module):
         )
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.objective = objective
+        self.temperature = TAU  # method_kwargs.temperature
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):
@@ -155,16 +166,13 @@ class MoCoV2Plus(nn.Module):
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_solo_learn_mocov2plus(backend):
-    def recipe(self, q1, q2, k1, k2):  # the README's recipe, verbatim
+    def recipe(self, q1, q2, k1, k2):  # the README's recipe, verbatim (but the backend)
         queue = self.queue.clone().detach()  # (2, D, K)
-        return (
-            sce_loss(q1, k2, queue[1].T, backend=backend)
-            + sce_loss(q2, k1, queue[0].T, backend=backend)
-        ) / 2
+        nce_loss = sce_loss(q1, k2, queue[1].T, temperature=self.temperature, backend=backend)
+        return nce_loss
 
     def plain(self, q1, q2, k1, k2):
-        queue = self.queue.clone().detach()
-        return (plain_sce(q1, k2, queue[1].T) + plain_sce(q2, k1, queue[0].T)) / 2
+        return plain_sce(q1, k2, self.queue.clone().detach()[1].T)
 
     step = lambda model, batch: model.training_step(batch)  # noqa: E731
     assert_same_steps(MoCoV2Plus(recipe), MoCoV2Plus(plain), step, step)
@@ -200,16 +208,17 @@ def test_lightly(backend):
     plain_pointer = 0
 
     def recipe(model, batch):
-        x_query, x_key = batch
+        (x_query, x_key), _, _ = batch  # LightlyDataset: (views, targets, filenames)
         query = model(x_query)  # raw projection outputs
         key = model.forward_momentum(x_key)
         loss = criterion(query, key, queue.keys)
-        queue.push(F.normalize(key, dim=1))  # the bank holds normalised keys
+        if query.requires_grad:  # not in evaluation
+            queue.push(F.normalize(key, dim=1))  # the bank holds normalised keys
         return loss
 
     def plain(model, batch):
         nonlocal plain_bank, plain_pointer
-        x_query, x_key = batch
+        (x_query, x_key), _, _ = batch
         q, k = F.normalize(model(x_query), dim=1), F.normalize(model.forward_momentum(x_key), dim=1)
         loss = plain_sce(q, k, F.normalize(plain_bank, dim=1))  # normalize=True: the bank too
         plain_bank = plain_bank.clone()
@@ -217,6 +226,78 @@ def test_lightly(backend):
         plain_pointer = (plain_pointer + BATCH) % QUEUE
         return loss
 
-    assert_same_steps(LightlyMoCo(), LightlyMoCo(), recipe, plain)
+    model, twin = LightlyMoCo(), LightlyMoCo()
+    as_lightly = lambda step: lambda m, views: step(m, (views, None, None))  # noqa: E731
+    assert_same_steps(model, twin, as_lightly(recipe), as_lightly(plain))
     torch.testing.assert_close(queue.keys.norm(dim=1), torch.ones(QUEUE, dtype=torch.float64))
     torch.testing.assert_close(queue.keys, plain_bank)
+    with torch.no_grad():  # an evaluation batch leaves the bank alone
+        recipe(model, (batches()[0], None, None))
+    torch.testing.assert_close(queue.keys, plain_bank)
+
+
+class SimCLR(nn.Module):
+    """lightly's SimCLR example: backbone + projection head, one network for both views."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.projection_head = encoder(), nn.Linear(DIM, DIM).double()
+
+    def forward(self, x):
+        return self.projection_head(self.backbone(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_lightly_simclr(backend):
+    criterion = InfoNCELoss(temperature=0.5, symmetric=True, normalize=True, backend=backend)
+
+    def step(criterion):
+        def training_step(model, batch):
+            x0, x1 = batch
+            z0, z1 = model(x0), model(x1)
+            return criterion(z0, z1)  # unchanged
+
+        return training_step
+
+    lightly_criterion = lambda z0, z1: lightly_ntxent(z0, z1, 0.5)  # noqa: E731
+    assert_same_steps(SimCLR(), SimCLR(), step(criterion), step(lightly_criterion))
+
+
+class SoloSimCLR(nn.Module):
+    """solo-learn's SimCLR: the base method's ``training_step`` gives ``out["z"]``, one projection
+    per large crop; the method's ``training_step`` computes the contrastive loss from it."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.backbone, self.projector = encoder(), nn.Linear(DIM, DIM).double()
+        self.temperature = 0.2  # method_kwargs.temperature
+        self.objective = objective
+
+    def training_step(self, batch):
+        indexes, (x1, x2) = batch
+        out = {"z": [self.projector(self.backbone(x)) for x in (x1, x2)]}
+        return self.objective(self, out, indexes)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_solo_learn_simclr(backend):
+    def recipe(self, out, indexes):  # the README's recipe, verbatim (but the backend)
+        z1, z2 = out["z"]
+        nce_loss = info_nce_loss(
+            z1,
+            z2,
+            symmetric=True,
+            temperature=self.temperature,
+            normalize=True,
+            gather=True,
+            backend=backend,
+        )
+        return nce_loss
+
+    def solo(self, out, indexes):  # solo-learn's own lines
+        z = torch.cat(out["z"])
+        indexes = indexes.repeat(2)
+        return solo_learn_simclr(z, indexes=indexes, temperature=self.temperature)
+
+    step = lambda model, views: model.training_step((torch.arange(BATCH), views))  # noqa: E731
+    assert_same_steps(SoloSimCLR(recipe), SoloSimCLR(solo), step, step)

@@ -351,3 +351,10 @@ def test_a_compiled_step_streams_on_the_chunked_backend():
     )
     step(z1, z2).backward()
     assert any("chunked_stream" in graph for graph in graphs)
+
+
+@pytest.mark.parametrize("loss", FUNCTIONS)
+@pytest.mark.parametrize("row_block", [2, 5])
+def test_row_blocks_in_the_symmetric_form(loss, row_block, monkeypatch):
+    monkeypatch.setattr(chunked, "ROW_BLOCK", row_block)
+    test_chunked_equals_the_reference(loss, 3)
