@@ -55,6 +55,9 @@ LOSS_DEFAULTS = {
     "sce": dict(coeff=0.5, temperature=0.1, target_temperature=0.05),
     "infonce": dict(temperature=0.2),
     "ressl": dict(temperature=0.1, target_temperature=0.04),
+    # CACR: the formula's neutral values. The official sources differ (JegZheng/CACR-SSL): the
+    # queue code's main_ours.py defaults α = β = 3; its README command uses τ⁻ = 2, α = β = 1
+    # and 5 views; the small-scale README uses τ⁻ = 0.9 on CIFAR-10. Every value is a flag.
     "cacr": dict(
         attraction_temperature=1.0,
         repulsion_temperature=1.0,
