@@ -214,7 +214,13 @@ def _loss(
             **hyper_parameters,
             symmetric=symmetric,
         )
-        losses = _backend(backend, problem).losses(problem)
+        chosen = _backend(backend, problem)
+        if chosen is fused and backend == "auto":
+            # auto may trust the kernels with a kind of call it could not check (inside a
+            # compiled graph): a launch failure then computes the same outputs by streaming.
+            losses = fused.losses(problem, fallback=True)
+        else:
+            losses = chosen.losses(problem)
     if symmetric:
         losses = losses.view(2, -1)
     elif query.dim() == 2:

@@ -19,7 +19,10 @@ pytest.importorskip("triton", reason="the fused backend needs Triton (pip instal
 
 @pytest.fixture(autouse=True)
 def fresh_verdicts(monkeypatch):
+    from sce_loss.fused import ops
+
     monkeypatch.setattr(first_use, "_verdicts", {})
+    monkeypatch.setattr(ops, "_NOTED", set())
     monkeypatch.delenv(first_use.SKIP_VARIABLE, raising=False)
 
 
@@ -106,10 +109,21 @@ def test_no_check_while_compiling_and_failures_still_count(monkeypatch):
         raise AssertionError("the check ran while compiling")
 
     monkeypatch.setattr(first_use, "first_use_check", no_check)
+    problem = training_problem()
+    failed_kind = (*first_use.kind_key(problem), "its tiles")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert fused.verified(training_problem())
-    first_use._verdicts[("some", "failed", "kind")] = False
-    assert not fused.verified(training_problem())
+    assert fused.verified(problem)
+    first_use._verdicts[("another", "kind", "that", "failed")] = False
+    assert fused.verified(problem)  # a refusal applies to its own kind only
+    first_use._verdicts[failed_kind] = False
+    assert not fused.verified(problem)
+
+
+def test_the_kind_of_a_call_includes_its_dimension():
+    """D = 100 and D = 128 share tiles but compile to different kernels: separate checks."""
+    narrow = problem_of("sce", "queue", d=100, **SCE)
+    wide = problem_of("sce", "queue", d=128, **SCE)
+    assert first_use.check_key(narrow) != first_use.check_key(wide)
 
 
 def test_a_forced_fused_backend_raises_instead_of_falling_back(monkeypatch):
@@ -138,3 +152,94 @@ def test_the_check_problem_matches_the_callers_kind():
     assert check.query.dtype == torch.bfloat16 and check.queue.dtype == torch.float32
     assert check.query.device == torch.device(DEVICE)
     assert first_use.check_key(check) == first_use.check_key(problem)
+
+
+# -- a launch failure inside a compiled graph: the op streams instead ------------------------------
+
+HYPER = {
+    "info_nce": dict(temperature=0.2),
+    "ressl": dict(SCE, coeff=0.0),
+    "sce": SCE,
+}
+
+
+def fused_outputs(problem, fallback):
+    """Every output of the fused forward op, and the bank's gradient, for ``problem``."""
+    from sce_loss.fused.ops import fused_bank_gradient, fused_forward
+
+    query = problem.query.reshape(-1, problem.query.shape[-1])
+
+    def scalar(value):
+        return torch.ones((), device=query.device) * (1.0 if value is None else value)
+
+    options = (
+        problem.offset,
+        scalar(problem.coeff),
+        scalar(problem.temperature),
+        scalar(problem.target_temperature),
+        problem.online_has_positive,
+        problem.needs_target,
+    )
+    outputs = fused_forward(
+        query, problem.key, problem.bank, problem.queue, *options, True, fallback
+    )
+    if problem.bank is None:
+        return outputs
+    upstream = torch.linspace(0.5, 1.5, len(query), device=query.device)
+    _, _, _, lse_a, lse_b = outputs
+    bank_grad = fused_bank_gradient(
+        query, problem.key, problem.bank, upstream, lse_a, lse_b, *options, fallback
+    )
+    return (*outputs, bank_grad)
+
+
+@pytest.mark.parametrize("name", HYPER)
+@pytest.mark.parametrize("mode", ["in-batch", "queue", "queue+keys"])
+def test_a_failed_launch_streams_the_same_outputs_inside_the_op(name, mode, monkeypatch):
+    """With every kernel failing to launch, the op of ``backend="auto"`` returns what the kernels
+    return (loss, query gradient, τ gradient, LSE_a, LSE_b, and the bank's gradient), once
+    warned; a forced ``backend="fused"`` (no fallback) raises."""
+    problem = problem_of(name, mode, crops=2, **HYPER[name])
+    want = fused_outputs(problem, fallback=False)
+    for kernel in ("partial_stats_kernel", "finalize_kernel", "key_gradient_kernel"):
+        monkeypatch.setattr(kernels, kernel, FailingLaunch())
+    with pytest.warns(RuntimeWarning, match="failed to launch"):
+        got = fused_outputs(problem, fallback=True)
+    for label, g, w in zip(("loss", "grad", "dtau", "lse_a", "lse_b", "bank grad"), got, want):
+        if label != "lse_b" or problem.needs_target:  # InfoNCE's LSE_b is not written
+            # float32 against float32, summed in another order: the fused bar, ‖g − w‖/‖w‖
+            assert first_use.relative_error(g, w) <= 1e-5, label
+    with pytest.raises(RuntimeError, match="out of resource"):
+        fused_outputs(problem, fallback=False)
+
+
+def test_a_compiled_auto_step_survives_a_failed_launch(monkeypatch):
+    """An unchecked kind inside a compiled graph is trusted; its failed launch streams instead,
+    with the reference's loss and gradients."""
+    monkeypatch.setattr(fused, "unsupported_reason", lambda problem: None)
+    monkeypatch.setattr(first_use, "first_use_check", lambda problem: None)
+    import sce_loss.functional as functional
+
+    problem = training_problem()
+    monkeypatch.setattr(
+        functional, "_backend", lambda name, p: fused if name == "auto" else functional.reference
+    )
+    for kernel in ("partial_stats_kernel", "finalize_kernel", "key_gradient_kernel"):
+        monkeypatch.setattr(kernels, kernel, FailingLaunch())
+
+    def step(query, key, queue, backend):
+        return sce_loss(query, key, queue, include_keys=True, backend=backend, **SCE)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn, backend in ((compiled, "auto"), (step, "reference")):
+        query = problem.query[0].detach().clone().requires_grad_()
+        key = problem.key.detach().clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            loss = fn(query, key, problem.queue, backend)
+        loss.backward()
+        results.append((loss.detach(), query.grad, key.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -111,6 +111,7 @@ def test_fused_op_registration_passes_opcheck():
         True,
         True,
         True,
+        False,
     )
     torch.library.opcheck(
         fused_forward,

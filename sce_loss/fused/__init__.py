@@ -21,8 +21,18 @@ MAX_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # found, not imported
+# The Triton versions whose compile of every kernel at the launch plan's tiles has passed
+# (tests/compile_kernels.py: shared memory, no spills, tensor cores; CI's slow tier).
+CHECKED_TRITON = ("3.9",)
 
 __all__ = ["MAX_DIM", "DTYPES", "SKIP_VARIABLE", "losses", "unsupported_reason", "verified"]
+
+
+def triton_version() -> str:
+    """The installed Triton's version, read from its package metadata (Triton not imported)."""
+    from importlib.metadata import version
+
+    return version("triton")
 
 
 def unsupported_reason(problem: Problem) -> str | None:
@@ -32,6 +42,12 @@ def unsupported_reason(problem: Problem) -> str | None:
         return "the symmetric (SimCLR) form runs on the chunked and reference backends"
     if not TRITON_AVAILABLE:
         return "Triton is not installed (pip install 'sce-loss[triton]')"
+    version = triton_version()
+    if ".".join(version.split(".")[:2]) not in CHECKED_TRITON:
+        return (
+            f"Triton {version} is not a version its kernels were checked with "
+            f"({', '.join(CHECKED_TRITON)})"
+        )
     if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"it runs on CUDA tensors (or under TRITON_INTERPRET=1), got {query.device.type}"
     if torch.version.hip is not None:
@@ -58,11 +74,13 @@ def unsupported_reason(problem: Problem) -> str | None:
     return None
 
 
-def losses(problem: Problem) -> Tensor:
+def losses(problem: Problem, fallback: bool = False) -> Tensor:
     """Per-row losses (V, N) of ``problem`` from the fused kernels, float32.
 
     λ, τ and τ_m reach the kernels as 0-d float32 tensors on the inputs' device; a τ that
-    requires grad gets dL/dτ from the forward pass's statistics.
+    requires grad gets dL/dτ from the forward pass's statistics. With ``fallback`` (what
+    ``backend="auto"`` asks), a launch failure computes the same outputs with the chunked
+    backend's streaming loop instead of raising.
     """
     from .ops import fused_forward
 
@@ -94,5 +112,6 @@ def losses(problem: Problem) -> Tensor:
         problem.online_has_positive,
         problem.needs_target,
         need_grad,
+        fallback,
     )
     return per_row.view(crops, batch)

@@ -45,8 +45,10 @@ def verified(problem: Problem) -> bool:
     if os.environ.get(SKIP_VARIABLE) == "1":
         return True
     if torch.compiler.is_compiling():
-        # A traced graph cannot run the check; it trusts the kernels unless one check failed.
-        return all(_verdicts.values())
+        # A traced graph cannot run the check: it refuses a kind of call whose check failed and
+        # trusts one not yet checked (a launch failure then streams inside the op instead).
+        kind = kind_key(problem)
+        return all(ok for key, ok in _verdicts.items() if key[: len(kind)] == kind)
     key = check_key(problem)
     if key in _verdicts:
         return _verdicts[key]
@@ -67,23 +69,32 @@ def verified(problem: Problem) -> bool:
 
 
 def check_key(problem: Problem) -> tuple:
-    """What the check is run once for: one compiled configuration of the kernels."""
+    """What the check is run once for: one compiled configuration of the kernels, its kind of
+    call (:func:`kind_key`) and the tiles of every kernel."""
     from . import plan
 
     query = problem.query
     rows, dim = query.shape[0] * query.shape[1], query.shape[2]
-    kind = plan.kind_of(query.dtype)
-    tiles = plan.tiles(plan.device_of(query.device), kind, dim, rows)
+    tiles = plan.tiles(plan.device_of(query.device), plan.kind_of(query.dtype), dim, rows)
+    return (*kind_key(problem), tuple(sorted(tiles.items())))
+
+
+def kind_key(problem: Problem) -> tuple:
+    """A kind of call: device, dtypes, matmul precision, loss, candidate segments, query gradient
+    or not, and D (Triton compiles a kernel for each D, specialised on its divisibility)."""
+    from . import plan
+
+    query = problem.query
     return (
         str(query.device),
         query.dtype,
         None if problem.queue is None else problem.queue.dtype,
-        kind,
+        plan.kind_of(query.dtype),
         problem.loss,
         problem.bank is not None,
         problem.queue is not None,
         _needs_grad(problem),
-        tuple(sorted(tiles.items())),
+        query.shape[2],
     )
 
 

@@ -9,6 +9,7 @@ synchronises the device.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -65,14 +66,44 @@ def fused_forward(
     online_has_pos: bool,
     need_target: bool,
     need_grad: bool,
+    fallback: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row loss, dL/dquery (R×D, if need_grad), dL/dτ per row, LSE_a and LSE_b.
 
     ``query`` is (R, D), row r's key is ``key[r % N]``; the candidates are ``bank`` (positive at
     offset + r % N) then ``queue`` (read in its own dtype, rounded to the query's for the
     products); with no bank the positive is the row's own key (queue mode). ``coeff`` (λ),
-    ``temperature`` (τ) and ``target_temperature`` (τ_m) are 0-d float32 tensors.
+    ``temperature`` (τ) and ``target_temperature`` (τ_m) are 0-d float32 tensors. With
+    ``fallback``, a launch failure (out of resources, a compiler error) computes the same
+    outputs with the chunked backend's streaming loop instead of raising (``backend="auto"``
+    trusts a kind of call it could not check inside a compiled graph).
     """
+    arguments = (query, key, bank, queue, offset, coeff, temperature, target_temperature)
+    flags = (online_has_pos, need_target, need_grad)
+    try:
+        return _launch_forward(*arguments, *flags)
+    except Exception as error:
+        if not fallback:
+            raise
+        _note_fallback(error)
+        from .fallback import streaming_forward
+
+        return streaming_forward(*arguments, *flags)
+
+
+def _launch_forward(
+    query,
+    key,
+    bank,
+    queue,
+    offset,
+    coeff,
+    temperature,
+    target_temperature,
+    online_has_pos,
+    need_target,
+    need_grad,
+):
     rows, dim = query.shape
     device = query.device
     launches = launch_plan(query, key, bank, queue, need_grad, key_grad=False)
@@ -177,11 +208,28 @@ def _(
     online_has_pos,
     need_target,
     need_grad,
+    fallback,
 ):
     rows, dim = query.shape
     row = query.new_empty(rows, dtype=torch.float32)
     grad = query.new_empty((rows, dim) if need_grad else (0, dim), dtype=torch.float32)
     return row, grad, torch.empty_like(row), torch.empty_like(row), torch.empty_like(row)
+
+
+_NOTED: set[str] = set()
+
+
+def _note_fallback(error: Exception) -> None:
+    """Warn once per kind of launch failure that the streaming loop computed the call."""
+    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    if reason not in _NOTED:
+        _NOTED.add(reason)
+        warnings.warn(
+            f"sce_loss: the fused kernels failed to launch ({reason}); this call and others like "
+            "it are computed with the chunked backend's streaming loop (the same outputs)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _queue_mode_positive_logits(query: Tensor, key: Tensor, temperature: Tensor) -> Tensor:
@@ -204,9 +252,38 @@ def fused_bank_gradient(
     target_temperature: Tensor,
     online_has_pos: bool,
     need_target: bool,
+    fallback: bool,
 ) -> Tensor:
     """dL/dbank_k = Σ_r g_r (P_rk − w_rk) query_r / τ: one pass over the rows per column block,
-    the rows split across programs when the bank alone cannot fill the device."""
+    the rows split across programs when the bank alone cannot fill the device. With
+    ``fallback``, a launch failure computes it with the chunked backend's loop instead."""
+    arguments = (query, key, bank, upstream, lse_a, lse_b, offset, coeff, temperature)
+    flags = (target_temperature, online_has_pos, need_target)
+    try:
+        return _launch_bank_gradient(*arguments, *flags)
+    except Exception as error:
+        if not fallback:
+            raise
+        _note_fallback(error)
+        from .fallback import streaming_bank_gradient
+
+        return streaming_bank_gradient(*arguments, *flags)
+
+
+def _launch_bank_gradient(
+    query,
+    key,
+    bank,
+    upstream,
+    lse_a,
+    lse_b,
+    offset,
+    coeff,
+    temperature,
+    target_temperature,
+    online_has_pos,
+    need_target,
+):
     rows, dim = query.shape
     launch = launch_plan(query, key, bank, None, need_grad=False, key_grad=True).key_gradient
     t = launch.tiles
@@ -254,6 +331,7 @@ def _(
     target_temperature,
     online_has_pos,
     need_target,
+    fallback,
 ):
     return torch.empty_like(bank)
 
@@ -271,6 +349,7 @@ def _setup_context(ctx, inputs, output):
         online_has_pos,
         need_target,
         _,
+        fallback,
     ) = inputs
     _, grad, dtau, lse_a, lse_b = output
     # The queue is not saved: it may be updated in place before the backward. It is kept for a
@@ -278,7 +357,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(
         query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature, target_temperature
     )
-    ctx.options = (offset, online_has_pos, need_target)
+    ctx.options = (offset, online_has_pos, need_target, fallback)
     ctx.queue = queue
     ctx.queue_version = None if torch.compiler.is_compiling() or queue is None else queue._version
 
@@ -290,7 +369,7 @@ def _differentiable_backward(ctx, upstream):
     from ..problem import Problem
 
     query, key, bank, *_, coeff, temperature, target_temperature = ctx.saved_tensors
-    offset, online_has_pos, need_target = ctx.options
+    offset, online_has_pos, need_target, _ = ctx.options
     queue = ctx.queue
     if queue is not None and ctx.queue_version not in (None, queue._version):
         raise RuntimeError(
@@ -318,7 +397,7 @@ def _differentiable_backward(ctx, upstream):
         per_row = reference.losses(problem).reshape(-1)
         wanted = [x for x, need in zip(inputs, needed) if need]
         grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
-    return tuple(next(grads) if need else None for need in needed) + (None,) * 4
+    return tuple(next(grads) if need else None for need in needed) + (None,) * 5
 
 
 def _backward(ctx, upstream, *_):
@@ -327,7 +406,7 @@ def _backward(ctx, upstream, *_):
     (query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature, target_temperature) = (
         ctx.saved_tensors
     )
-    offset, online_has_pos, need_target = ctx.options
+    offset, online_has_pos, need_target, fallback = ctx.options
     grad_query = grad_key = grad_bank = grad_temperature = None
     if ctx.needs_input_grad[0]:
         grad_query = (upstream[:, None] * grad).to(query.dtype)
@@ -354,6 +433,7 @@ def _backward(ctx, upstream, *_):
             target_temperature,
             online_has_pos,
             need_target,
+            fallback,
         )
     if ctx.needs_input_grad[6]:
         grad_temperature = (upstream * dtau).sum()
@@ -365,6 +445,7 @@ def _backward(ctx, upstream, *_):
         None,
         None,
         grad_temperature,
+        None,
         None,
         None,
         None,

@@ -1,0 +1,111 @@
+"""The fused ops' outputs computed by the chunked backend's streaming loop: what a custom op of
+``backend="auto"`` computes when its kernels fail to launch (inside a compiled graph, where the
+first-use check cannot run first). Same inputs and outputs as the kernels, in float32:
+LSE_a = ln Σ_k e^{a_k} over the online candidates, LSE_b = ln Σ_{k≠pos} e^{b_k}."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import chunked
+from ..chunked import LN_2, LOG2_E
+
+
+def streaming_forward(
+    query,
+    key,
+    bank,
+    queue,
+    offset,
+    coeff,
+    temperature,
+    target_temperature,
+    online_has_pos,
+    need_target,
+    need_grad,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dL/dquery, dL/dτ, LSE_a, LSE_b) per row, as ``fused_forward`` returns them."""
+    rows, dim = query.shape
+    n = key.shape[0]
+    views = rows // n
+    x, k = query.float(), key.float()
+    exponents = torch.cat([x, k]) if need_target else x.clone()
+    exponents[:rows].mul_(LOG2_E / temperature)
+    exponents[rows:].mul_(LOG2_E / target_temperature)
+    c_pos = k.repeat(views, 1)
+    a_pos2 = chunked._row_dots(exponents[:rows], c_pos)
+    masked = chunked._masked_columns(
+        n, views, offset, online_has_pos, need_target, symmetric=False, device=query.device
+    )
+    queue_positive = bank is None and online_has_pos
+    m, l, o = chunked._stream(
+        exponents,
+        None if bank is None else bank.float(),
+        queue,
+        masked,
+        chunked.chunk_columns(len(exponents)),
+        0,
+        a_pos2 if queue_positive else None,
+        c_pos if queue_positive else None,
+    )
+    lse = (m + l.log2()) * LN_2
+    means = o / l[:, None]
+    u_a = chunked._row_dots(exponents[:rows], means[:rows]) * LN_2  # Σ_k P_k a_k
+    a_pos = a_pos2 * LN_2
+    target_mean, u_target, lse_b = c_pos, a_pos, torch.zeros_like(a_pos)
+    if need_target:
+        mean_b = means[rows:].repeat(views, 1)
+        u_b = chunked._row_dots(exponents[:rows], mean_b) * LN_2
+        target_mean = coeff * c_pos + (1 - coeff) * mean_b
+        u_target = coeff * a_pos + (1 - coeff) * u_b
+        lse_b = lse[rows:].repeat(views)
+    loss = lse[:rows] - u_target
+    dtau = -(u_a - u_target) / temperature
+    grad = (
+        (means[:rows] - target_mean) / temperature
+        if need_grad
+        else query.new_empty((0, dim), dtype=torch.float32)
+    )
+    return loss, grad, dtau, lse[:rows].contiguous(), lse_b
+
+
+def streaming_bank_gradient(
+    query,
+    key,
+    bank,
+    upstream,
+    lse_a,
+    lse_b,
+    offset,
+    coeff,
+    temperature,
+    target_temperature,
+    online_has_pos,
+    need_target,
+) -> Tensor:
+    """dL/dbank as ``fused_bank_gradient`` returns it, from the forward's LSE_a and LSE_b."""
+    rows = query.shape[0]
+    n = key.shape[0]
+    x, k = query.float(), key.float()
+    exponents = torch.cat([x, k]) if need_target else x.clone()
+    exponents[:rows].mul_(LOG2_E / temperature)
+    exponents[rows:].mul_(LOG2_E / target_temperature)
+    shift = torch.cat([lse_a, lse_b[:n]]) if need_target else lse_a
+    masked = chunked._masked_columns(
+        n, rows // n, offset, online_has_pos, need_target, symmetric=False, device=query.device
+    )
+    grad = chunked._bank_gradient(
+        exponents,
+        shift * LOG2_E,
+        torch.ones_like(shift),
+        upstream.float(),
+        bank.float(),
+        masked=masked,
+        views=rows // n,
+        offset=offset,
+        coeff=coeff,
+        need_target=need_target,
+        chunk_size=chunked.chunk_columns(len(exponents)),
+    )
+    return grad.to(bank.dtype)
