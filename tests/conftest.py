@@ -12,6 +12,18 @@ if not torch.cuda.is_available():
 MODES = ("in-batch", "queue", "queue+keys")
 
 
+def fused_reason():
+    """Why the fused kernels cannot run in this installation (no Triton, or a version they were
+    not checked with), or None."""
+    from sce_loss import fused
+
+    return fused.triton_reason()
+
+
+HAS_FUSED = fused_reason() is None
+needs_fused = pytest.mark.skipif(not HAS_FUSED, reason=f"the fused backend: {fused_reason()}")
+
+
 def unit(*shape, dtype=torch.float64, generator=None):
     """Random unit vectors along the last dimension."""
     return F.normalize(torch.randn(*shape, dtype=torch.float64, generator=generator), dim=-1).to(

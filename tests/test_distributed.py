@@ -1,6 +1,5 @@
 """W gloo processes must give exactly the loss and gradients of one process holding every batch."""
 
-import importlib.util
 import os
 import tempfile
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import MODES, make_inputs
+from conftest import HAS_FUSED, MODES, make_inputs
 
 from sce_loss import MemoryQueue, info_nce_loss, ressl_loss, sce_loss
 
@@ -21,7 +20,7 @@ N_PER_RANK = 3
 CASES = [(name, mode, crops) for name in LOSSES for mode in MODES for crops in (None, 2)]
 # The fused kernels (through Triton's interpreter without a GPU), float32, where keys are gathered.
 FUSED_CASES = [(name, mode, None) for name in LOSSES for mode in ("in-batch", "queue+keys")]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = HAS_FUSED
 
 
 def full_batch(mode, world, crops, dtype=torch.float64):

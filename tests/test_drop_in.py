@@ -6,12 +6,11 @@ Compiled steps use the ``aot_eager`` backend, which traces the forward and backw
 inductor would, without generating code.
 """
 
-import importlib.util
 import inspect
 
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import HAS_FUSED, make_inputs
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from sce_loss import (
@@ -24,7 +23,7 @@ from sce_loss import (
     sce_loss,
 )
 
-BACKENDS = ["reference", "chunked"] + (["fused"] if importlib.util.find_spec("triton") else [])
+BACKENDS = ["reference", "chunked"] + (["fused"] if HAS_FUSED else [])
 LOSSES = {
     "infonce": (info_nce_loss, dict(temperature=0.2)),
     "ressl": (ressl_loss, dict(temperature=0.1, target_temperature=0.04)),

@@ -9,12 +9,14 @@ import warnings
 
 import pytest
 import torch
+from conftest import HAS_FUSED, fused_reason
 from test_fused import DEVICE, SCE, problem_of
 
 from sce_loss import fused, sce_loss
 from sce_loss.fused import first_use, kernels
 
-pytest.importorskip("triton", reason="the fused backend needs Triton (pip install '.[triton]')")
+if not HAS_FUSED:
+    pytest.skip(f"the fused backend: {fused_reason()}", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,14 @@ they run compiled on the GPU. (The interpreter needs Triton â‰¥ 3.8 with NumPy â
 
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import HAS_FUSED, fused_reason, make_inputs
 
 from sce_loss import fused, info_nce_loss, ressl_loss, sce_loss
 from sce_loss.fused import first_use, plan
 from sce_loss.problem import Problem
 
-pytest.importorskip("triton", reason="the fused backend needs Triton (pip install '.[triton]')")
+if not HAS_FUSED:
+    pytest.skip(f"the fused backend: {fused_reason()}", allow_module_level=True)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 LOSSES = {

@@ -2,17 +2,15 @@
 (create_graph=True), gradgradcheck, and torch.func's grad, vjp, jacrev and vmap give the
 reference's numbers through whatever backend ``auto`` picks, and through each backend forced."""
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import make_inputs, unit
+from conftest import HAS_FUSED, make_inputs, unit
 
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
 from sce_loss.functional import _backend
 from sce_loss.problem import Problem
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = HAS_FUSED
 FUNCTIONS = {"info_nce": info_nce_loss, "ressl": ressl_loss, "sce": sce_loss}
 MODES = {
     "queue": dict(include_keys=False),

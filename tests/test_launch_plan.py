@@ -15,6 +15,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import HAS_FUSED, fused_reason
 
 from sce_loss.fused import first_use, plan
 
@@ -231,7 +232,8 @@ def test_row_groups_give_the_losses_and_gradients_of_the_reference(
 ):
     """Each group reads its own rows, keys and in-batch positives (ReSSL leaves the positive
     out of the online softmax, SCE out of the target)."""
-    pytest.importorskip("triton", reason="the fused backend needs Triton")
+    if not HAS_FUSED:
+        pytest.skip(f"the fused backend: {fused_reason()}")
     from sce_loss import fused, reference
     from sce_loss.check import make_problem
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import unit
+from conftest import HAS_FUSED, fused_reason, unit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -756,8 +756,8 @@ def test_the_queues_are_read_when_the_loss_is_called():
 
 @pytest.mark.parametrize("backend", ["chunked", "fused"])
 def test_reco_runs_on_every_backend_of_its_terms(backend):
-    if backend == "fused":
-        pytest.importorskip("triton", reason="the fused backend needs Triton")
+    if backend == "fused" and not HAS_FUSED:
+        pytest.skip(f"the fused backend: {fused_reason()}")
     inputs = reco_inputs(2, dtype=torch.float32, seed=15)
     for name in ("query", "key", "mixed_query"):
         inputs[name].requires_grad_()

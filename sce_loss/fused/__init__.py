@@ -7,6 +7,7 @@ a device. Triton is imported on first use only, so the package imports and runs 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 
@@ -21,18 +22,35 @@ MAX_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # found, not imported
+# Its version from the package metadata (Triton itself is not imported), read once: the reading
+# cannot be traced by torch.compile.
+TRITON_VERSION = importlib.metadata.version("triton") if TRITON_AVAILABLE else None
 # The Triton versions whose compile of every kernel at the launch plan's tiles has passed
 # (tests/compile_kernels.py: shared memory, no spills, tensor cores; CI's slow tier).
 CHECKED_TRITON = ("3.9",)
 
-__all__ = ["MAX_DIM", "DTYPES", "SKIP_VARIABLE", "losses", "unsupported_reason", "verified"]
+__all__ = [
+    "MAX_DIM",
+    "DTYPES",
+    "SKIP_VARIABLE",
+    "losses",
+    "triton_reason",
+    "unsupported_reason",
+    "verified",
+]
 
 
-def triton_version() -> str:
-    """The installed Triton's version, read from its package metadata (Triton not imported)."""
-    from importlib.metadata import version
-
-    return version("triton")
+def triton_reason() -> str | None:
+    """Why this installation cannot run the kernels (Triton missing or of an unchecked version),
+    or None if it can."""
+    if not TRITON_AVAILABLE:
+        return "Triton is not installed (pip install 'sce-loss[triton]')"
+    if ".".join(TRITON_VERSION.split(".")[:2]) not in CHECKED_TRITON:
+        return (
+            f"Triton {TRITON_VERSION} is not a version its kernels were checked with "
+            f"({', '.join(CHECKED_TRITON)})"
+        )
+    return None
 
 
 def unsupported_reason(problem: Problem) -> str | None:
@@ -40,14 +58,9 @@ def unsupported_reason(problem: Problem) -> str | None:
     query = problem.query
     if problem.symmetric:
         return "the symmetric (SimCLR) form runs on the chunked and reference backends"
-    if not TRITON_AVAILABLE:
-        return "Triton is not installed (pip install 'sce-loss[triton]')"
-    version = triton_version()
-    if ".".join(version.split(".")[:2]) not in CHECKED_TRITON:
-        return (
-            f"Triton {version} is not a version its kernels were checked with "
-            f"({', '.join(CHECKED_TRITON)})"
-        )
+    reason = triton_reason()
+    if reason is not None:
+        return reason
     if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"it runs on CUDA tensors (or under TRITON_INTERPRET=1), got {query.device.type}"
     if torch.version.hip is not None:
