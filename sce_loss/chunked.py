@@ -124,7 +124,10 @@ class _StreamingLoss(torch.autograd.Function):
         online_has_pos, need_target = loss_name != "ressl", loss_name != "info_nce"
         key = bank[offset : offset + n] if own_key is None else own_key
         c_pos = key if views == 1 else key.repeat(views, 1)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[4]
+        # A tensor τ always gets dL/dτ (cheap, one dot per row): under torch.compile of a
+        # torch.func transform, needs_input_grad does not see the transform's inputs.
+        tau_is_tensor = isinstance(temperature, Tensor)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[4] or tau_is_tensor
 
         # The base-2 logits z = exponents·c of every candidate c: the online rows x·log2(e)/τ,
         # then the target rows k·log2(e)/τ_m (one product per chunk serves both), scaled in place.
@@ -183,7 +186,7 @@ class _StreamingLoss(torch.autograd.Function):
     def backward(ctx, upstream):
         if differentiating_backward():
             return _differentiable_backward(ctx, upstream)
-        _, _, bank, _, exponents, m, l, grad, dtau, key_weight, masked = ctx.saved_tensors
+        _, _, bank, tau, exponents, m, l, grad, dtau, key_weight, masked = ctx.saved_tensors
         _, coeff, loss_name, offset, views, _, chunk_size = ctx.options
         grad_x = grad_key = grad_bank = grad_tau = None
         if ctx.needs_input_grad[0]:
@@ -212,7 +215,7 @@ class _StreamingLoss(torch.autograd.Function):
                 need_target=loss_name != "info_nce",
                 chunk_size=chunk_size,
             )
-        if ctx.needs_input_grad[4]:
+        if tau is not None:
             grad_tau = (upstream * dtau).sum()
         return (grad_x, grad_key, grad_bank, None, grad_tau) + (None,) * 7
 

@@ -37,3 +37,27 @@ def test_named_backends_are_taken_as_named():
     small = problem(4, 8)
     assert functional._backend("chunked", small) is chunked
     assert functional._backend("reference", problem(4096, 4096)) is reference
+
+
+def test_triton_installed_under_pytorchs_own_distribution_name(monkeypatch):
+    """PyTorch's wheels install the triton module as the pytorch-triton distribution: its
+    version is read from there, and an unknown one counts as unchecked."""
+    import importlib.metadata
+
+    from sce_loss import fused
+
+    def installed(found):
+        def version(name):
+            if name not in found:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return found[name]
+
+        return version
+
+    monkeypatch.setattr(importlib.metadata, "version", installed({"pytorch-triton": "3.9.0"}))
+    assert fused._installed_triton_version() == "3.9.0"
+    monkeypatch.setattr(importlib.metadata, "version", installed({}))
+    assert fused._installed_triton_version() is None
+    monkeypatch.setattr(fused, "TRITON_AVAILABLE", True)
+    monkeypatch.setattr(fused, "TRITON_VERSION", None)
+    assert "not a version its kernels were checked with" in fused.triton_reason()

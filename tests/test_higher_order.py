@@ -187,3 +187,21 @@ def test_a_penalty_on_the_keys_gradient_through_fused_is_the_references(loss, mo
 
     for got, want in zip(penalised("fused"), penalised("reference")):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_func_grad_inside_torch_compile_gets_the_temperatures_gradient():
+    """Inside torch.compile a torch.func transform is not routed to the reference: the chunked
+    backend's own autograd must then still give dL/dτ (not 0)."""
+    query, key, queue = inputs("queue", 6, 8, 20, torch.float32, 8)
+    query = query.detach()
+    tau = torch.tensor(0.2)
+
+    def loss(q, t):
+        return sce_loss(q, key, queue, temperature=t, backend="chunked")
+
+    torch._dynamo.reset()
+    got = torch.compile(torch.func.grad(loss, argnums=(0, 1)), backend="aot_eager")(query, tau)
+    q, t = query.clone().requires_grad_(), tau.clone().requires_grad_()
+    want = torch.autograd.grad(sce_loss(q, key, queue, temperature=t, backend="reference"), (q, t))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -22,9 +22,22 @@ MAX_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # found, not imported
+
+
 # Its version from the package metadata (Triton itself is not imported), read once: the reading
 # cannot be traced by torch.compile.
-TRITON_VERSION = importlib.metadata.version("triton") if TRITON_AVAILABLE else None
+def _installed_triton_version() -> str | None:
+    """The version of the distribution that installed the ``triton`` module (PyTorch's own
+    wheels name it pytorch-triton), None if unknown."""
+    for distribution in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+TRITON_VERSION = _installed_triton_version() if TRITON_AVAILABLE else None
 # The Triton versions whose compile of every kernel at the launch plan's tiles has passed
 # (tests/compile_kernels.py: shared memory, no spills, tensor cores; CI's slow tier).
 CHECKED_TRITON = ("3.9",)
@@ -45,7 +58,7 @@ def triton_reason() -> str | None:
     or None if it can."""
     if not TRITON_AVAILABLE:
         return "Triton is not installed (pip install 'sce-loss[triton]')"
-    if ".".join(TRITON_VERSION.split(".")[:2]) not in CHECKED_TRITON:
+    if TRITON_VERSION is None or ".".join(TRITON_VERSION.split(".")[:2]) not in CHECKED_TRITON:
         return (
             f"Triton {TRITON_VERSION} is not a version its kernels were checked with "
             f"({', '.join(CHECKED_TRITON)})"
