@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .problem import Problem, differentiating_backward
+from .problem import Problem, check_queue_unchanged, differentiating_backward, queue_version
 
 # A chunk of logits is (at most ROW_BLOCK rows) × (columns) ≈ CHUNK_ELEMENTS values, 4 MiB in
 # float32, which stay in cache: at N = 256 (512 online and target rows) 2048 columns, the fastest
@@ -131,9 +131,7 @@ class _StreamingLoss(torch.autograd.Function):
 
         # The base-2 logits z = exponents·c of every candidate c: the online rows x·log2(e)/τ,
         # then the target rows k·log2(e)/τ_m (one product per chunk serves both), scaled in place.
-        exponents = torch.cat([x, key]) if need_target else x.clone()
-        exponents[:r].mul_(LOG2_E / temperature)
-        exponents[r:].mul_(LOG2_E / target_temperature)
+        exponents = base2_rows(x, key, temperature, target_temperature, need_target)
         a_pos2 = _row_dots(exponents[:r], c_pos)  # a_pos·log2 e
         masked = _masked_columns(
             n, views, offset, online_has_pos, need_target, symmetric, device=x.device
@@ -178,7 +176,7 @@ class _StreamingLoss(torch.autograd.Function):
         )
         ctx.options = (target_temperature, coeff, loss_name, offset, views, symmetric, chunk_size)
         # Kept for a recomputation (create_graph=True), which refuses a queue updated since.
-        ctx.queue, ctx.queue_version = queue, _version(queue)
+        ctx.queue, ctx.queue_version = queue, queue_version(queue)
         ctx.temperature = None if isinstance(temperature, Tensor) else temperature
         return loss
 
@@ -220,16 +218,18 @@ class _StreamingLoss(torch.autograd.Function):
         return (grad_x, grad_key, grad_bank, None, grad_tau) + (None,) * 7
 
 
+def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, need_target: bool):
+    """The rows whose products with a candidate c are base-2 logits: x·log2(e)/τ (online), then,
+    if ``need_target``, k·log2(e)/τ_m (target), one new tensor scaled in place."""
+    rows = torch.cat([x, key]) if need_target else x.clone()
+    rows[: len(x)].mul_(LOG2_E / temperature)
+    rows[len(x) :].mul_(LOG2_E / target_temperature)
+    return rows
+
+
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:
     """a_r·b_r for each row r of two (R, D) tensors, without an (R, D) temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
-def _version(queue: Tensor | None) -> int | None:
-    """The queue's version counter (it counts in-place updates), where it can be read."""
-    if queue is None or torch.compiler.is_compiling():
-        return None
-    return queue._version
 
 
 def _differentiable_backward(ctx, upstream):
@@ -238,12 +238,7 @@ def _differentiable_backward(ctx, upstream):
     x, key, bank, tau, *_ = ctx.saved_tensors
     target_temperature, coeff, loss_name, offset, views, symmetric, _ = ctx.options
     queue = ctx.queue
-    if queue is not None and ctx.queue_version not in (None, queue._version):
-        raise RuntimeError(
-            "backend='chunked' cannot differentiate its backward (create_graph=True) after the "
-            "queue was updated in place: push to the queue after the backward, or use "
-            "backend='reference'"
-        )
+    check_queue_unchanged(queue, ctx.queue_version, "chunked")
     n = len(x) // views
     problem = Problem(
         loss_name,

@@ -101,3 +101,22 @@ def differentiating_backward() -> bool:
     gradient penalty, or torch.func.grad). A compiled graph's backward is traced with grad mode
     on but never differentiated (torch.compile does not support double backward)."""
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def queue_version(queue: Tensor | None) -> int | None:
+    """The queue's version counter (it counts in-place updates), where it can be read: kept by a
+    backend whose backward may recompute the losses (create_graph=True)."""
+    if queue is None or torch.compiler.is_compiling():
+        return None
+    return queue._version
+
+
+def check_queue_unchanged(queue: Tensor | None, version: int | None, backend: str) -> None:
+    """An error if ``queue`` was updated in place since its ``version`` was read: the losses
+    cannot be recomputed as the forward saw them."""
+    if queue is not None and version not in (None, queue._version):
+        raise RuntimeError(
+            f"backend='{backend}' cannot differentiate its backward (create_graph=True) after "
+            "the queue was updated in place: push to the queue after the backward, or use "
+            "backend='reference'"
+        )

@@ -85,20 +85,20 @@ def fused_serves(problem):
     return HAS_FUSED and problem["mode"] != "symmetric" and problem["dtype"] != torch.float64
 
 
+def assert_every_backend_agrees(problem):
+    for backend in ("reference", "chunked", "fused"):
+        if backend != "fused" or fused_serves(problem):
+            assert_agree(problem, backend)
+
+
 @settings(max_examples=25, deadline=None)
 @given(problems(largest=6))
 def test_every_backend_equals_the_reference(problem):
-    assert_agree(problem, "reference")
-    assert_agree(problem, "chunked")
-    if fused_serves(problem):
-        assert_agree(problem, "fused")
+    assert_every_backend_agrees(problem)
 
 
 @pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(problems(largest=40))
 def test_every_backend_equals_the_reference_on_larger_draws(problem):
-    assert_agree(problem, "reference")
-    assert_agree(problem, "chunked")
-    if fused_serves(problem):
-        assert_agree(problem, "fused")
+    assert_every_backend_agrees(problem)

@@ -29,10 +29,8 @@ def streaming_forward(
     rows, dim = query.shape
     n = key.shape[0]
     views = rows // n
-    x, k = query.float(), key.float()
-    exponents = torch.cat([x, k]) if need_target else x.clone()
-    exponents[:rows].mul_(LOG2_E / temperature)
-    exponents[rows:].mul_(LOG2_E / target_temperature)
+    k = key.float()
+    exponents = chunked.base2_rows(query.float(), k, temperature, target_temperature, need_target)
     c_pos = k.repeat(views, 1)
     a_pos2 = chunked._row_dots(exponents[:rows], c_pos)
     masked = chunked._masked_columns(
@@ -87,10 +85,9 @@ def streaming_bank_gradient(
     """dL/dbank as ``fused_bank_gradient`` returns it, from the forward's LSE_a and LSE_b."""
     rows = query.shape[0]
     n = key.shape[0]
-    x, k = query.float(), key.float()
-    exponents = torch.cat([x, k]) if need_target else x.clone()
-    exponents[:rows].mul_(LOG2_E / temperature)
-    exponents[rows:].mul_(LOG2_E / target_temperature)
+    exponents = chunked.base2_rows(
+        query.float(), key.float(), temperature, target_temperature, need_target
+    )
     shift = torch.cat([lse_a, lse_b[:n]]) if need_target else lse_a
     masked = chunked._masked_columns(
         n, rows // n, offset, online_has_pos, need_target, symmetric=False, device=query.device

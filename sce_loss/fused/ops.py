@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..problem import differentiating_backward
+from ..problem import check_queue_unchanged, differentiating_backward, queue_version
 from . import kernels, plan
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -359,7 +359,7 @@ def _setup_context(ctx, inputs, output):
     )
     ctx.options = (offset, online_has_pos, need_target, fallback)
     ctx.queue = queue
-    ctx.queue_version = None if torch.compiler.is_compiling() or queue is None else queue._version
+    ctx.queue_version = queue_version(queue)
 
 
 def _differentiable_backward(ctx, upstream):
@@ -371,12 +371,7 @@ def _differentiable_backward(ctx, upstream):
     query, key, bank, *_, coeff, temperature, target_temperature = ctx.saved_tensors
     offset, online_has_pos, need_target, _ = ctx.options
     queue = ctx.queue
-    if queue is not None and ctx.queue_version not in (None, queue._version):
-        raise RuntimeError(
-            "backend='fused' cannot differentiate its backward (create_graph=True) after the "
-            "queue was updated in place: push to the queue after the backward, or use "
-            "backend='reference'"
-        )
+    check_queue_unchanged(queue, ctx.queue_version, "fused")
     loss = "info_nce" if not need_target else ("sce" if online_has_pos else "ressl")
     problem = Problem(
         loss,
