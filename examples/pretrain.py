@@ -572,7 +572,9 @@ class Run:
         if self.rank == 0:
             (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
             plot_curves(
-                self.history, args.out / "curves.png", f"{args.loss} on {self.dataset.name}"
+                self.history,
+                args.out / "curves.png",
+                f"{args.loss} ({args.framework}) on {self.dataset.name}",
             )
             print(json.dumps(summary, indent=1), flush=True)
             print(
