@@ -253,15 +253,8 @@ def _differentiable_backward(ctx, upstream):
         symmetric,
     )
     inputs = (x, key, bank, None, tau)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
-    with torch.enable_grad():
-        per_row = reference.losses(problem).reshape(-1)
-        grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
-    result = [
-        next(grads) if need and t is not None else None
-        for t, need in zip(inputs, ctx.needs_input_grad)
-    ]
-    return tuple(result) + (None,) * 7
+    grads = reference.recomputed_gradients(problem, inputs, ctx.needs_input_grad, upstream)
+    return (*grads, *(None,) * 7)
 
 
 def _masked_columns(

@@ -387,12 +387,8 @@ def _differentiable_backward(ctx, upstream):
     # With a bank, the key is one of its rows (often the very same tensor): it gets its gradient
     # through the bank only, as in the first-order backward.
     inputs = (query, None if bank is not None else key, bank, None, None, None, temperature)
-    needed = [need and x is not None for x, need in zip(inputs, ctx.needs_input_grad)]
-    with torch.enable_grad():
-        per_row = reference.losses(problem).reshape(-1)
-        wanted = [x for x, need in zip(inputs, needed) if need]
-        grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
-    return tuple(next(grads) if need else None for need in needed) + (None,) * 5
+    grads = reference.recomputed_gradients(problem, inputs, ctx.needs_input_grad, upstream)
+    return (*grads, *(None,) * 5)
 
 
 def _backward(ctx, upstream, *_):
