@@ -61,3 +61,30 @@ def test_triton_installed_under_pytorchs_own_distribution_name(monkeypatch):
     monkeypatch.setattr(fused, "TRITON_AVAILABLE", True)
     monkeypatch.setattr(fused, "TRITON_VERSION", None)
     assert "not a version its kernels were checked with" in fused.triton_reason()
+
+
+def test_the_triton_extra_admits_exactly_the_checked_versions():
+    """pyproject's ``triton`` bound and fused.CHECKED_TRITON name the same minor versions: those
+    whose compile check (tests/compile_kernels.py, CI's slow tier per version) has passed."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    from sce_loss import fused
+
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python ≥ 3.11")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (requirement,) = map(Requirement, pyproject["project"]["optional-dependencies"]["triton"])
+    admitted = {f"3.{minor}" for minor in range(20) if f"3.{minor}.0" in requirement.specifier}
+    assert admitted == set(fused.CHECKED_TRITON)
+
+
+@pytest.mark.parametrize(
+    "version, checked", [("3.7.1", False), ("3.8.0", True), ("3.9.2", True), ("3.10.0", False)]
+)
+def test_fused_runs_only_under_a_checked_triton(monkeypatch, version, checked):
+    from sce_loss import fused
+
+    monkeypatch.setattr(fused, "TRITON_AVAILABLE", True)
+    monkeypatch.setattr(fused, "TRITON_VERSION", version)
+    assert (fused.triton_reason() is None) == checked

@@ -2,6 +2,8 @@
 for that architecture's device: within a block's shared memory, without register spills, and on
 tensor cores where it multiplies 16-bit or TF32 operands. Checked on the CPU with Triton's bundled
 ptxas (tests/compile_kernels.py), so a kernel that only the interpreter accepts cannot pass CI.
+CI runs the slow matrix under every Triton version the `triton` extra admits, each in its own
+virtual environment (.ci/run).
 
 The full matrix (4 architectures × 4 input kinds × 2 batches × 3 dims × 4 kernels) compiles for
 several minutes on two cores: it is marked slow; a quick subset runs always.

@@ -175,19 +175,23 @@ def _next_power_of_2(n: int) -> int:
 
 
 # Partial-stats tiles (BLOCK_R, BLOCK_C, num_warps) by input kind and BLOCK_D, for batches of more
-# than 16 rows; found by compiling for sm_80, sm_86 and sm_90 (tests/compile_kernels.py): the
-# largest that neither spill registers nor pass 99 KiB of shared memory at 2 stages.
+# than 16 rows; found by compiling for sm_80, sm_86, sm_89 and sm_90 under every Triton version in
+# fused.CHECKED_TRITON (tests/compile_kernels.py): the largest that neither spill registers nor
+# pass 99 KiB of shared memory at 2 stages under any of them.
 # TF32 operands take twice the registers and shared memory of 16-bit ones, and full-precision
 # float32 (three TF32 products per product, "tf32x3") twice again.
 PARTIAL_TILES = {
     "bf16": {64: (32, 64, 4), 128: (32, 64, 8), 256: (32, 32, 8)},
-    "fp32-tf32": {64: (32, 64, 4), 128: (32, 32, 8), 256: (16, 32, 8)},
+    "fp32-tf32": {64: (32, 64, 4), 128: (32, 32, 8), 256: (16, 16, 8)},
     "fp32-ieee": {64: (16, 32, 4), 128: (16, 32, 8)},
 }
 PARTIAL_TILES["fp16"] = PARTIAL_TILES["bf16"]
 # The largest D of each kind: full-precision float32 products at D = 256 spill registers at every
 # tile tried (16 rows, 16–32 columns, 4–16 warps, 1–2 stages), so the plan has none.
 MAX_DIM = {kind: max(by_dim) for kind, by_dim in PARTIAL_TILES.items()}
+# Batches of at most 16 rows take 16-row tiles of at most this many columns (16 × 64 TF32 tiles
+# spill registers under Triton 3.8).
+SMALL_BATCH_COLUMNS = 32
 # Deeper software pipelines where a block may use more than this much shared memory.
 DEEP_PIPELINE_SHARED = 128 * 1024
 
@@ -206,7 +210,7 @@ def tiles(device: Device, kind: str, dim: int, rows: int) -> dict[str, Tiles]:
         return dict(partial=small, finalize=small, key_gradient=small)
     block_r, block_c, num_warps = PARTIAL_TILES[kind][max(64, block_d)]
     if rows <= 16:
-        block_r = 16
+        block_r, block_c = 16, min(block_c, SMALL_BATCH_COLUMNS)
     stages = 3 if device.shared_memory > DEEP_PIPELINE_SHARED else 2
     return dict(
         partial=Tiles(block_r, block_c, block_d, num_warps, stages),
