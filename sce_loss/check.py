@@ -171,12 +171,22 @@ def _agreement_on_gpu(quick: bool) -> list[dict]:
     from .fused.first_use import TOLERANCES
 
     rows = []
+    if _fused_unavailable(fused):
+        return rows
     shapes = GPU_SHAPES[:2] if quick else GPU_SHAPES
     for kind, precision, problem, label in _cases(KINDS, shapes, "cuda"):
         with _matmul_precision(precision):
             tolerance = TOLERANCES[kind.split(",")[0]]
             rows.append(_print(_compare("fused", fused.losses, problem, tolerance, label)))
     return rows
+
+
+def _fused_unavailable(fused) -> bool:
+    """Whether the fused kernels cannot run here (Triton missing or unchecked), said if so."""
+    reason = fused.triton_reason()
+    if reason is not None:
+        print(f"The fused kernels are not checked: {reason}.")
+    return reason is not None
 
 
 def _agreement_on_cpu(quick: bool) -> list[dict]:
@@ -188,11 +198,11 @@ def _agreement_on_cpu(quick: bool) -> list[dict]:
             ("fp32-ieee",), CPU_SHAPES[:1] if quick else CPU_SHAPES, "cpu"
         ):
             rows.append(_print(_compare("chunked", chunked.losses, problem, 1e-5, label)))
-    if importlib.util.find_spec("triton") is None:
-        print("Triton is not installed: the fused kernels are not checked.")
-        return rows
     from . import fused
     from .fused.first_use import TOLERANCES
+
+    if _fused_unavailable(fused):
+        return rows
 
     kinds = ("fp32-ieee", "bf16") if quick else ("fp32-ieee", "bf16", "bf16, fp32 queue", "fp16")
     shapes = INTERPRETER_SHAPES[:1] if quick else INTERPRETER_SHAPES

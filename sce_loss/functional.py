@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import chunked, distributed, fused, reference
-from .problem import Problem, Scalar, tracing, transformed
+from .problem import TORCH_VERSION, Problem, Scalar, tracing, transformed
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -242,15 +242,34 @@ def _check_symmetric(query: Tensor, queue: Tensor | None, include_keys: bool) ->
         )
 
 
+# Before torch 2.13, dynamo specialises (recompiles for) every value of a float that enters
+# arithmetic other than a tensor product or quotient (1 − λ, log2(e)/τ), so a scheduled float
+# would recompile every step.
+_FLOATS_SPECIALISE = TORCH_VERSION < (2, 13)
+
+
 def _hyper_parameter(name: str, value, device: torch.device):
     """A checked hyper-parameter as the backends take it: a 0-d tensor on the inputs' device or
-    the CPU, or a Python float (a NumPy number becomes one)."""
+    the CPU, or a Python float (a NumPy number becomes one). Under torch.compile before torch
+    2.13, a float becomes a float64 0-d tensor (1·value: the only form of it that those versions
+    keep symbolic)."""
     if isinstance(value, Tensor):
         if value.device != device and value.device.type != "cpu":
             raise ValueError(
                 f"{name} must be on the inputs' device {device} or the CPU, got {value.device}"
             )
         return value
+    return traceable_scalar(value, device)
+
+
+def traceable_scalar(value, device: torch.device | None):
+    """A number as a loss computes with it: a float, or under torch.compile before torch 2.13 a
+    float64 0-d tensor (1·value: the only form of it those versions keep symbolic); tensors as
+    they are."""
+    if isinstance(value, Tensor):
+        return value
+    if torch.compiler.is_compiling() and _FLOATS_SPECIALISE:
+        return torch.ones((), dtype=torch.float64, device=device) * value
     return value if tracing() else float(value)
 
 

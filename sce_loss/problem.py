@@ -29,6 +29,8 @@ from torch import Tensor
 
 Scalar = float | Tensor
 LOSSES = ("info_nce", "ressl", "sce")
+# (major, minor) of the installed torch, for the few behaviours that differ across versions.
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
 @dataclass(frozen=True)

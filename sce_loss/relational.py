@@ -33,6 +33,7 @@ from .functional import (
     check_float_tensor,
     info_nce_loss,
     ressl_loss,
+    traceable_scalar,
 )
 
 Scalar = float | Tensor
@@ -107,6 +108,15 @@ def cacr_loss(
         reduction=reduction,
         gather=gather,
         backend=backend,
+    )
+    attraction_temperature, repulsion_temperature, attraction_weight, repulsion_weight = (
+        traceable_scalar(value, query.device if isinstance(query, Tensor) else None)
+        for value in (
+            attraction_temperature,
+            repulsion_temperature,
+            attraction_weight,
+            repulsion_weight,
+        )
     )
     if key is None:
         return _one_encoder_cacr(

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 NO_GPU = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
 
@@ -30,6 +32,7 @@ def test_without_a_gpu_it_says_so_and_exits_with_status_2():
 
 
 def test_smoke_run_writes_to_a_temporary_folder():
+    pytest.importorskip("matplotlib", reason="the script plots: pip install '.[examples]'")
     results = SCRIPT.parent / "results"
     before = set(results.iterdir())
     done = run(

@@ -22,10 +22,14 @@ FUNCTIONS = {"info_nce": info_nce_loss, "ressl": ressl_loss, "sce": sce_loss}
 CHUNKS = [1, 2, 3, None]
 
 
+# The keyword arguments of each public function, read once (outside any compiled step).
+KEYWORDS = {loss: set(function.__kwdefaults__) for loss, function in FUNCTIONS.items()}
+
+
 def public_hyper(loss, **changes):
     """HYPER[loss] as keyword arguments of the public function."""
-    hyper = HYPER[loss] | changes
-    return {k: v for k, v in hyper.items() if k in FUNCTIONS[loss].__kwdefaults__}
+    hyper = {**HYPER[loss], **changes}
+    return {k: v for k, v in hyper.items() if k in KEYWORDS[loss]}
 
 
 def build(loss, mode, query, key, queue, temperature, ranks=1, **changes):
@@ -381,10 +385,14 @@ def test_compiles_once_or_twice_under_a_schedule(loss, mode, fresh_dynamo):
     query.requires_grad_()
     key.requires_grad_()
 
-    def step(query, key, temperature, coeff):
-        hyper = public_hyper(loss, temperature=temperature, coeff=coeff)
+    fixed = {k: v for k, v in public_hyper(loss).items() if k not in ("temperature", "coeff")}
+    takes_coeff = "coeff" in KEYWORDS[loss]
+
+    def step(query, key, temperature, coeff):  # coeff enters only the losses that take it
+        scheduled = dict(temperature=temperature, coeff=coeff) if takes_coeff else {}
+        scheduled.setdefault("temperature", temperature)
         return FUNCTIONS[loss](
-            query, key, queue, include_keys=include_keys, backend="chunked", **hyper
+            query, key, queue, include_keys=include_keys, backend="chunked", **scheduled, **fixed
         )
 
     counter = CompileCounterWithBackend("aot_eager")

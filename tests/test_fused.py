@@ -44,7 +44,7 @@ def run(fn, backend, query, key, queue, hyper, include_keys, temperature):
         include_keys=include_keys,
         reduction="none",
         backend=backend,
-        **(hyper | dict(temperature=temperature)),
+        **{**hyper, "temperature": temperature},
     )
     weights = torch.linspace(0.5, 1.5, losses.numel(), device=losses.device).view(losses.shape)
     (losses * weights).sum().backward()  # a non-uniform upstream gradient

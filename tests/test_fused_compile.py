@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from sce_loss import fused
+
 pytest.importorskip("triton", reason="the fused backend needs Triton (pip install '.[triton]')")
+if fused.triton_reason() is not None:
+    pytest.skip(f"the fused backend: {fused.triton_reason()}", allow_module_level=True)
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
 
 
