@@ -49,8 +49,8 @@ from resnet import ResNet18  # noqa: E402
 from sce_loss import MemoryQueue, info_nce_loss, ressl_loss, sce_loss  # noqa: E402
 from sce_loss.relational import cacr_loss, interpolated_key, reco_loss  # noqa: E402
 
-# Per-loss hyper-parameters (the papers' official values): SCE's CIFAR recipe, MoCo v2, ReSSL,
-# CACR (τ⁺ = τ⁻ = 1, α = β = 1) and ReCo (τ = 0.2, τ_s = 0.1, τ_t = 0.04, λ₁ = 1, λ₂ = 2).
+# Per-loss hyper-parameters: SCE's CIFAR recipe, MoCo v2's, ReSSL's and ReCo's official values
+# (main_reco.py: τ = 0.2, τ_s = 0.1, τ_t = 0.04, λ₁ = λ₂ = 1); CACR's, below.
 LOSS_DEFAULTS = {
     "sce": dict(coeff=0.5, temperature=0.1, target_temperature=0.05),
     "infonce": dict(temperature=0.2),

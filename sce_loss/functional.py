@@ -49,7 +49,7 @@ def info_nce_loss(
     symmetric: bool = False,
     normalize: bool = False,
     reduction: str = "mean",
-    gather=False,
+    gather: bool | torch.distributed.ProcessGroup = False,
     backend: str = "auto",
 ) -> Tensor:
     """InfoNCE (MoCo v2): loss_i = −log softmax_k(z¹_i·c_k / τ)[pos].
@@ -102,7 +102,7 @@ def ressl_loss(
     symmetric: bool = False,
     normalize: bool = False,
     reduction: str = "mean",
-    gather=False,
+    gather: bool | torch.distributed.ProcessGroup = False,
     backend: str = "auto",
 ) -> Tensor:
     """ReSSL: loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, where s¹ = softmax(z¹_i·c_k / τ) and
@@ -136,7 +136,7 @@ def sce_loss(
     symmetric: bool = False,
     normalize: bool = False,
     reduction: str = "mean",
-    gather=False,
+    gather: bool | torch.distributed.ProcessGroup = False,
     backend: str = "auto",
 ) -> Tensor:
     """SCE (Similarity Contrastive Estimation): loss_i = −Σ_k w_ik log p_ik with

@@ -9,6 +9,7 @@ those of its function (tests/test_queue_and_modules.py checks that they cannot d
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from . import functional, relational
@@ -66,7 +67,7 @@ class InfoNCELoss(_ContrastiveLoss):
         symmetric=False,
         normalize=False,
         reduction="mean",
-        gather=False,
+        gather: bool | torch.distributed.ProcessGroup = False,
         backend="auto",
     ):
         super().__init__(
@@ -96,7 +97,7 @@ class ReSSLLoss(_ContrastiveLoss):
         symmetric=False,
         normalize=False,
         reduction="mean",
-        gather=False,
+        gather: bool | torch.distributed.ProcessGroup = False,
         backend="auto",
     ):
         super().__init__(
@@ -128,7 +129,7 @@ class SCELoss(_ContrastiveLoss):
         symmetric=False,
         normalize=False,
         reduction="mean",
-        gather=False,
+        gather: bool | torch.distributed.ProcessGroup = False,
         backend="auto",
     ):
         super().__init__(
@@ -163,7 +164,7 @@ class CACRLoss(_ContrastiveLoss):
         weight_gradients=False,
         normalize=False,
         reduction="mean",
-        gather=False,
+        gather: bool | torch.distributed.ProcessGroup = False,
         backend="auto",
     ):
         super().__init__(
@@ -201,7 +202,7 @@ class ReCoLoss(_ContrastiveLoss):
         weak_queue: MemoryQueue | None = None,
         normalize=False,
         reduction="mean",
-        gather=False,
+        gather: bool | torch.distributed.ProcessGroup = False,
         backend="auto",
     ):
         super().__init__(

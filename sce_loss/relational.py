@@ -53,7 +53,7 @@ def cacr_loss(
     weight_gradients: bool = False,
     normalize: bool = False,
     reduction: str = "mean",
-    gather=False,
+    gather: bool | torch.distributed.ProcessGroup = False,
     backend: str = "auto",
 ) -> Tensor:
     """CACR: loss_vi = α·Σ_u w⁺_u ‖q_vi − k_ui‖² − β·Σ_j w⁻_j ‖q_vi − n_j‖², with the constant
@@ -302,7 +302,7 @@ def reco_loss(
     local_weight: Scalar = 1.0,
     normalize: bool = False,
     reduction: str = "mean",
-    gather=False,
+    gather: bool | torch.distributed.ProcessGroup = False,
     backend: str = "auto",
 ) -> Tensor:
     """ReCo: loss_i = InfoNCE(query_i; key_i, queue; τ)

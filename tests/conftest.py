@@ -3,11 +3,18 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
 
 # Without a GPU the fused kernels run through Triton's interpreter. Triton reads this when it is
 # first imported, so it is set before any test can import it.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# Hypothesis profiles: "default" for every run, "quick" (HYPOTHESIS_PROFILE=quick) for many
+# repeated runs such as a mutation run. A test's own @settings (a slow tier's long run) wins.
+settings.register_profile("default", max_examples=60, deadline=None)
+settings.register_profile("quick", max_examples=10, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 MODES = ("in-batch", "queue", "queue+keys")
 

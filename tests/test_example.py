@@ -1,5 +1,6 @@
-"""The pretraining example end to end on the CPU: smoke runs of every loss, resume, bad input, two
-processes."""
+"""The pretraining example end to end on the CPU. The default tier: SCE's smoke run, resume and
+every bad input; the slow tier adds the smoke runs of CACR, ReCo and the SimCLR framework and two
+processes under torchrun."""
 
 import json
 import os
@@ -89,6 +90,7 @@ def test_smoke_runs_have_their_own_folder_and_say_where_they_wrote(smoke_run):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["cacr", "reco"])
 def test_relational_losses_run_with_their_official_values(loss, tmp_path):
     result = pretrain("--loss", loss, "--out", str(tmp_path))
@@ -175,7 +177,7 @@ def test_cuda_without_a_cuda_device_gives_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "loss, extra",
     [
-        ("infonce", ()),
+        pytest.param("infonce", (), marks=pytest.mark.slow),
         pytest.param("sce", (), marks=pytest.mark.slow),
         pytest.param("ressl", (), marks=pytest.mark.slow),
         pytest.param("cacr", ("--views", "3"), marks=pytest.mark.slow),
@@ -203,6 +205,7 @@ def test_resume_without_a_checkpoint_gives_a_clear_error(tmp_path):
     assert_clear_error(pretrain("--out", str(tmp_path), "--resume"), "no checkpoint at")
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_end_with_identical_queues(tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     result = pretrain("--out", str(tmp_path), "--epochs", "1", launcher=launcher, timeout=600)

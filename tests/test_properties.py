@@ -5,7 +5,7 @@ import math
 import literal
 import torch
 from conftest import MODES, unit
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
@@ -46,10 +46,6 @@ def assert_all_close(got, want, **tolerance):
 
 def infonce_options(options):
     return {k: v for k, v in options.items() if k != "target_temperature"}
-
-
-settings.register_profile("sce", max_examples=60, deadline=None)
-settings.load_profile("sce")
 
 
 @given(problems())

@@ -1,0 +1,140 @@
+"""Every code block a user may copy from README.md and docs/ is checked:
+
+- a Python block runs, with small stand-ins for the names it takes from the reader's own code
+  (the model, the views, the loader);
+- a block marked ``<!-- recipe -->`` is a fragment of another codebase: each of its statements is
+  one that tests/test_recipes.py runs in a loop shaped like that codebase's (up to the backend);
+- a block marked ``<!-- signatures -->`` lists the public functions' real signatures;
+- every ``python examples/pretrain.py`` command in a shell block is one the example accepts.
+"""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sce_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(
+    r"(?:<!-- (?P<mark>[\w-]+) -->\n)?```(?P<language>\w+)\n(?P<code>.*?)^```", re.S | re.M
+)
+
+
+def blocks(language):
+    """(document:line, mark, code) of every block in that language."""
+    found = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        for match in BLOCK.finditer(text):
+            if match["language"] == language:
+                line = text.count("\n", 0, match.start("code"))
+                found.append(pytest.param(match["mark"], match["code"], id=f"{path.name}:{line}"))
+    return found
+
+
+def stand_ins() -> dict:
+    """The names the usage blocks take from the reader's code: N = 8 samples of D = 128."""
+    generator = torch.Generator().manual_seed(0)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+    n, d, m = 8, 128, 64
+    online, momentum = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+    views = [torch.randn(n, d, generator=generator) for _ in range(2)]
+    return dict(
+        torch=torch,
+        F=F,
+        query=unit(n, d).requires_grad_(),
+        key=unit(n, d),
+        online=online,
+        momentum=momentum,
+        strong_view=views[0],
+        weak_view=views[1],
+        loader=[(views[1], views[0])] * 2,
+        update_momentum_encoder=lambda: None,
+        optimizer=torch.optim.SGD(online.parameters(), lr=0.1),
+        device="cpu",
+        queue=unit(m, d),
+        crops=unit(2, n, d),
+        z0=unit(n, d).requires_grad_(),
+        z1=unit(n, d).requires_grad_(),
+        z2=unit(n, d).requires_grad_(),
+        queries=unit(2, n, d).requires_grad_(),
+        keys=unit(2, n, d),
+        views=unit(3, n, d).requires_grad_(),
+        partner=torch.randperm(n, generator=generator),
+        ratio=0.6,
+        weak_key=unit(n, d),
+        weak_queue=unit(m, d),
+        mixed_query=unit(n, d).requires_grad_(),
+    )
+
+
+@pytest.mark.parametrize("mark, code", blocks("python"))
+def test_python_blocks(mark, code):
+    if mark == "recipe":
+        statements = _simple_statements(ast.parse(code))
+        ran = set(_simple_statements(ast.parse((ROOT / "tests" / "test_recipes.py").read_text())))
+        assert statements and not set(statements) - ran, set(statements) - ran
+    elif mark == "signatures":
+        for signature in re.split(r"\n(?=\w)", code.strip()):
+            _assert_signature(signature)
+    else:
+        assert mark is None, f"unknown mark {mark!r}"
+        namespace = stand_ins()
+        exec(compile(code, "<block>", "exec"), namespace)
+        if "loss" in namespace:
+            loss = namespace["loss"]
+            assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def _simple_statements(tree) -> list[str]:
+    """The value of every assignment, expression and return in ``tree`` (at any depth), as
+    source without the ``backend`` keyword (the tests run each recipe on several backends)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.Expr, ast.Return)) and not (
+            isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        ):
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call):
+                    call.keywords = [k for k in call.keywords if k.arg != "backend"]
+            found.append(ast.unparse(node.value))
+    return found
+
+
+def _assert_signature(signature: str) -> None:
+    """``name(a, b=1, *, c=2)`` as written is the function's signature: names, order, defaults
+    and which parameters are keyword-only."""
+    name, parameters = signature.split("(", 1)
+    namespace = {}
+    exec(f"def written({parameters}:\n    pass", namespace)
+    written = inspect.signature(namespace["written"])
+    actual = inspect.signature(getattr(sce_loss, name))
+    assert [(p.name, p.kind, p.default) for p in written.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in actual.parameters.values()
+    ], name
+
+
+@pytest.mark.parametrize("mark, code", blocks("bash"))
+def test_example_commands_parse(mark, code):
+    pytest.importorskip("sklearn", reason="the example needs its extra: pip install '.[examples]'")
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import pretrain
+    finally:
+        sys.path.pop(0)
+    for line in code.splitlines():
+        command = line.split("#")[0].split()
+        if "examples/pretrain.py" in command:
+            arguments = command[command.index("examples/pretrain.py") + 1 :]
+            pretrain.parse_args(arguments)
