@@ -29,11 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-LOSSES = {
-    "info_nce": dict(temperature=0.2),
-    "ressl": dict(temperature=0.1, target_temperature=0.04, coeff=0.0),
-    "sce": dict(coeff=0.5, temperature=0.1, target_temperature=0.05),
-}
+from .problem import DEFAULT_HYPER_PARAMETERS
+
 MODES = ("in-batch", "queue", "queue+keys")
 ERRORS = ("loss_error", "query_grad_error", "key_grad_error", "temperature_grad_error")
 # (kind, input dtype, queue dtype, float32 matmul precision)
@@ -120,7 +117,7 @@ def make_problem(
     seed: int = 0,
 ):
     """A :class:`~sce_loss.problem.Problem` of unit vectors (the fixed hyper-parameters of
-    ``LOSSES``)."""
+    ``DEFAULT_HYPER_PARAMETERS``)."""
     from .problem import Problem
 
     generator = torch.Generator().manual_seed(seed)
@@ -132,7 +129,7 @@ def make_problem(
     key = unit(n)
     queue = None if mode == "in-batch" else unit(m, dtype=queue_dtype)
     bank = key if mode in ("in-batch", "queue+keys") else None
-    return Problem(loss, unit(crops, n), key, bank, queue, 0, **LOSSES[loss])
+    return Problem(loss, unit(crops, n), key, bank, queue, 0, **DEFAULT_HYPER_PARAMETERS[loss])
 
 
 def _compare(
@@ -154,7 +151,9 @@ def _compare(
 
 
 def _cases(kinds, shapes, device):
-    for kind, loss, mode, (crops, n, m, d) in itertools.product(kinds, LOSSES, MODES, shapes):
+    for kind, loss, mode, (crops, n, m, d) in itertools.product(
+        kinds, DEFAULT_HYPER_PARAMETERS, MODES, shapes
+    ):
         dtype, queue_dtype, precision = KINDS[kind]
         if mode == "in-batch" and queue_dtype != dtype:
             continue  # no queue: the same case as the kind without "fp32 queue"
@@ -299,7 +298,9 @@ def _timings() -> list[dict]:
         dtype, queue_dtype, precision = KINDS[kind]
         problem = make_problem(loss, "queue", 1, n, m, d, dtype, queue_dtype, "cuda")
         function = getattr(functional, f"{loss}_loss")
-        options = {k: v for k, v in LOSSES[loss].items() if k in _parameters(function)}
+        options = {
+            k: v for k, v in DEFAULT_HYPER_PARAMETERS[loss].items() if k in _parameters(function)
+        }
         row = dict(loss=loss, n=n, d=d, m=m, kind=kind)
         with _matmul_precision(precision):
             for backend in ("fused", "reference", "compiled reference", "chunked"):

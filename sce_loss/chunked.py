@@ -45,7 +45,13 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .problem import Problem, check_queue_unchanged, differentiating_backward, queue_version
+from .problem import (
+    Problem,
+    check_queue_unchanged,
+    constant,
+    differentiating_backward,
+    queue_version,
+)
 
 # A chunk of logits is (at most ROW_BLOCK rows) × (columns) ≈ CHUNK_ELEMENTS values, 4 MiB in
 # float32, which stay in cache: at N = 256 (512 online and target rows) 2048 columns, the fastest
@@ -94,9 +100,7 @@ def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
 
 def _constant(value):
     """A hyper-parameter that gets no gradient (λ, τ_m); 1.0 where it has no role."""
-    if value is None:
-        return 1.0
-    return value.detach() if isinstance(value, Tensor) else value
+    return 1.0 if value is None else constant(value)
 
 
 class _StreamingLoss(torch.autograd.Function):
@@ -192,13 +196,13 @@ class _StreamingLoss(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Queue mode: the key is an online candidate only as its own row's positive, and
             # not at all for ReSSL (whose key then gets zeros).
-            rows = exponents[: len(upstream)] * LN_2  # x/τ
+            scaled_x = exponents[: len(upstream)] * LN_2  # x/τ
             per_row = (
-                rows * (upstream * key_weight)[:, None]
+                scaled_x * (upstream * key_weight)[:, None]
                 if key_weight is not None
-                else torch.zeros_like(rows)
+                else torch.zeros_like(scaled_x)
             )
-            grad_key = per_row.view(views, -1, rows.shape[1]).sum(0)
+            grad_key = per_row.view(views, -1, scaled_x.shape[1]).sum(0)
         if ctx.needs_input_grad[2]:
             grad_bank = _bank_gradient(
                 exponents,
@@ -221,10 +225,10 @@ class _StreamingLoss(torch.autograd.Function):
 def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, need_target: bool):
     """The rows whose products with a candidate c are base-2 logits: x·log2(e)/τ (online), then,
     if ``need_target``, k·log2(e)/τ_m (target), one new tensor scaled in place."""
-    rows = torch.cat([x, key]) if need_target else x.clone()
-    rows[: len(x)].mul_(LOG2_E / temperature)
-    rows[len(x) :].mul_(LOG2_E / target_temperature)
-    return rows
+    exponents = torch.cat([x, key]) if need_target else x.clone()
+    exponents[: len(x)].mul_(LOG2_E / temperature)
+    exponents[len(x) :].mul_(LOG2_E / target_temperature)
+    return exponents
 
 
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:
@@ -323,9 +327,10 @@ def _stream(
     return m, l, o
 
 
-def _logits(rows: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
-    """rows·cᵀ, written into the front of ``buffer`` (reused from chunk to chunk)."""
-    return torch.mm(rows, c.T, out=buffer[: len(rows) * len(c)].view(len(rows), len(c)))
+def _logits(exponents: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
+    """exponents·cᵀ, written into the front of ``buffer`` (reused from chunk to chunk)."""
+    shape = (len(exponents), len(c))
+    return torch.mm(exponents, c.T, out=buffer[: shape[0] * shape[1]].view(shape))
 
 
 @_stream.register_fake

@@ -7,25 +7,27 @@ Every function takes ``query`` (N, D) or (V, N, D), ``key`` (N, D) and an option
 
 from __future__ import annotations
 
-import contextlib
-import math
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import chunked, distributed, fused, reference
-from .problem import TORCH_VERSION, Problem, Scalar, tracing, transformed
+from .arguments import (
+    autocast_disabled,
+    check_backend,
+    check_bool,
+    check_coeff,
+    check_finite,
+    check_float_tensor,
+    check_reduction,
+    check_temperature,
+    reduce_losses,
+    traceable_scalar,
+)
+from .problem import Problem, Scalar, transformed
 
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "reference", "chunked", "fused")
-# Below this τ (or τ_m) logits of unit vectors exceed 1e4 and float32 statistics lose the loss's
-# digits (and a learnable τ's gradient, which grows as 1/τ², overflows soon after).
-MIN_TEMPERATURE = 1e-4
-_MIN_TEMPERATURE_FLOAT32 = float(torch.tensor(MIN_TEMPERATURE, dtype=torch.float32))
 # ``auto`` off the fused path streams (chunked) against a queue of at least CHUNKED_FROM_QUEUE keys
 # from max(2^18, 16·D²) (row, candidate) pairs on: measured on a 2-core CPU
 # (benchmarks/results/chunked-crossover-cpu.md), chunked is then as fast or faster (0.2–1.03× the
@@ -194,7 +196,7 @@ def _loss(
     }
     group = distributed.resolve_group(gather)
     # The losses compute as outside autocast: float32 statistics and products for float32 inputs.
-    with _autocast_disabled(query.device.type):
+    with autocast_disabled(query.device.type):
         if normalize:
             query, key = _normalized(query), _normalized(key)
             queue = None if queue is None else _normalized(queue)
@@ -225,7 +227,7 @@ def _loss(
         losses = losses.view(2, -1)
     elif query.dim() == 2:
         losses = losses.squeeze(0)
-    return _reduce(losses, reduction)
+    return reduce_losses(losses, reduction)
 
 
 def _check_symmetric(query: Tensor, queue: Tensor | None, include_keys: bool) -> None:
@@ -242,12 +244,6 @@ def _check_symmetric(query: Tensor, queue: Tensor | None, include_keys: bool) ->
         )
 
 
-# Before torch 2.13, dynamo specialises (recompiles for) every value of a float that enters
-# arithmetic other than a tensor product or quotient (1 − λ, log2(e)/τ), so a scheduled float
-# would recompile every step.
-_FLOATS_SPECIALISE = TORCH_VERSION < (2, 13)
-
-
 def _hyper_parameter(name: str, value, device: torch.device):
     """A checked hyper-parameter as the backends take it: a 0-d tensor on the inputs' device or
     the CPU, or a Python float (a NumPy number becomes one). Under torch.compile before torch
@@ -262,28 +258,9 @@ def _hyper_parameter(name: str, value, device: torch.device):
     return traceable_scalar(value, device)
 
 
-def traceable_scalar(value, device: torch.device | None):
-    """A number as a loss computes with it: a float, or under torch.compile before torch 2.13 a
-    float64 0-d tensor (1·value: the only form of it those versions keep symbolic); tensors as
-    they are."""
-    if isinstance(value, Tensor):
-        return value
-    if torch.compiler.is_compiling() and _FLOATS_SPECIALISE:
-        return torch.ones((), dtype=torch.float64, device=device) * value
-    return value if tracing() else float(value)
-
-
 def _normalized(x: Tensor) -> Tensor:
     """``x`` L2-normalised along its last dimension (in at least float32), in its own dtype."""
     return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
-
-
-def _autocast_disabled(device_type: str):
-    """A context that turns autocast off on ``device_type``. CPU and CUDA always have autocast:
-    asking (``torch.amp.is_autocast_available``) cannot be traced by torch.compile before 2.12."""
-    if device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _backend(name: str, problem: Problem):
@@ -366,34 +343,6 @@ def _check_tensors(query, key, queue) -> None:
     check_finite(query=query, key=key, queue=queue)
 
 
-def check_float_tensor(name: str, value) -> None:
-    """A TypeError unless ``value`` is a float64, float32, bfloat16 or float16 tensor."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {value.dtype}")
-
-
-def check_finite(**tensors) -> None:
-    """A ValueError for a NaN or inf in a CPU tensor, in eager mode: checking CUDA tensors would
-    synchronise the device, and a compiled graph cannot branch on data, so there finiteness is
-    the caller's contract; under torch.func transforms too. None values are skipped."""
-    if tracing():
-        return
-    for name, value in tensors.items():
-        if value is not None and value.device.type == "cpu" and not all_finite(value):
-            raise ValueError(f"{name} must be finite, got NaN or inf")
-
-
-def all_finite(x: Tensor) -> bool:
-    """Whether every value of ``x`` is finite, without a mask the size of ``x`` (a NaN or an inf
-    shows in its minimum or maximum)."""
-    if x.numel() == 0:
-        return True
-    low, high = torch.aminmax(x.detach())
-    return bool(torch.isfinite(low) and torch.isfinite(high))
-
-
 def _check_has_negatives(bank: Tensor | None, queue: Tensor | None, symmetric: bool) -> None:
     queued = 0 if queue is None else queue.shape[0]
     banked = 0 if bank is None else bank.shape[0]
@@ -417,68 +366,14 @@ def check_options(**options) -> None:
         _CHECKS[name](name, value)
 
 
-def _check_temperature(name: str, value) -> None:
-    number = _scalar_value(name, value)
-    # Compared in float32, so that a float32 tensor holding 1e-4 passes as the float 1e-4 does.
-    if number is not None and not (math.isfinite(number) and number >= _MIN_TEMPERATURE_FLOAT32):
-        raise ValueError(f"{name} must be a finite number ≥ {MIN_TEMPERATURE}, got {number}")
-
-
-def _check_coeff(name: str, value) -> None:
-    number = _scalar_value(name, value)
-    if number is not None and not 0 <= number <= 1:
-        raise ValueError(f"{name} must be in [0, 1], got {number}")
-
-
-def _scalar_value(name: str, value) -> float | None:
-    """The value of a real number or 0-d float tensor, None when it cannot be read for free (a
-    device tensor, or while compiling); a TypeError for anything else."""
-    if tracing():
-        return None
-    if isinstance(value, Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
-            raise TypeError(
-                f"{name} must be a float or a 0-d float tensor, got a {value.dtype} "
-                f"tensor of shape {tuple(value.shape)}"
-            )
-        return float(value.detach()) if value.device.type == "cpu" else None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a float or a 0-d float tensor, got {type(value).__name__}")
-    return float(value)
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _check_reduction(name: str, value) -> None:
-    if not isinstance(value, str) or value not in _REDUCTIONS:
-        raise ValueError(f"{name} must be one of {_REDUCTIONS}, got {value!r}")
-
-
-def _check_backend(name: str, value) -> None:
-    if not isinstance(value, str) or value not in BACKENDS:
-        raise ValueError(f"{name} must be one of {BACKENDS}, got {value!r}")
-
-
 _CHECKS = {
-    "coeff": _check_coeff,
-    "temperature": _check_temperature,
-    "target_temperature": _check_temperature,
-    "include_keys": _check_bool,
-    "symmetric": _check_bool,
-    "normalize": _check_bool,
-    "reduction": _check_reduction,
+    "coeff": check_coeff,
+    "temperature": check_temperature,
+    "target_temperature": check_temperature,
+    "include_keys": check_bool,
+    "symmetric": check_bool,
+    "normalize": check_bool,
+    "reduction": check_reduction,
     "gather": lambda name, value: distributed.resolve_group(value),
-    "backend": _check_backend,
+    "backend": check_backend,
 }
-
-
-def _reduce(losses: Tensor, reduction: str) -> Tensor:
-    """Per-row losses, (N,) or (V, N) → their mean or sum over crops and rows, or themselves."""
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses

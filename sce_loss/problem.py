@@ -29,6 +29,13 @@ from torch import Tensor
 
 Scalar = float | Tensor
 LOSSES = ("info_nce", "ressl", "sce")
+# Each loss's default hyper-parameters as a Problem takes them (the public functions' defaults),
+# for the problems the library builds itself (the first-use check, sce-loss-check).
+DEFAULT_HYPER_PARAMETERS = {
+    "info_nce": dict(temperature=0.2),
+    "ressl": dict(temperature=0.1, target_temperature=0.04, coeff=0.0),
+    "sce": dict(coeff=0.5, temperature=0.1, target_temperature=0.05),
+}
 # (major, minor) of the installed torch, for the few behaviours that differ across versions.
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
@@ -81,6 +88,12 @@ class Problem:
     def needs_target(self) -> bool:
         """Whether the target distribution s² (temperature τ_m) enters the loss."""
         return self.loss != "info_nce"
+
+
+def constant(value):
+    """A hyper-parameter that shapes constant weights (λ, τ_m): a tensor's value without its
+    gradient, a float as it is."""
+    return value.detach() if isinstance(value, Tensor) else value
 
 
 def transformed() -> bool:

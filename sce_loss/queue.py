@@ -7,9 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .functional import all_finite
-
-_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+from .arguments import FLOAT_DTYPES, all_finite
 
 
 class MemoryQueue(nn.Module):
@@ -39,8 +37,8 @@ class MemoryQueue(nn.Module):
         for name, value in (("size", size), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if dtype not in _DTYPES:
-            raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         distributed.resolve_group(gather)  # a TypeError for anything but a bool or a group
@@ -59,8 +57,8 @@ class MemoryQueue(nn.Module):
         """Enqueue ``keys`` (B, dim), every rank's when distributed, over the oldest entries."""
         if not isinstance(keys, Tensor):
             raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
-        if keys.dtype not in _DTYPES:
-            raise TypeError(f"keys must have a dtype in {_DTYPES}, got {keys.dtype}")
+        if keys.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"keys must have a dtype in {FLOAT_DTYPES}, got {keys.dtype}")
         if keys.dim() != 2 or keys.shape[1] != self.keys.shape[1]:
             raise ValueError(
                 f"keys must be (B, {self.keys.shape[1]}), got shape {tuple(keys.shape)}"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .problem import Problem, Scalar, transformed
+from .problem import Problem, Scalar, constant, transformed
 
 
 @torch.library.custom_op("sce_loss::snapshot", mutates_args=())
@@ -187,5 +187,5 @@ def sce(
     sims, pos = similarities(query, key, queue, include_keys, bank, offset)
     logits = _without(sims / temperature, excluded, float("-inf"))
     log_p = _without(torch.log_softmax(logits, -1), excluded, 0.0)  # its target weight is 0
-    coeff = coeff.detach() if isinstance(coeff, Tensor) else coeff
+    coeff = constant(coeff)
     return -coeff * _gather_positive(log_p, pos) - (1 - coeff) * (target * log_p).sum(-1)

@@ -21,22 +21,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from .functional import (
-    _autocast_disabled,
-    _check_backend,
-    _check_bool,
-    _check_reduction,
-    _check_temperature,
-    _reduce,
-    _scalar_value,
+from .arguments import (
+    autocast_disabled,
+    check_backend,
+    check_bool,
     check_finite,
     check_float_tensor,
-    info_nce_loss,
-    ressl_loss,
+    check_reduction,
+    check_temperature,
+    reduce_losses,
+    scalar_value,
     traceable_scalar,
 )
+from .functional import info_nce_loss, ressl_loss
+from .problem import Scalar, constant
 
-Scalar = float | Tensor
 CACR_BACKENDS = ("auto", "reference")
 
 
@@ -147,7 +146,7 @@ def cacr_loss(
     check_finite(query=query, key=key, queue=queue)
     group = distributed.resolve_group(gather) if intra_batch else None
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    with _autocast_disabled(query.device.type):
+    with autocast_disabled(query.device.type):
         views = _prepared(query, normalize, compute)
         views = views if views.dim() == 3 else views.unsqueeze(0)  # (V, N, D)
         key_views = _prepared(key, normalize, compute)
@@ -168,7 +167,7 @@ def cacr_loss(
         live_from = (0 if queue is None else len(queue)) if weight_gradients else cost.shape[-1]
         repulsion = _repulsion(cost, excluded, repulsion_temperature, live_from)
         losses = attraction_weight * attraction - repulsion_weight * repulsion
-    return _reduce(losses if query.dim() == 3 else losses.squeeze(0), reduction)
+    return reduce_losses(losses if query.dim() == 3 else losses.squeeze(0), reduction)
 
 
 def _negative_costs(
@@ -226,7 +225,7 @@ def _one_encoder_cacr(
     check_finite(query=views)
     group = distributed.resolve_group(gather)
     compute = torch.float64 if views.dtype == torch.float64 else torch.float32
-    with _autocast_disabled(views.device.type):
+    with autocast_disabled(views.device.type):
         views = _prepared(views, normalize, compute)
         attraction = _attraction(views, views, attraction_temperature, True, weight_gradients).mean(
             0
@@ -251,7 +250,7 @@ def _one_encoder_cacr(
             for y in range(x + 1, len(views))
         ]
         losses = attraction_weight * attraction - repulsion_weight * torch.stack(pairs).mean(0)
-    return _reduce(losses, reduction)
+    return reduce_losses(losses, reduction)
 
 
 def _attraction(
@@ -264,7 +263,7 @@ def _attraction(
     """Σ_u w⁺_u c⁺_u per view and row, (V, N), with c⁺_u = ‖q − k_u‖², w⁺ = softmax_u(τ⁺·c⁺)
     (constant unless ``weight_gradients``)."""
     cost = (views.unsqueeze(1) - key_views.unsqueeze(0)).pow(2).sum(-1)  # (V, U, N)
-    logits = _constant(temperature) * (cost if weight_gradients else cost.detach())
+    logits = constant(temperature) * (cost if weight_gradients else cost.detach())
     if leave_own_view_out:
         own = torch.eye(len(views), dtype=torch.bool, device=views.device).unsqueeze(-1)
         logits = logits.masked_fill(own, float("-inf"))
@@ -276,7 +275,7 @@ def _repulsion(cost: Tensor, excluded: Tensor, temperature, live_from: int) -> T
     (N, K), with w⁻ = softmax_j(−τ⁻·c⁻); an excluded column weighs exactly 0. Gradient flows into
     w⁻ through the columns from ``live_from`` on (none when ``live_from`` is K)."""
     inside = torch.cat([cost[..., :live_from].detach(), cost[..., live_from:]], -1)
-    logits = (-_constant(temperature) * inside).masked_fill(excluded, float("-inf"))
+    logits = (-constant(temperature) * inside).masked_fill(excluded, float("-inf"))
     return (torch.softmax(logits, -1) * cost).sum(-1)
 
 
@@ -379,7 +378,7 @@ def reco_loss(
     local = info_nce_loss(
         mixed_query, mixed_key.detach(), queue, temperature=temperature, **options
     )
-    return _reduce(instance + global_weight * relation + local_weight * local, reduction)
+    return reduce_losses(instance + global_weight * relation + local_weight * local, reduction)
 
 
 @torch.no_grad()
@@ -487,7 +486,7 @@ def _check_non_negative(name: str, value) -> None:
 
 def _check_range(name: str, value, high: float) -> None:
     """A float or 0-d tensor in [0, high] (its value is checked where it is free to read)."""
-    number = _scalar_value(name, value)
+    number = scalar_value(name, value)
     if number is not None and not (math.isfinite(number) and 0 <= number <= high):
         interval = "≥ 0" if high == float("inf") else f"in [0, {high:g}]"
         raise ValueError(f"{name} must be a finite number {interval}, got {number}")
@@ -510,8 +509,8 @@ def _check_ratio_rows(ratio: Tensor, n: int, query: Tensor) -> None:
 
 
 _SHARED_CHECKS = {
-    "normalize": _check_bool,
-    "reduction": _check_reduction,
+    "normalize": check_bool,
+    "reduction": check_reduction,
     "gather": lambda name, value: distributed.resolve_group(value),
 }
 _CACR_CHECKS = _SHARED_CHECKS | {
@@ -519,17 +518,17 @@ _CACR_CHECKS = _SHARED_CHECKS | {
     "repulsion_temperature": _check_non_negative,
     "attraction_weight": _check_non_negative,
     "repulsion_weight": _check_non_negative,
-    "intra_batch": _check_bool,
-    "weight_gradients": _check_bool,
+    "intra_batch": check_bool,
+    "weight_gradients": check_bool,
     "backend": _check_cacr_backend,
 }
 _RECO_CHECKS = _SHARED_CHECKS | {
-    "temperature": _check_temperature,
-    "relation_temperature": _check_temperature,
-    "target_temperature": _check_temperature,
+    "temperature": check_temperature,
+    "relation_temperature": check_temperature,
+    "target_temperature": check_temperature,
     "global_weight": _check_non_negative,
     "local_weight": _check_non_negative,
-    "backend": _check_backend,
+    "backend": check_backend,
 }
 
 
@@ -540,8 +539,3 @@ def _prepared(x: Tensor, normalize: bool, dtype: torch.dtype, copy: bool = False
     """``x`` in the compute ``dtype``, L2-normalised along its last dimension if asked."""
     x = x.to(dtype, copy=copy)
     return F.normalize(x, dim=-1) if normalize else x
-
-
-def _constant(value):
-    """A hyper-parameter that shapes constant weights: a tensor's value without its gradient."""
-    return value.detach() if isinstance(value, Tensor) else value

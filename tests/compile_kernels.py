@@ -113,7 +113,11 @@ def configurations(archs):
         )
         dtype, precision = plan.DTYPES[kind], plan.PRECISIONS[kind]
         flags = dict(ONLINE_HAS_POS=True, NEED_TARGET=True, PRECISION=precision, UPCAST=False)
-        p, f, g = chosen.partial_tiles, chosen.finalize.tiles, chosen.key_gradient.tiles
+        p, f, g = (
+            chosen.groups[0].partial[0].tiles,
+            chosen.groups[0].finalize.tiles,
+            chosen.key_gradient.tiles,
+        )
         for need_grad in (True, False):
             yield (
                 arch,

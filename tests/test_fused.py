@@ -191,7 +191,10 @@ def test_the_no_grad_forward_gives_the_same_losses_without_the_vector_workspace(
     )
     for device in (plan.H100, plan.L4, plan.INTERPRETER):
         scalars_only = plan.plan(device, need_grad=False, **options)
-        assert scalars_only.workspace == 4 * rows * plan.STATE_SCALARS * scalars_only.total_splits
+        assert (
+            scalars_only.workspace
+            == 4 * rows * plan.STATE_SCALARS * scalars_only.groups[0].total_splits
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

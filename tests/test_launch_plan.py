@@ -12,6 +12,7 @@ is tests/test_fused_compile.py's part.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -25,6 +26,11 @@ CROPS = (1, 4, 8)
 MODES = ("in-batch", "queue", "queue+keys")
 KINDS = ("bf16", "fp32-tf32", "fp32-ieee")
 MIB = 1 << 20
+
+
+def programs(launch):
+    """The programs one launch starts."""
+    return math.prod(launch.grid)
 
 
 def supported(kind, dim):
@@ -47,8 +53,10 @@ def plan_of(device, kind, crops, n, d, m, mode, need_grad=True, **options):
 
 
 def describe(device, kind, crops, n, d, m, mode, chosen):
-    t = chosen.partial_tiles
-    launches = " + ".join(f"{launch.grid}×{launch.blocks_per_program}" for launch in chosen.partial)
+    t = chosen.groups[0].partial[0].tiles
+    launches = " + ".join(
+        f"{launch.grid}×{launch.blocks_per_program}" for launch in chosen.groups[0].partial
+    )
     gradient = chosen.key_gradient
     return (
         f"{device.name:9} {kind:9} V={crops} N={n:<5} D={d:<4} M={m:<8} {mode:10} tiles "
@@ -89,8 +97,8 @@ def check_plan(device, kind, crops, n, d, m, mode, need_grad=True):
             # The splits cover the columns, none empty.
             assert launch.grid[1] * launch.span >= count > (launch.grid[1] - 1) * launch.span
             work = row_blocks * steps  # the most programs this launch can have
-            assert launch.programs >= min(device.sms, work), (group, launch)
-            if launch.programs < min(plan.PROGRAMS_PER_SM * device.sms, work):
+            assert programs(launch) >= min(device.sms, work), (group, launch)
+            if programs(launch) < min(plan.PROGRAMS_PER_SM * device.sms, work):
                 # Two programs per SM only where one more split would pass the workspace.
                 assert used + split_row_bytes * group.rows > plan.WORKSPACE_BYTES, (group, launch)
             # No more splits than twice what two programs per SM need.
@@ -107,7 +115,7 @@ def check_plan(device, kind, crops, n, d, m, mode, need_grad=True):
         column_blocks, row_steps = -(-n // t.block_c), -(-rows // t.block_r)
         assert gradient.grid[0] == column_blocks
         assert gradient.grid[1] * gradient.span >= rows > (gradient.grid[1] - 1) * gradient.span
-        assert gradient.programs >= min(device.sms, column_blocks * row_steps), gradient
+        assert programs(gradient) >= min(device.sms, column_blocks * row_steps), gradient
         if gradient.grid[1] > 1:
             assert 4 * n * d * gradient.grid[1] <= chosen.workspace
     return chosen
@@ -123,8 +131,8 @@ def test_every_launch_fills_every_sm_within_a_flat_workspace(device, kind, mode)
         chosen = check_plan(device, kind, crops, n, d, m, mode)
         if mode != "in-batch" and m >= 65536:
             # The queue's launch: two programs per SM.
-            queue = chosen.partial[-1]
-            assert queue.programs >= plan.PROGRAMS_PER_SM * device.sms, queue
+            queue = chosen.groups[0].partial[-1]
+            assert programs(queue) >= plan.PROGRAMS_PER_SM * device.sms, queue
             # Flat in M: no more workspace for a queue 256 times larger, and the same for one
             # 4096 times larger (the splits a full grid needs, whatever the queue's length).
             larger = plan_of(device, kind, crops, n, d, m << 8, mode)
@@ -133,8 +141,8 @@ def test_every_launch_fills_every_sm_within_a_flat_workspace(device, kind, mode)
             assert [(g.start, g.stop) for g in largest.groups] == [
                 (g.start, g.stop) for g in chosen.groups
             ]
-            assert [launch.grid for launch in largest.partial] == [
-                launch.grid for launch in larger.partial
+            assert [launch.grid for launch in largest.groups[0].partial] == [
+                launch.grid for launch in larger.groups[0].partial
             ]
 
 
@@ -145,8 +153,8 @@ def test_the_largest_batches_are_launched_in_row_groups_within_the_workspace():
         chosen = check_plan(plan.H100, "bf16", crops, n, 256, 65536, mode)
         assert len(chosen.groups) == 2
         assert chosen.workspace <= plan.WORKSPACE_BYTES
-        for launch in chosen.partial:
-            assert launch.programs >= plan.H100.sms
+        for launch in chosen.groups[0].partial:
+            assert programs(launch) >= plan.H100.sms
     # The largest crop alone passes the workspace at one split: parts of each crop.
     chosen = check_plan(plan.H100, "bf16", 2, 40000, 256, 65536, "queue+keys")
     assert all(group.keys < 40000 for group in chosen.groups)
@@ -158,11 +166,11 @@ def test_in_batch_keys_fill_every_sm_next_to_a_queue(device):
     """The bank's own launch fills the device by itself: its splits are not a share of the
     queue's (in include_keys mode N = 1024 gets as many programs as in-batch mode)."""
     for n in (256, 1024, 4096):
-        alone = plan_of(device, "bf16", 1, n, 128, 0, "in-batch").partial[0]
-        beside = plan_of(device, "bf16", 1, n, 128, 65536, "queue+keys").partial[0]
+        alone = plan_of(device, "bf16", 1, n, 128, 0, "in-batch").groups[0].partial[0]
+        beside = plan_of(device, "bf16", 1, n, 128, 65536, "queue+keys").groups[0].partial[0]
         steps = -(-n // beside.tiles.block_c)
-        assert beside.programs >= min(plan.PROGRAMS_PER_SM * device.sms, beside.grid[0] * steps)
-        assert beside.programs >= min(alone.programs, plan.PROGRAMS_PER_SM * device.sms)
+        assert programs(beside) >= min(plan.PROGRAMS_PER_SM * device.sms, beside.grid[0] * steps)
+        assert programs(beside) >= min(programs(alone), plan.PROGRAMS_PER_SM * device.sms)
 
 
 def test_evaluation_needs_only_the_scalar_workspace():
@@ -170,7 +178,9 @@ def test_evaluation_needs_only_the_scalar_workspace():
     for device, crops, (n, d, m), mode in itertools.product(DEVICES, CROPS, SHAPES, MODES):
         chosen = check_plan(device, "bf16", crops, n, d, m, mode, need_grad=False)
         assert len(chosen.groups) == 1
-        assert chosen.workspace == 4 * crops * n * plan.STATE_SCALARS * chosen.total_splits
+        assert (
+            chosen.workspace == 4 * crops * n * plan.STATE_SCALARS * chosen.groups[0].total_splits
+        )
 
 
 def test_kinds_and_dimensions_without_tiles_are_value_errors():

@@ -14,11 +14,11 @@ import os
 import torch
 from torch import Tensor
 
-from ..problem import Problem
+from ..problem import Problem, constant
 from . import plan
 from .first_use import SKIP_VARIABLE, verified
 
-MAX_DIM = 256
+MAX_DIM = max(plan.MAX_DIM.values())  # the largest D of any input kind
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # found, not imported
@@ -122,7 +122,7 @@ def losses(problem: Problem, fallback: bool = False) -> Tensor:
         return torch.ones((), dtype=torch.float32, device=device) * value
 
     target_temperature = 1.0 if problem.target_temperature is None else problem.target_temperature
-    coeff = problem.coeff.detach() if isinstance(problem.coeff, Tensor) else problem.coeff
+    coeff = constant(problem.coeff)
     if isinstance(target_temperature, Tensor):
         target_temperature = target_temperature.detach()
     need_grad = torch.is_grad_enabled() and query.requires_grad
@@ -131,13 +131,13 @@ def losses(problem: Problem, fallback: bool = False) -> Tensor:
         problem.key.contiguous(),
         None if problem.bank is None else problem.bank.contiguous(),
         None if problem.queue is None else problem.queue.contiguous(),
-        problem.offset,
-        tensor(coeff),
-        tensor(problem.temperature),
-        tensor(target_temperature),
-        problem.online_has_positive,
-        problem.needs_target,
-        need_grad,
-        fallback,
+        offset=problem.offset,
+        coeff=tensor(coeff),
+        temperature=tensor(problem.temperature),
+        target_temperature=tensor(target_temperature),
+        online_has_pos=problem.online_has_positive,
+        need_target=problem.needs_target,
+        need_grad=need_grad,
+        fallback=fallback,
     )
     return per_row.view(crops, batch)

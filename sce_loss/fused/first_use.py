@@ -23,18 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..problem import Problem
+from ..problem import DEFAULT_HYPER_PARAMETERS, Problem
 
 SKIP_VARIABLE = "SCE_LOSS_SKIP_FIRST_USE_CHECK"
 # Relative error bars against the float64 reference, by input kind (sce_loss.fused.plan.KINDS).
 TOLERANCES = {"fp32-ieee": 1e-5, "fp32-tf32": 5e-3, "fp16": 5e-3, "bf16": 1e-2}
 CHECK_ROWS = 80
 CHECK_QUEUE = 200
-CHECK_HYPER_PARAMETERS = {
-    "info_nce": dict(temperature=0.2),
-    "ressl": dict(temperature=0.1, target_temperature=0.04, coeff=0.0),
-    "sce": dict(coeff=0.5, temperature=0.1, target_temperature=0.05),
-}
 
 _verdicts: dict[tuple, bool] = {}
 
@@ -142,7 +137,7 @@ def check_problem(problem: Problem) -> Problem:
         None if problem.bank is None else key,
         queue,
         0,
-        **CHECK_HYPER_PARAMETERS[problem.loss],
+        **DEFAULT_HYPER_PARAMETERS[problem.loss],
     )
 
 

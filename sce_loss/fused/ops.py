@@ -418,13 +418,13 @@ def _backward(ctx, upstream, *_):
             upstream,
             lse_a,
             lse_b,
-            offset,
-            coeff,
-            temperature,
-            target_temperature,
-            online_has_pos,
-            need_target,
-            fallback,
+            offset=offset,
+            coeff=coeff,
+            temperature=temperature,
+            target_temperature=target_temperature,
+            online_has_pos=online_has_pos,
+            need_target=need_target,
+            fallback=fallback,
         )
     if ctx.needs_input_grad[6]:
         grad_temperature = (upstream * dtau).sum()

@@ -24,7 +24,6 @@ compiled, tests/compile_kernels.py) without a GPU. The rules:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -98,10 +97,6 @@ class Launch:
     blocks_per_program: int
 
     @property
-    def programs(self) -> int:
-        return math.prod(self.grid)
-
-    @property
     def span(self) -> int:
         """Columns (partial stats) or rows (key gradient) of one split."""
         step = self.tiles.block_r if self.kernel == "key_gradient" else self.tiles.block_c
@@ -140,24 +135,6 @@ class Plan:
     groups: tuple[RowGroup, ...]
     key_gradient: Launch | None
     workspace: int
-
-    @property
-    def partial(self) -> tuple[Launch, ...]:
-        """The first (largest) row group's partial-stats launches."""
-        return self.groups[0].partial
-
-    @property
-    def finalize(self) -> Launch:
-        return self.groups[0].finalize
-
-    @property
-    def partial_tiles(self) -> Tiles:
-        return self.partial[0].tiles
-
-    @property
-    def total_splits(self) -> int:
-        """The splits of the first (largest) row group, over every segment."""
-        return self.groups[0].total_splits
 
 
 def kind_of(dtype: torch.dtype) -> str:
