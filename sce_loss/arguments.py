@@ -51,6 +51,8 @@ def check_float_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {value.dtype}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
 
 
 def check_finite(**tensors) -> None:
@@ -88,19 +90,18 @@ def check_coeff(name: str, value) -> None:
 
 def scalar_value(name: str, value) -> float | None:
     """The value of a real number or 0-d float tensor, None when it cannot be read for free (a
-    device tensor, or while compiling); a TypeError for anything else."""
-    if tracing():
-        return None
+    device tensor, or while compiling or under a torch.func transform); a TypeError for anything
+    else, in every mode (types and shapes are known without reading a value)."""
     if isinstance(value, Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(
                 f"{name} must be a float or a 0-d float tensor, got a {value.dtype} "
                 f"tensor of shape {tuple(value.shape)}"
             )
-        return float(value.detach()) if value.device.type == "cpu" else None
+        return None if tracing() or value.device.type != "cpu" else float(value.detach())
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a float or a 0-d float tensor, got {type(value).__name__}")
-    return float(value)
+    return None if tracing() else float(value)
 
 
 def check_bool(name: str, value) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-try:  # the name since torch 2.10; the gradient of the gather is a reduce-scatter (sum)
+try:  # the name since torch 2.12; the gradient of the gather is a reduce-scatter (sum)
     from torch.distributed._functional_collectives import all_gather_single_autograd as _gather
 except ImportError:
     from torch.distributed._functional_collectives import all_gather_tensor_autograd as _gather
@@ -44,7 +44,28 @@ def gather_keys(key: Tensor, group) -> tuple[Tensor, int]:
     if group is None:
         return key, 0
     _check_equal_batches(key, group)
-    return _gather(key.contiguous(), 0, group), dist.get_rank(group) * key.shape[0]
+    gathered = _ContiguousGradient.apply(_gather(key.contiguous(), 0, group))
+    return gathered, dist.get_rank(group) * key.shape[0]
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous: the gather's backward
+    reduce-scatters it, which torch 2.7 to 2.11 refuse for a non-contiguous tensor (a loss that
+    transposes or expands the gathered keys gives one)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 @torch.no_grad()

@@ -97,12 +97,14 @@ def constant(value):
 
 
 def transformed() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running: there values
-    cannot be read on the host and the streaming backends' own autograd cannot be transformed.
-    (torch.compile traces through functorch's machinery too; that is not a transform here.)"""
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) or forward-mode AD (dual
+    tensors) is running: there values cannot be read on the host and the streaming backends' own
+    autograd cannot be transformed. (torch.compile traces through functorch's machinery too;
+    that is not a transform here.)"""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    forward_mode = torch.autograd.forward_ad._current_level >= 0  # dual tensors (jvp)
+    return forward_mode or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def tracing() -> bool:

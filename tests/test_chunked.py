@@ -447,3 +447,20 @@ def test_row_blocks_give_the_references_numbers(loss, mode, crops, row_block, mo
     want = evaluate(reference.losses, problem, leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_temperature_in_another_precision_than_the_inputs(tau_dtype):
+    """A learnable τ held in bfloat16 (a module cast with .to(torch.bfloat16)) or float64: 1/τ
+    is taken in the compute dtype, as the reference takes it, for the values and both
+    gradients."""
+    query, key, queue, _ = make_inputs("queue", n=6, d=8, m=40, dtype=torch.float32, seed=3)
+    results = []
+    for backend in ("chunked", "reference"):
+        q = query.clone().requires_grad_()
+        tau = torch.tensor(0.1, dtype=tau_dtype, requires_grad=True)
+        loss = sce_loss(q, key, queue, temperature=tau, backend=backend)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (q, tau))))
+    for got, want in zip(*results):
+        # float32 tolerances (the computation is float32 whatever τ's dtype); before: 1e-3 apart
+        torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5, check_dtype=False)

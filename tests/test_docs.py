@@ -49,8 +49,6 @@ def stand_ins() -> dict:
     online, momentum = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
     views = [torch.randn(n, d, generator=generator) for _ in range(2)]
     return dict(
-        torch=torch,
-        F=F,
         query=unit(n, d).requires_grad_(),
         key=unit(n, d),
         online=online,

@@ -24,6 +24,7 @@ BAD = [
     (dict(key=[1.0]), TypeError, "key must be a torch.Tensor"),
     (dict(queue="queue"), TypeError, "queue must be a torch.Tensor"),
     (dict(query=q.long()), TypeError, "query must be float64, float32, bfloat16 or float16"),
+    (dict(query=q.to_sparse()), TypeError, "query must be a dense"),
     (dict(query=q[0]), ValueError, r"query must be \(N, D\) or \(V, N, D\), got shape \(8,\)"),
     (dict(key=k[None]), ValueError, r"key must be \(N, D\)"),
     (dict(key=k[:3]), ValueError, "query rows and dim .* must match key's"),
@@ -151,3 +152,24 @@ def test_the_smallest_temperature_passes_in_float32_too(fn):
     """τ = 1e-4 is allowed however it is given: a float, a float32 tensor or NumPy float32."""
     for temperature in (1e-4, torch.tensor(1e-4), np.float32(1e-4)):
         assert torch.isfinite(call(fn, dict(temperature=temperature)))
+
+
+@pytest.mark.parametrize(
+    "temperature, message",
+    [
+        (
+            torch.full((4, 1), 0.1),
+            r"temperature must be a float or a 0-d float tensor, got .* \(4, 1\)",
+        ),
+        (torch.tensor(1), "temperature must be a float or a 0-d float tensor, got a torch.int64"),
+        (True, "temperature must be a float or a 0-d float tensor, got bool"),
+        ("0.1", "temperature must be a float or a 0-d float tensor, got str"),
+    ],
+)
+def test_hyper_parameters_of_the_wrong_type_are_refused_under_compile_too(temperature, message):
+    """Types and shapes are known without reading a value: checked while compiling as well."""
+    query, key = unit(4, 8, dtype=torch.float32), unit(4, 8, dtype=torch.float32)
+    torch._dynamo.reset()
+    step = torch.compile(lambda q, k, t: sce_loss(q, k, temperature=t), backend="aot_eager")
+    with pytest.raises(TypeError, match=message):
+        step(query, key, temperature)
