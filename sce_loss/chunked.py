@@ -86,9 +86,9 @@ def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
         None if key is None else key.to(dtype),
         None if bank is None else bank.to(dtype),
         problem.queue,
-        _in(dtype, problem.temperature),
-        _in(dtype, _constant(problem.target_temperature)),
-        _in(dtype, _constant(problem.coeff)),
+        _at_least(dtype, problem.temperature),
+        _at_least(dtype, _constant(problem.target_temperature)),
+        _at_least(dtype, _constant(problem.coeff)),
         problem.loss,
         problem.offset,
         views,
@@ -98,11 +98,13 @@ def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
     return flat.view(views, n)
 
 
-def _in(dtype: torch.dtype, value):
-    """A tensor hyper-parameter in the compute dtype (differentiably: a learnable τ keeps its
-    gradient), so that 1/τ is not rounded in a lower precision than the inputs'; floats as they
-    are."""
-    return value.to(dtype) if isinstance(value, Tensor) else value
+def _at_least(dtype: torch.dtype, value):
+    """A tensor hyper-parameter in at least the compute dtype (differentiably: a learnable τ keeps
+    its gradient), so that 1/τ is not rounded in a lower precision than the inputs', as the
+    reference does not round it; floats as they are."""
+    if not isinstance(value, Tensor):
+        return value
+    return value.to(torch.promote_types(value.dtype, dtype))
 
 
 def _constant(value):
