@@ -27,7 +27,11 @@ BAD = [
     (dict(query=q.to_sparse()), TypeError, "query must be a dense"),
     (dict(query=q[0]), ValueError, r"query must be \(N, D\) or \(V, N, D\), got shape \(8,\)"),
     (dict(key=k[None]), ValueError, r"key must be \(N, D\)"),
-    (dict(key=k[:3]), ValueError, "query rows and dim .* must match key's"),
+    (
+        dict(key=k[:3]),
+        ValueError,
+        r"query rows and dim \(4, 8\) must match key's \(N, D\) \(3, 8\)",
+    ),
     (dict(key=unit(4, 7, dtype=torch.float32)), ValueError, "must match key's"),
     (dict(queue=unit(6, 7, dtype=torch.float32)), ValueError, r"queue must be \(M, D\) with D=8"),
     (dict(query=q[:0], key=k[:0]), ValueError, "must be non-empty"),
@@ -173,3 +177,15 @@ def test_hyper_parameters_of_the_wrong_type_are_refused_under_compile_too(temper
     step = torch.compile(lambda q, k, t: sce_loss(q, k, temperature=t), backend="aot_eager")
     with pytest.raises(TypeError, match=message):
         step(query, key, temperature)
+
+
+def test_a_cpu_temperature_tensor_serves_inputs_on_another_device():
+    """A 0-d τ on the CPU with inputs elsewhere (here the meta device, standing in for a GPU) is
+    accepted, as PyTorch accepts CPU scalars beside device tensors; a τ on a third device is not."""
+    query, key = torch.randn(4, 8, device="meta"), torch.randn(4, 8, device="meta")
+    assert sce_loss(query, key, temperature=torch.tensor(0.1)).device.type == "meta"
+    on_meta = torch.tensor(0.1, device="meta")
+    with pytest.raises(ValueError, match="temperature must be on the inputs' device cpu or the"):
+        sce_loss(
+            unit(4, 8, dtype=torch.float32), unit(4, 8, dtype=torch.float32), temperature=on_meta
+        )
