@@ -1,10 +1,10 @@
-"""MoCo-style self-supervised pretraining of a ResNet-18 with SCE, InfoNCE (MoCo v2), ReSSL, CACR
-or ReCo.
+"""MoCo- or SimCLR-style self-supervised pretraining of a ResNet-18 with SCE, InfoNCE (MoCo v2,
+NT-Xent), ReSSL, CACR or ReCo.
 
     python examples/pretrain.py                                   # default data, SCE recipe
-    python examples/pretrain.py --data cifar10-jpeg.npz --loss infonce --out runs/moco
+    python examples/pretrain.py --data cifar10 --loss infonce --out runs/moco
     python examples/pretrain.py --loss cacr --out runs/cacr       # or --loss reco
-    torchrun --nproc_per_node=4 examples/pretrain.py --data cifar10-jpeg.npz --out runs/sce4
+    torchrun --nproc_per_node=4 examples/pretrain.py --data cifar10 --out runs/sce4
     python examples/pretrain.py --smoke --device cpu              # a 2-minute check, in runs/smoke
 
 An online ResNet-18 (CIFAR stem) + projector 512-512(BN)-128 learns from a strong view; its EMA

@@ -33,7 +33,7 @@ from .problem import Problem, Scalar, transformed
 # (benchmarks/results/chunked-crossover-cpu.md), chunked is then as fast or faster (0.2–1.03× the
 # reference's time at D ≤ 128 from 2^18; at D = 512 only from about 2^22, as it makes four
 # half-size products where the reference makes three). In-batch, its second pass for the keys'
-# gradient keeps it 1.2–2.6× slower at every measured size, so there the reference serves.
+# gradient keeps it 1.02–2.6× slower at every measured size, so there the reference serves.
 CHUNKED_FROM_QUEUE = 1024
 CHUNKED_FROM_PAIRS = 1 << 18
 # The symmetric (SimCLR) form streams from 2N = 4096 rows on (2N × 2N logits of 64 MiB each in

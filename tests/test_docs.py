@@ -67,7 +67,7 @@ def stand_ins() -> dict:
         queries=unit(2, n, d).requires_grad_(),
         keys=unit(2, n, d),
         views=unit(3, n, d).requires_grad_(),
-        partner=torch.randperm(n, generator=generator),
+        index=torch.randperm(n, generator=generator),  # the CutMix partners
         ratio=0.6,
         weak_key=unit(n, d),
         weak_queue=unit(m, d),

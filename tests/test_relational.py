@@ -667,7 +667,9 @@ def test_inputs_are_unchanged_bit_for_bit(normalize):
 # -- the library's contracts -------------------------------------------------------------------
 
 
-def test_defaults_are_the_official_values():
+def test_defaults_are_the_documented_values():
+    """CACR: the formula's neutral values (all 1; docs/relational.md gives each official
+    source's); ReCo: main_reco.py's."""
     cacr = inspect.signature(cacr_loss).parameters
     assert [cacr[name].default for name in CACR_HYPER] == [1.0, 1.0, 1.0, 1.0]
     assert cacr["intra_batch"].default is True
