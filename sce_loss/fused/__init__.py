@@ -122,9 +122,7 @@ def losses(problem: Problem, fallback: bool = False) -> Tensor:
         return torch.ones((), dtype=torch.float32, device=device) * value
 
     target_temperature = 1.0 if problem.target_temperature is None else problem.target_temperature
-    coeff = constant(problem.coeff)
-    if isinstance(target_temperature, Tensor):
-        target_temperature = target_temperature.detach()
+    coeff, target_temperature = constant(problem.coeff), constant(target_temperature)
     need_grad = torch.is_grad_enabled() and query.requires_grad
     per_row, *_ = fused_forward(
         query.reshape(crops * batch, dim).contiguous(),
