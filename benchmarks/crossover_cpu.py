@@ -83,7 +83,15 @@ def seconds(loss, dtype, mode, n, k, d, backend, clock) -> float:
 
     def step():
         query.grad = key.grad = None
-        problem = Problem(name, query[None], key, key if queue is None else None, queue, 0, **hyper)
+        problem = Problem(
+            loss=name,
+            query=query[None],
+            key=key,
+            bank=key if queue is None else None,
+            queue=queue,
+            offset=0,
+            **hyper,
+        )
         BACKENDS[backend].losses(problem).mean().backward()
 
     step()

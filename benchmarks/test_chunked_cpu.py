@@ -64,7 +64,11 @@ def make_step(loss: str, m: int, variant: str):
     backend = BACKENDS[variant.removesuffix("-compiled")]
 
     def fn(query, key, queue):
-        return backend.losses(Problem(name, query[None], key, None, queue, 0, **hyper)).mean()
+        return backend.losses(
+            Problem(
+                loss=name, query=query[None], key=key, bank=None, queue=queue, offset=0, **hyper
+            )
+        ).mean()
 
     if variant.endswith("-compiled"):
         fn = torch.compile(fn)

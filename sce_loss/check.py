@@ -129,7 +129,15 @@ def make_problem(
     key = unit(n)
     queue = None if mode == "in-batch" else unit(m, dtype=queue_dtype)
     bank = key if mode in ("in-batch", "queue+keys") else None
-    return Problem(loss, unit(crops, n), key, bank, queue, 0, **DEFAULT_HYPER_PARAMETERS[loss])
+    return Problem(
+        loss=loss,
+        query=unit(crops, n),
+        key=key,
+        bank=bank,
+        queue=queue,
+        offset=0,
+        **DEFAULT_HYPER_PARAMETERS[loss],
+    )
 
 
 def _compare(

@@ -40,6 +40,7 @@ forward and such a backward cannot be recomputed: that raises an error.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,13 +90,19 @@ def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
         _at_least(dtype, problem.temperature),
         _at_least(dtype, _constant(problem.target_temperature)),
         _at_least(dtype, _constant(problem.coeff)),
-        problem.loss,
-        problem.offset,
-        views,
-        problem.symmetric,
-        chunk_size,
+        Stream(problem.loss, problem.offset, views, problem.symmetric, chunk_size),
     )
     return flat.view(views, n)
+
+
+class Stream(NamedTuple):
+    """A streaming pass's settings beside its tensors."""
+
+    loss: str
+    offset: int  # the bank row of query row 0's positive
+    views: int  # crops V: the rows are V·N
+    symmetric: bool  # the SimCLR form: each row's own embedding is no candidate
+    chunk_size: int | None  # candidate columns per chunk; None: chunk_columns' choice
 
 
 def _at_least(dtype: torch.dtype, value):
@@ -126,15 +133,12 @@ class _StreamingLoss(torch.autograd.Function):
         temperature,
         target_temperature,
         coeff,
-        loss_name,
-        offset,
-        views,
-        symmetric,
-        chunk_size,
+        stream: Stream,
     ):
+        offset, views = stream.offset, stream.views
         r = len(x)
         n = r // views
-        online_has_pos, need_target = loss_name != "ressl", loss_name != "info_nce"
+        online_has_pos, need_target = stream.loss != "ressl", stream.loss != "info_nce"
         key = bank[offset : offset + n] if own_key is None else own_key
         c_pos = key if views == 1 else key.repeat(views, 1)
         # A tensor τ always gets dL/dτ (cheap, one dot per row): under torch.compile of a
@@ -145,22 +149,28 @@ class _StreamingLoss(torch.autograd.Function):
         # The base-2 logits z = exponents·c of every candidate c: the online rows x·log2(e)/τ,
         # then the target rows k·log2(e)/τ_m (one product per chunk serves both), scaled in place.
         exponents = base2_rows(x, key, temperature, target_temperature, need_target)
-        a_pos2 = _row_dots(exponents[:r], c_pos)  # a_pos·log2 e
-        masked = _masked_columns(
-            n, views, offset, online_has_pos, need_target, symmetric, device=x.device
+        a_pos2 = row_dots(exponents[:r], c_pos)  # a_pos·log2 e
+        masked = masked_columns(
+            n,
+            views=views,
+            offset=offset,
+            online_has_pos=online_has_pos,
+            need_target=need_target,
+            symmetric=stream.symmetric,
+            device=x.device,
         )
-        chunk_size = chunk_size or chunk_columns(len(exponents))
+        chunk_size = stream.chunk_size or chunk_columns(len(exponents))
         # Queue mode: the positive z²_r is one more column of the online rows, before the others.
         queue_positive = bank is None and online_has_pos
-        m, l, o = _stream(
+        m, l, o = stream_states(
             exponents,
             bank,
             queue,
             masked,
-            chunk_size,
+            a_pos2 if queue_positive else None,
+            c_pos if queue_positive and need_grad else None,
+            chunk_size=chunk_size,
             vectors_from=0 if need_grad else r,
-            first_logits=a_pos2 if queue_positive else None,
-            first_column=c_pos if queue_positive and need_grad else None,
         )
 
         # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as (LSE_a − a_pos) + (1−λ)·(a_pos −
@@ -170,7 +180,7 @@ class _StreamingLoss(torch.autograd.Function):
         target_mean = c_pos  # InfoNCE's (λ = 1); SCE's λ·c_pos + (1−λ)·O_b/l_b, ReSSL's O_b/l_b
         if need_target:
             mean_b = means[-n:] if views == 1 else means[-n:].repeat(views, 1)
-            loss = loss + (1 - coeff) * LN_2 * (a_pos2 - _row_dots(exponents[:r], mean_b))
+            loss = loss + (1 - coeff) * LN_2 * (a_pos2 - row_dots(exponents[:r], mean_b))
             target_mean = mean_b.mul_(1 - coeff).add_(coeff * c_pos)  # in place: O is spent
         grad = dtau = key_weight = None
         if need_grad:  # dL/dx_r = (O_a/l_a − target_mean) / τ
@@ -178,7 +188,7 @@ class _StreamingLoss(torch.autograd.Function):
         del o, means, target_mean
         if need_grad:
             grad.div_(temperature)
-            dtau = -LN_2 * _row_dots(exponents[:r], grad)
+            dtau = -LN_2 * row_dots(exponents[:r], grad)
         if ctx.needs_input_grad[1] and online_has_pos:  # queue mode (key is None with a bank)
             # dL/dk_r = (p_pos − λ)·x_r/τ, with p_pos = 2^{a_pos·log2 e − m_a}/l_a: exactly 1/l_a
             # when the positive is the row's maximum, so p_pos − 1 keeps its digits.
@@ -187,7 +197,8 @@ class _StreamingLoss(torch.autograd.Function):
         ctx.save_for_backward(
             x, own_key, bank, tau, exponents, m, l, grad, dtau, key_weight, masked
         )
-        ctx.options = (target_temperature, coeff, loss_name, offset, views, symmetric, chunk_size)
+        ctx.target_temperature, ctx.coeff = target_temperature, coeff
+        ctx.stream = stream._replace(chunk_size=chunk_size)
         # Kept for a recomputation (create_graph=True), which refuses a queue updated since.
         ctx.queue, ctx.queue_version = queue, queue_version(queue)
         ctx.temperature = None if isinstance(temperature, Tensor) else temperature
@@ -198,7 +209,7 @@ class _StreamingLoss(torch.autograd.Function):
         if differentiating_backward():
             return _differentiable_backward(ctx, upstream)
         _, _, bank, tau, exponents, m, l, grad, dtau, key_weight, masked = ctx.saved_tensors
-        _, coeff, loss_name, offset, views, _, chunk_size = ctx.options
+        stream = ctx.stream
         grad_x = grad_key = grad_bank = grad_tau = None
         if ctx.needs_input_grad[0]:
             grad_x = upstream[:, None] * grad
@@ -211,24 +222,24 @@ class _StreamingLoss(torch.autograd.Function):
                 if key_weight is not None
                 else torch.zeros_like(scaled_x)
             )
-            grad_key = per_row.view(views, -1, scaled_x.shape[1]).sum(0)
+            grad_key = per_row.view(stream.views, -1, scaled_x.shape[1]).sum(0)
         if ctx.needs_input_grad[2]:
-            grad_bank = _bank_gradient(
+            grad_bank = bank_gradient(
                 exponents,
                 m,
                 l,
                 upstream,
                 bank,
                 masked=masked,
-                views=views,
-                offset=offset,
-                coeff=coeff,
-                need_target=loss_name != "info_nce",
-                chunk_size=chunk_size,
+                views=stream.views,
+                offset=stream.offset,
+                coeff=ctx.coeff,
+                need_target=stream.loss != "info_nce",
+                chunk_size=stream.chunk_size,
             )
         if tau is not None:
             grad_tau = (upstream * dtau).sum()
-        return (grad_x, grad_key, grad_bank, None, grad_tau) + (None,) * 7
+        return grad_x, grad_key, grad_bank, None, grad_tau, None, None, None
 
 
 def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, need_target: bool):
@@ -240,7 +251,7 @@ def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, need_tar
     return exponents
 
 
-def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+def row_dots(a: Tensor, b: Tensor) -> Tensor:
     """a_r·b_r for each row r of two (R, D) tensors, without an (R, D) temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
@@ -249,29 +260,28 @@ def _differentiable_backward(ctx, upstream):
     """The gradients as a differentiable graph: the reference's losses recomputed from the saved
     inputs, differentiated with ``create_graph=True``."""
     x, key, bank, tau, *_ = ctx.saved_tensors
-    target_temperature, coeff, loss_name, offset, views, symmetric, _ = ctx.options
-    queue = ctx.queue
+    stream, queue = ctx.stream, ctx.queue
     check_queue_unchanged(queue, ctx.queue_version, "chunked")
-    n = len(x) // views
+    n = len(x) // stream.views
     problem = Problem(
-        loss_name,
-        x.view(views, n, -1),
-        bank[offset : offset + n] if bank is not None else key,
-        bank,
-        queue,
-        offset,
-        ctx.temperature if tau is None else tau,
-        None if loss_name == "info_nce" else target_temperature,
-        coeff,
-        symmetric,
+        loss=stream.loss,
+        query=x.view(stream.views, n, -1),
+        key=bank[stream.offset : stream.offset + n] if bank is not None else key,
+        bank=bank,
+        queue=queue,
+        offset=stream.offset,
+        temperature=ctx.temperature if tau is None else tau,
+        target_temperature=None if stream.loss == "info_nce" else ctx.target_temperature,
+        coeff=ctx.coeff,
+        symmetric=stream.symmetric,
     )
-    inputs = (x, key, bank, None, tau)
-    grads = reference.recomputed_gradients(problem, inputs, ctx.needs_input_grad, upstream)
-    return (*grads, *(None,) * 7)
+    inputs = (x, key, bank, None, tau, None, None, None)
+    return reference.recomputed_gradients(problem, inputs, ctx.needs_input_grad, upstream)
 
 
-def _masked_columns(
+def masked_columns(
     n: int,
+    *,
     views: int,
     offset: int,
     online_has_pos: bool,
@@ -297,15 +307,16 @@ def _masked_columns(
 
 
 @torch.library.custom_op("sce_loss::chunked_stream", mutates_args=())
-def _stream(
+def stream_states(
     exponents: Tensor,
     bank: Tensor | None,
     queue: Tensor | None,
     masked: Tensor,
+    first_logits: Tensor | None = None,
+    first_column: Tensor | None = None,
+    *,
     chunk_size: int,
-    vectors_from: int,
-    first_logits: Tensor | None,
-    first_column: Tensor | None,
+    vectors_from: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The running states (m, l, O) of the rows of ``exponents`` (base-2 logits z =
     exponents·c) after every candidate, [bank; queue], a chunk at a time, without each row's
@@ -342,8 +353,8 @@ def _logits(exponents: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
     return torch.mm(exponents, c.T, out=buffer[: shape[0] * shape[1]].view(shape))
 
 
-@_stream.register_fake
-def _(exponents, bank, queue, masked, chunk_size, vectors_from, *_):
+@stream_states.register_fake
+def _(exponents, *_, chunk_size, vectors_from=0):
     rows, dim = exponents.shape
     return (
         exponents.new_empty(rows),
@@ -377,7 +388,7 @@ def _mask_columns(logits: Tensor, columns: Tensor) -> None:
         logits.scatter_(1, index, torch.where(inside, float("-inf"), logits.gather(1, index)))
 
 
-def _bank_gradient(
+def bank_gradient(
     exponents, m, l, upstream, bank, *, masked, views, offset, coeff, need_target, chunk_size
 ) -> Tensor:
     """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for the bank's columns, with P_rk = e^{a_rk − LSE_a}
@@ -396,7 +407,16 @@ def _bank_gradient(
         target_rhs = (exponents[:r] * online[:, None]).view(views, n, dim).sum(0)  # x̄_i / τ
         weights = torch.cat([online, (-(1 - coeff)) * torch.ones_like(online[:n])])
     # P and w are 2^{z − m − log2 l} with the forward's base-2 states.
-    grad = _bank_products(exponents, m + l.log2(), weights, target_rhs, bank, masked, chunk_size, r)
+    grad = bank_products(
+        exponents,
+        m + l.log2(),
+        weights,
+        target_rhs,
+        bank,
+        masked,
+        chunk_size=chunk_size,
+        online_rows=r,
+    )
     for v in range(views):  # the positive's target weight λ: −λ·x̄_i at column offset + i
         crop = slice(v * n, (v + 1) * n)
         grad[offset : offset + n].addcmul_(exponents[crop], (-coeff * online[crop])[:, None])
@@ -404,13 +424,14 @@ def _bank_gradient(
 
 
 @torch.library.custom_op("sce_loss::chunked_bank_products", mutates_args=())
-def _bank_products(
+def bank_products(
     exponents: Tensor,
     shift: Tensor,
     weights: Tensor,
     target_rhs: Tensor | None,
     bank: Tensor,
     masked: Tensor,
+    *,
     chunk_size: int,
     online_rows: int,
 ) -> Tensor:
@@ -449,6 +470,6 @@ def _bank_products(
     return grad
 
 
-@_bank_products.register_fake
-def _(exponents, shift, weights, target_rhs, bank, *_):
+@bank_products.register_fake
+def _(exponents, shift, weights, target_rhs, bank, *_, **__):
     return exponents.new_empty(bank.shape)

@@ -207,12 +207,12 @@ def _loss(
             bank, offset = distributed.gather_keys(key, group)
         _check_has_negatives(bank, queue, symmetric)
         problem = Problem(
-            loss,
-            query if query.dim() == 3 else query.unsqueeze(0),
-            key,
-            bank,
-            None if queue is None else queue.detach(),
-            offset,
+            loss=loss,
+            query=query if query.dim() == 3 else query.unsqueeze(0),
+            key=key,
+            bank=bank,
+            queue=None if queue is None else queue.detach(),
+            offset=offset,
             **hyper_parameters,
             symmetric=symmetric,
         )

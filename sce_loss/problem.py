@@ -40,7 +40,7 @@ DEFAULT_HYPER_PARAMETERS = {
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Problem:
     """One loss evaluation, arguments checked.
 

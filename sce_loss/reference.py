@@ -70,7 +70,7 @@ def losses(problem: Problem) -> Tensor:
     return sce(query, key, queue, coeff=problem.coeff, **options)
 
 
-def recomputed_gradients(problem: Problem, inputs, needs_input_grad, upstream: Tensor) -> list:
+def recomputed_gradients(problem: Problem, inputs, needs_input_grad, upstream: Tensor) -> tuple:
     """The gradients of Σ upstream·losses(problem) w.r.t. each of ``inputs`` whose
     ``needs_input_grad`` is set (None for the others and for None inputs), as a differentiable
     graph: what a streaming backend's backward returns when it is itself differentiated."""
@@ -79,7 +79,7 @@ def recomputed_gradients(problem: Problem, inputs, needs_input_grad, upstream: T
         per_row = losses(problem).reshape(-1)
         wanted = [x for x, need in zip(inputs, needed) if need]
         grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
-    return [next(grads) if need else None for need in needed]
+    return tuple(next(grads) if need else None for need in needed)
 
 
 def similarities(

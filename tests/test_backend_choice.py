@@ -6,14 +6,22 @@ import pytest
 import torch
 
 from sce_loss import chunked, functional, reference
-from sce_loss.problem import Problem
+from sce_loss.problem import DEFAULT_HYPER_PARAMETERS, Problem
 
 
 def problem(n, m, crops=1, include_keys=False, dim=4):
     query, key = torch.zeros(crops, n, dim), torch.zeros(n, dim)
     queue = None if m is None else torch.zeros(m, dim)
     bank = key if queue is None or include_keys else None
-    return Problem("sce", query, key, bank, queue, 0, 0.1, 0.05, 0.5)
+    return Problem(
+        loss="sce",
+        query=query,
+        key=key,
+        bank=bank,
+        queue=queue,
+        offset=0,
+        **DEFAULT_HYPER_PARAMETERS["sce"],
+    )
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ def build(loss, mode, query, key, queue, temperature, ranks=1, **changes):
         offset = len(key) * min(ranks - 1, 1)
     query = query if query.dim() == 3 else query.unsqueeze(0)
     hyper = HYPER[loss] | dict(temperature=temperature) | changes
-    return Problem(loss, query, key, bank, queue, offset, **hyper)
+    return Problem(loss=loss, query=query, key=key, bank=bank, queue=queue, offset=offset, **hyper)
 
 
 def evaluate(losses_of, problem, leaves):
@@ -326,36 +326,49 @@ def test_chunk_loops_pass_opcheck():
     views, n, d = 2, 5, 8
     exponents = unit(views * n + n, d, dtype=torch.float32)
     bank, queue = unit(3 * n, d, dtype=torch.float32), unit(7, d, dtype=torch.float32)
-    masked = chunked._masked_columns(
-        n, views, n, online_has_pos=False, need_target=True, symmetric=False, device="cpu"
+    masked = chunked.masked_columns(
+        n,
+        views=views,
+        offset=n,
+        online_has_pos=False,
+        need_target=True,
+        symmetric=False,
+        device="cpu",
     )
     first_logits, first_column = exponents[: views * n, 0], exponents[: views * n]
-    for stream_args in (
-        (exponents, bank, queue.bfloat16(), masked, 3, 0, None, None),
-        (exponents, None, queue, masked, 4, views * n, first_logits, None),
-        (exponents, None, queue, masked, 4, 0, first_logits, first_column),
+    for stream_args, options in (
+        ((exponents, bank, queue.bfloat16(), masked), dict(chunk_size=3)),
+        (
+            (exponents, None, queue, masked, first_logits),
+            dict(chunk_size=4, vectors_from=views * n),
+        ),
+        ((exponents, None, queue, masked, first_logits, first_column), dict(chunk_size=4)),
     ):
         torch.library.opcheck(
-            chunked._stream, stream_args, test_utils=("test_schema", "test_faketensor")
+            chunked.stream_states,
+            stream_args,
+            options,
+            test_utils=("test_schema", "test_faketensor"),
         )
     shift, weights = torch.ones(len(exponents)), torch.rand(len(exponents))
     online, target_rhs = views * n, exponents[:n]
-    for products_args in (
-        (exponents, shift, weights, target_rhs, bank, masked, 4, online),
-        (exponents[: 2 * n], shift[: 2 * n], weights[: 2 * n], None, bank, masked[: 2 * n], 4, n),
-        (
-            exponents[:online],
-            shift[:online],
-            weights[:online],
-            None,
-            bank,
-            masked[:online],
-            4,
-            online,
-        ),
+    for rows, target_rhs_or_none, online_rows in (
+        (len(exponents), target_rhs, online),
+        (2 * n, None, n),
+        (online, None, online),
     ):
         torch.library.opcheck(
-            chunked._bank_products, products_args, test_utils=("test_schema", "test_faketensor")
+            chunked.bank_products,
+            (
+                exponents[:rows],
+                shift[:rows],
+                weights[:rows],
+                target_rhs_or_none,
+                bank,
+                masked[:rows],
+            ),
+            dict(chunk_size=4, online_rows=online_rows),
+            test_utils=("test_schema", "test_faketensor"),
         )
 
 

@@ -174,23 +174,26 @@ def fused_outputs(problem, fallback):
     def scalar(value):
         return torch.ones((), device=query.device) * (1.0 if value is None else value)
 
-    options = (
-        problem.offset,
+    hyper = (
         scalar(problem.coeff),
         scalar(problem.temperature),
         scalar(problem.target_temperature),
-        problem.online_has_positive,
-        problem.needs_target,
+    )
+    flags = dict(
+        offset=problem.offset,
+        online_has_pos=problem.online_has_positive,
+        need_target=problem.needs_target,
+        fallback=fallback,
     )
     outputs = fused_forward(
-        query, problem.key, problem.bank, problem.queue, *options, True, fallback
+        query, problem.key, problem.bank, problem.queue, *hyper, need_grad=True, **flags
     )
     if problem.bank is None:
         return outputs
     upstream = torch.linspace(0.5, 1.5, len(query), device=query.device)
     _, _, _, lse_a, lse_b = outputs
     bank_grad = fused_bank_gradient(
-        query, problem.key, problem.bank, upstream, lse_a, lse_b, *options, fallback
+        query, problem.key, problem.bank, upstream, lse_a, lse_b, *hyper, **flags
     )
     return (*outputs, bank_grad)
 

@@ -5,6 +5,8 @@ on small ragged shapes (N, M and D not multiples of the tiles, several column sp
 they run compiled on the GPU. (The interpreter needs Triton ≥ 3.8 with NumPy ≥ 2.4.)
 """
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import HAS_FUSED, fused_reason, make_inputs
@@ -107,16 +109,13 @@ def test_fused_op_registration_passes_opcheck():
         key.to(DEVICE).requires_grad_(),
         key.to(DEVICE),
         queue.to(DEVICE),
-        0,
         *hyper,
-        True,
-        True,
-        True,
-        False,
     )
+    flags = dict(offset=0, online_has_pos=True, need_target=True, need_grad=True, fallback=False)
     torch.library.opcheck(
         fused_forward,
         args,
+        flags,
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
@@ -162,7 +161,7 @@ def problem_of(
     if queue is not None:
         queue = queue.to(DEVICE, queue_dtype or dtype)
     bank = key if queue is None or include_keys else None
-    return Problem(loss, query, key, bank, queue, 0, **hyper)
+    return Problem(loss=loss, query=query, key=key, bank=bank, queue=queue, offset=0, **hyper)
 
 
 SCE = dict(coeff=0.4, temperature=0.1, target_temperature=0.05)
@@ -206,14 +205,8 @@ def test_a_float32_queue_is_rounded_to_16_bit_inputs_dtype(dtype, mode):
     results = []
     for queue_dtype in (torch.float32, dtype):
         problem = problem_of("sce", mode, dtype=dtype, queue_dtype=torch.float32, **SCE)
-        problem = Problem(
-            "sce",
-            problem.query.requires_grad_(),
-            problem.key,
-            problem.bank,
-            problem.queue.to(queue_dtype),
-            0,
-            **SCE,
+        problem = dataclasses.replace(
+            problem, query=problem.query.requires_grad_(), queue=problem.queue.to(queue_dtype)
         )
         losses = fused.losses(problem)
         (grad,) = torch.autograd.grad(losses.sum(), problem.query)
@@ -231,8 +224,12 @@ def test_the_queue_is_not_saved_for_the_backward(mode):
     grads = []
     for update in (False, True):
         queue = problem.queue.clone()
-        live = Problem(
-            "sce", query, key, key if problem.bank is not None else None, queue, 0, **SCE
+        live = dataclasses.replace(
+            problem,
+            query=query,
+            key=key,
+            bank=key if problem.bank is not None else None,
+            queue=queue,
         )
         losses = fused.losses(live)
         if update:

@@ -8,7 +8,7 @@ from conftest import HAS_FUSED, make_inputs, unit
 
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
 from sce_loss.functional import _backend
-from sce_loss.problem import TORCH_VERSION, Problem
+from sce_loss.problem import DEFAULT_HYPER_PARAMETERS, TORCH_VERSION, Problem
 
 HAS_TRITON = HAS_FUSED
 FUNCTIONS = {"info_nce": info_nce_loss, "ressl": ressl_loss, "sce": sce_loss}
@@ -38,7 +38,15 @@ def penalised_gradients(loss, mode, backend, query, key, queue):
 def test_a_gradient_penalty_through_auto_is_the_references(loss):
     """N=64, D=32, M=4096: auto streams (chunked) on this CPU."""
     query, key, queue = inputs("queue", 64, 32, 4096, dtype=torch.float32)
-    problem = Problem(loss, query[None], key, None, queue, 0, 0.1, 0.05, 0.5)
+    problem = Problem(
+        loss=loss,
+        query=query[None],
+        key=key,
+        bank=None,
+        queue=queue,
+        offset=0,
+        **DEFAULT_HYPER_PARAMETERS["sce"],
+    )
     assert _backend("auto", problem).__name__ == "sce_loss.chunked"
     got = penalised_gradients(loss, "queue", "auto", query, key, queue)
     want = penalised_gradients(loss, "queue", "reference", query, key, queue)
@@ -116,7 +124,15 @@ def test_func_grad_on_both_sides_of_the_auto_switch(m):
     """N=256, D=128: auto takes the reference at M=1000 and chunked at M=1024."""
     query, key, queue = inputs("queue", 256, 128, m, torch.float32, 5)
     query, key = query.detach(), key.detach()
-    problem = Problem("sce", query[None], key, None, queue, 0, 0.1, 0.05, 0.5)
+    problem = Problem(
+        loss="sce",
+        query=query[None],
+        key=key,
+        bank=None,
+        queue=queue,
+        offset=0,
+        **DEFAULT_HYPER_PARAMETERS["sce"],
+    )
     expected = "sce_loss.reference" if m < 1024 else "sce_loss.chunked"
     assert _backend("auto", problem).__name__ == expected
     got = torch.func.grad(lambda q: sce_loss(q, key, queue))(query)

@@ -29,7 +29,7 @@ from sce_loss import (
 )
 from sce_loss import fused as fused_backend
 from sce_loss.functional import _backend
-from sce_loss.problem import Problem
+from sce_loss.problem import DEFAULT_HYPER_PARAMETERS, Problem
 
 FUNCTIONS = {"info_nce": info_nce_loss, "ressl": ressl_loss, "sce": sce_loss}
 HYPER = {
@@ -226,7 +226,17 @@ def symmetric_problem(loss, z1, z2, temperature):
     if loss == "ressl":
         hyper["coeff"] = 0.0
     query, key = torch.cat([z1, z2]), torch.cat([z2, z1])
-    return Problem(loss, query[None], key, key, None, 0, temperature, **hyper, symmetric=True)
+    return Problem(
+        loss=loss,
+        query=query[None],
+        key=key,
+        bank=key,
+        queue=None,
+        offset=0,
+        temperature=temperature,
+        **hyper,
+        symmetric=True,
+    )
 
 
 @pytest.mark.parametrize("loss", FUNCTIONS)
@@ -281,7 +291,16 @@ def test_the_fused_kernels_decline_and_auto_streams_large_batches():
         sce_loss(z1, z2, symmetric=True, backend="fused")
     assert _backend("auto", problem).__name__ == "sce_loss.reference"
     big = torch.zeros(1, 4096, 1)
-    large = Problem("sce", big, big[0], big[0], None, 0, 0.1, 0.05, 0.5, symmetric=True)
+    large = Problem(
+        loss="sce",
+        query=big,
+        key=big[0],
+        bank=big[0],
+        queue=None,
+        offset=0,
+        **DEFAULT_HYPER_PARAMETERS["sce"],
+        symmetric=True,
+    )
     assert _backend("auto", large).__name__ == "sce_loss.chunked"
 
 

@@ -17,10 +17,11 @@ def streaming_forward(
     key,
     bank,
     queue,
-    offset,
     coeff,
     temperature,
     target_temperature,
+    *,
+    offset,
     online_has_pos,
     need_target,
     need_grad,
@@ -32,29 +33,34 @@ def streaming_forward(
     k = key.float()
     exponents = chunked.base2_rows(query.float(), k, temperature, target_temperature, need_target)
     c_pos = k.repeat(views, 1)
-    a_pos2 = chunked._row_dots(exponents[:rows], c_pos)
-    masked = chunked._masked_columns(
-        n, views, offset, online_has_pos, need_target, symmetric=False, device=query.device
+    a_pos2 = chunked.row_dots(exponents[:rows], c_pos)
+    masked = chunked.masked_columns(
+        n,
+        views=views,
+        offset=offset,
+        online_has_pos=online_has_pos,
+        need_target=need_target,
+        symmetric=False,
+        device=query.device,
     )
     queue_positive = bank is None and online_has_pos
-    m, l, o = chunked._stream(
+    m, l, o = chunked.stream_states(
         exponents,
         None if bank is None else bank.float(),
         queue,
         masked,
-        chunked.chunk_columns(len(exponents)),
-        0,
         a_pos2 if queue_positive else None,
         c_pos if queue_positive else None,
+        chunk_size=chunked.chunk_columns(len(exponents)),
     )
     lse = (m + l.log2()) * LN_2
     means = o / l[:, None]
-    u_a = chunked._row_dots(exponents[:rows], means[:rows]) * LN_2  # Σ_k P_k a_k
+    u_a = chunked.row_dots(exponents[:rows], means[:rows]) * LN_2  # Σ_k P_k a_k
     a_pos = a_pos2 * LN_2
     target_mean, u_target, lse_b = c_pos, a_pos, torch.zeros_like(a_pos)
     if need_target:
         mean_b = means[rows:].repeat(views, 1)
-        u_b = chunked._row_dots(exponents[:rows], mean_b) * LN_2
+        u_b = chunked.row_dots(exponents[:rows], mean_b) * LN_2
         target_mean = coeff * c_pos + (1 - coeff) * mean_b
         u_target = coeff * a_pos + (1 - coeff) * u_b
         lse_b = lse[rows:].repeat(views)
@@ -75,10 +81,11 @@ def streaming_bank_gradient(
     upstream,
     lse_a,
     lse_b,
-    offset,
     coeff,
     temperature,
     target_temperature,
+    *,
+    offset,
     online_has_pos,
     need_target,
 ) -> Tensor:
@@ -89,10 +96,16 @@ def streaming_bank_gradient(
         query.float(), key.float(), temperature, target_temperature, need_target
     )
     shift = torch.cat([lse_a, lse_b[:n]]) if need_target else lse_a
-    masked = chunked._masked_columns(
-        n, rows // n, offset, online_has_pos, need_target, symmetric=False, device=query.device
+    masked = chunked.masked_columns(
+        n,
+        views=rows // n,
+        offset=offset,
+        online_has_pos=online_has_pos,
+        need_target=need_target,
+        symmetric=False,
+        device=query.device,
     )
-    grad = chunked._bank_gradient(
+    grad = chunked.bank_gradient(
         exponents,
         shift * LOG2_E,
         torch.ones_like(shift),

@@ -16,6 +16,7 @@ the check off.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 
@@ -131,12 +132,12 @@ def check_problem(problem: Problem) -> Problem:
     key = unit(rows, query.dtype)
     queue = None if problem.queue is None else unit(CHECK_QUEUE, problem.queue.dtype)
     return Problem(
-        problem.loss,
-        unit(rows, query.dtype)[None],
-        key,
-        None if problem.bank is None else key,
-        queue,
-        0,
+        loss=problem.loss,
+        query=unit(rows, query.dtype)[None],
+        key=key,
+        bank=None if problem.bank is None else key,
+        queue=queue,
+        offset=0,
         **DEFAULT_HYPER_PARAMETERS[problem.loss],
     )
 
@@ -163,16 +164,12 @@ def in_float64(problem: Problem) -> Problem:
         return None if x is None else x.detach().double()
 
     key = double(problem.key)
-    return Problem(
-        problem.loss,
-        double(problem.query),
-        key,
-        None if problem.bank is None else key,
-        double(problem.queue),
-        problem.offset,
-        problem.temperature,
-        problem.target_temperature,
-        problem.coeff,
+    return dataclasses.replace(
+        problem,
+        query=double(problem.query),
+        key=key,
+        bank=None if problem.bank is None else key,
+        queue=double(problem.queue),
     )
 
 
@@ -194,16 +191,12 @@ def evaluate(losses, problem: Problem, need_grad: bool) -> list[Tensor]:
             device=query.device,
             requires_grad=need_grad,
         )
-        live = Problem(
-            problem.loss,
-            query,
-            key,
-            None if problem.bank is None else key,
-            problem.queue,
-            problem.offset,
-            temperature,
-            problem.target_temperature,
-            problem.coeff,
+        live = dataclasses.replace(
+            problem,
+            query=query,
+            key=key,
+            bank=None if problem.bank is None else key,
+            temperature=temperature,
         )
         per_row = losses(live)
         if not need_grad:

@@ -59,10 +59,11 @@ def fused_forward(
     key: Tensor,
     bank: Tensor | None,
     queue: Tensor | None,
-    offset: int,
     coeff: Tensor,
     temperature: Tensor,
     target_temperature: Tensor,
+    *,
+    offset: int,
     online_has_pos: bool,
     need_target: bool,
     need_grad: bool,
@@ -78,17 +79,19 @@ def fused_forward(
     outputs with the chunked backend's streaming loop instead of raising (``backend="auto"``
     trusts a kind of call it could not check inside a compiled graph).
     """
-    arguments = (query, key, bank, queue, offset, coeff, temperature, target_temperature)
-    flags = (online_has_pos, need_target, need_grad)
+    tensors = (query, key, bank, queue, coeff, temperature, target_temperature)
+    flags = dict(
+        offset=offset, online_has_pos=online_has_pos, need_target=need_target, need_grad=need_grad
+    )
     try:
-        return _launch_forward(*arguments, *flags)
+        return _launch_forward(*tensors, **flags)
     except Exception as error:
         if not fallback:
             raise
         _note_fallback(error)
         from .fallback import streaming_forward
 
-        return streaming_forward(*arguments, *flags)
+        return streaming_forward(*tensors, **flags)
 
 
 def _launch_forward(
@@ -96,10 +99,11 @@ def _launch_forward(
     key,
     bank,
     queue,
-    offset,
     coeff,
     temperature,
     target_temperature,
+    *,
+    offset,
     online_has_pos,
     need_target,
     need_grad,
@@ -196,20 +200,7 @@ def _launch_forward(
 
 
 @fused_forward.register_fake
-def _(
-    query,
-    key,
-    bank,
-    queue,
-    offset,
-    coeff,
-    temperature,
-    target_temperature,
-    online_has_pos,
-    need_target,
-    need_grad,
-    fallback,
-):
+def _(query, key, bank, queue, coeff, temperature, target_temperature, *, need_grad, **_):
     rows, dim = query.shape
     row = query.new_empty(rows, dtype=torch.float32)
     grad = query.new_empty((rows, dim) if need_grad else (0, dim), dtype=torch.float32)
@@ -246,10 +237,11 @@ def fused_bank_gradient(
     upstream: Tensor,
     lse_a: Tensor,
     lse_b: Tensor,
-    offset: int,
     coeff: Tensor,
     temperature: Tensor,
     target_temperature: Tensor,
+    *,
+    offset: int,
     online_has_pos: bool,
     need_target: bool,
     fallback: bool,
@@ -257,17 +249,17 @@ def fused_bank_gradient(
     """dL/dbank_k = Σ_r g_r (P_rk − w_rk) query_r / τ: one pass over the rows per column block,
     the rows split across programs when the bank alone cannot fill the device. With
     ``fallback``, a launch failure computes it with the chunked backend's loop instead."""
-    arguments = (query, key, bank, upstream, lse_a, lse_b, offset, coeff, temperature)
-    flags = (target_temperature, online_has_pos, need_target)
+    tensors = (query, key, bank, upstream, lse_a, lse_b, coeff, temperature, target_temperature)
+    flags = dict(offset=offset, online_has_pos=online_has_pos, need_target=need_target)
     try:
-        return _launch_bank_gradient(*arguments, *flags)
+        return _launch_bank_gradient(*tensors, **flags)
     except Exception as error:
         if not fallback:
             raise
         _note_fallback(error)
         from .fallback import streaming_bank_gradient
 
-        return streaming_bank_gradient(*arguments, *flags)
+        return streaming_bank_gradient(*tensors, **flags)
 
 
 def _launch_bank_gradient(
@@ -277,10 +269,11 @@ def _launch_bank_gradient(
     upstream,
     lse_a,
     lse_b,
-    offset,
     coeff,
     temperature,
     target_temperature,
+    *,
+    offset,
     online_has_pos,
     need_target,
 ):
@@ -318,46 +311,20 @@ def _launch_bank_gradient(
 
 
 @fused_bank_gradient.register_fake
-def _(
-    query,
-    key,
-    bank,
-    upstream,
-    lse_a,
-    lse_b,
-    offset,
-    coeff,
-    temperature,
-    target_temperature,
-    online_has_pos,
-    need_target,
-    fallback,
-):
+def _(query, key, bank, *_, **__):
     return torch.empty_like(bank)
 
 
-def _setup_context(ctx, inputs, output):
-    (
-        query,
-        key,
-        bank,
-        queue,
-        offset,
-        coeff,
-        temperature,
-        target_temperature,
-        online_has_pos,
-        need_target,
-        _,
-        fallback,
-    ) = inputs
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    query, key, bank, queue, coeff, temperature, target_temperature = inputs
     _, grad, dtau, lse_a, lse_b = output
     # The queue is not saved: it may be updated in place before the backward. It is kept for a
     # recomputation (create_graph=True), which refuses a queue updated since.
     ctx.save_for_backward(
         query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature, target_temperature
     )
-    ctx.options = (offset, online_has_pos, need_target, fallback)
+    # offset, online_has_pos, need_target and fallback: the bank gradient's keyword arguments.
+    ctx.options = {k: v for k, v in keyword_only_inputs.items() if k != "need_grad"}
     ctx.queue = queue
     ctx.queue_version = queue_version(queue)
 
@@ -369,26 +336,26 @@ def _differentiable_backward(ctx, upstream):
     from ..problem import Problem
 
     query, key, bank, *_, coeff, temperature, target_temperature = ctx.saved_tensors
-    offset, online_has_pos, need_target, _ = ctx.options
+    options = ctx.options
+    online_has_pos, need_target = options["online_has_pos"], options["need_target"]
     queue = ctx.queue
     check_queue_unchanged(queue, ctx.queue_version, "fused")
     loss = "info_nce" if not need_target else ("sce" if online_has_pos else "ressl")
     problem = Problem(
-        loss,
-        query.view(-1, *key.shape),
-        key,
-        bank,
-        queue,
-        offset,
-        temperature,
-        target_temperature if need_target else None,
-        coeff,
+        loss=loss,
+        query=query.view(-1, *key.shape),
+        key=key,
+        bank=bank,
+        queue=queue,
+        offset=options["offset"],
+        temperature=temperature,
+        target_temperature=target_temperature if need_target else None,
+        coeff=coeff,
     )
     # With a bank, the key is one of its rows (often the very same tensor): it gets its gradient
     # through the bank only, as in the first-order backward.
-    inputs = (query, None if bank is not None else key, bank, None, None, None, temperature)
-    grads = reference.recomputed_gradients(problem, inputs, ctx.needs_input_grad, upstream)
-    return (*grads, *(None,) * 5)
+    inputs = (query, None if bank is not None else key, bank, None, None, temperature, None)
+    return reference.recomputed_gradients(problem, inputs, ctx.needs_input_grad, upstream)
 
 
 def _backward(ctx, upstream, *_):
@@ -397,7 +364,7 @@ def _backward(ctx, upstream, *_):
     (query, key, bank, grad, dtau, lse_a, lse_b, coeff, temperature, target_temperature) = (
         ctx.saved_tensors
     )
-    offset, online_has_pos, need_target, fallback = ctx.options
+    online_has_pos = ctx.options["online_has_pos"]
     grad_query = grad_key = grad_bank = grad_temperature = None
     if ctx.needs_input_grad[0]:
         grad_query = (upstream[:, None] * grad).to(query.dtype)
@@ -418,30 +385,14 @@ def _backward(ctx, upstream, *_):
             upstream,
             lse_a,
             lse_b,
-            offset=offset,
-            coeff=coeff,
-            temperature=temperature,
-            target_temperature=target_temperature,
-            online_has_pos=online_has_pos,
-            need_target=need_target,
-            fallback=fallback,
+            coeff,
+            temperature,
+            target_temperature,
+            **ctx.options,
         )
-    if ctx.needs_input_grad[6]:
+    if ctx.needs_input_grad[5]:
         grad_temperature = (upstream * dtau).sum()
-    return (
-        grad_query,
-        grad_key,
-        grad_bank,
-        None,
-        None,
-        None,
-        grad_temperature,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return grad_query, grad_key, grad_bank, None, None, grad_temperature, None
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
