@@ -3,8 +3,7 @@
 Sources: a ``.npz`` in the format of the offline CIFAR-10 copies (raw arrays ``x_train``... or a
 JPEG pack ``train_jpeg``/``train_offsets``...), ``cifar10`` through torchvision (downloaded into
 ``data_dir`` when online), an ImageFolder directory (with ``train``/``test`` or ``train``/``val``
-sub-folders, resized to 32×32), or scikit-learn's bundled digits (8×8, upsampled to 16×16) as the
-offline fallback.
+sub-folders, resized to 32×32), or scikit-learn's bundled digits (8×8, upsampled to 16×16), the default: embedded, no download.
 """
 
 from __future__ import annotations
@@ -24,27 +23,14 @@ class Dataset:
     y_train: torch.Tensor  # int64 (N,)
     x_test: torch.Tensor
     y_test: torch.Tensor
-    note: str = ""
 
     @property
     def classes(self) -> int:
         return int(self.y_train.max()) + 1
 
 
-def load(data: str | None, data_dir: Path) -> Dataset:
-    """The dataset named by ``--data``; with none, CIFAR-10 if on disk or downloadable, else
-    digits."""
-    if data is None:
-        try:
-            return _cifar10_torchvision(data_dir)
-        except Exception as error:  # offline, or torchvision missing: say so and fall back
-            dataset = _digits()
-            dataset.note = (
-                f"CIFAR-10 is neither in {data_dir} nor downloadable "
-                f"({type(error).__name__}: {str(error)[:100]}); using scikit-learn's "
-                "bundled digits (8x8, shown at 16x16)"
-            )
-            return dataset
+def load(data: str, data_dir: Path) -> Dataset:
+    """The dataset named by ``--data``."""
     if data == "cifar10":
         try:
             import torchvision  # noqa: F401

@@ -91,7 +91,7 @@ HYPER_PARAMETER_HELP = {
     "attraction_weight": "CACR's α",
     "repulsion_weight": "CACR's β",
 }
-# Schedule defaults: SCE's CIFAR-10 recipe; the 1,500-image digits fallback gets more, smaller steps
+# Schedule defaults: SCE's CIFAR-10 recipe; the 1,500-image digits default gets more, smaller steps
 # and a queue smaller than the dataset.
 RECIPES = {
     "cifar": dict(epochs=200, batch_size=256, queue_size=4096),
@@ -119,9 +119,9 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--data",
-        default=None,
-        help=".npz, 'cifar10', 'digits' or an ImageFolder path "
-        "(default: CIFAR-10 if on disk or downloadable, else scikit-learn's digits)",
+        default="digits",
+        help="'digits' (scikit-learn's bundled digits: embedded, no download), 'cifar10' "
+        "(torchvision, downloaded into --data-dir), a .npz or an ImageFolder path",
     )
     p.add_argument(
         "--data-dir", type=Path, default=Path("data"), help="where torchvision keeps CIFAR-10"
@@ -240,8 +240,6 @@ class Run:
         _seed_everything(args.seed + self.rank)
         self.amp = self.device.type == "cuda" and not args.no_amp
         self.dataset = data.load(args.data, args.data_dir)
-        if self.dataset.note and self.rank == 0:
-            print(self.dataset.note, flush=True)
         ds = self.dataset
         if args.train_subset:
             ds.x_train, ds.y_train = (
@@ -595,7 +593,6 @@ class Run:
             views=self.args.views,
             hyper_parameters=self.hyper,
             data=self.dataset.name,
-            data_note=self.dataset.note,
             epochs=self.epoch,
             batch_size=self.args.batch_size,
             queue_size=self.args.queue_size if self.args.framework == "moco" else None,

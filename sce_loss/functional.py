@@ -351,10 +351,15 @@ def _check_has_negatives(bank: Tensor | None, queue: Tensor | None, symmetric: b
             "each row needs at least one negative: symmetric=True needs a batch of at least 2 "
             f"samples (across every rank), got {banked // 2}"
         )
+    if queued + max(banked - 1, 0) < 1 and bank is None:
+        raise ValueError(
+            "each row needs at least one negative: the queue is empty and include_keys=False; "
+            "pass a non-empty queue or include_keys=True"
+        )
     if queued + max(banked - 1, 0) < 1:
         raise ValueError(
-            f"each row needs at least one negative: got a batch of {banked} key(s) and a queue "
-            f"of {queued} entries"
+            f"each row needs at least one negative: got {banked} in-batch key(s) (across every "
+            f"rank) and a queue of {queued} entries"
         )
 
 
