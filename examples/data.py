@@ -3,7 +3,8 @@
 Sources: a ``.npz`` in the format of the offline CIFAR-10 copies (raw arrays ``x_train``... or a
 JPEG pack ``train_jpeg``/``train_offsets``...), ``cifar10`` through torchvision (downloaded into
 ``data_dir`` when online), an ImageFolder directory (with ``train``/``test`` or ``train``/``val``
-sub-folders, resized to 32×32), or scikit-learn's bundled digits (8×8, upsampled to 16×16), the default: embedded, no download.
+sub-folders, resized to 32×32), or scikit-learn's bundled digits (8×8, upsampled to 16×16), the
+default: embedded, no download.
 """
 
 from __future__ import annotations

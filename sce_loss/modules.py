@@ -60,8 +60,8 @@ class InfoNCELoss(_ContrastiveLoss):
 
     def __init__(
         self,
-        temperature=0.2,
         *,
+        temperature=0.2,
         queue: MemoryQueue | None = None,
         include_keys=False,
         symmetric=False,
@@ -89,9 +89,9 @@ class ReSSLLoss(_ContrastiveLoss):
 
     def __init__(
         self,
+        *,
         temperature=0.1,
         target_temperature=0.04,
-        *,
         queue: MemoryQueue | None = None,
         include_keys=False,
         symmetric=False,
@@ -120,10 +120,10 @@ class SCELoss(_ContrastiveLoss):
 
     def __init__(
         self,
+        *,
         coeff=0.5,
         temperature=0.1,
         target_temperature=0.05,
-        *,
         queue: MemoryQueue | None = None,
         include_keys=False,
         symmetric=False,
@@ -154,11 +154,11 @@ class CACRLoss(_ContrastiveLoss):
 
     def __init__(
         self,
+        *,
         attraction_temperature=1.0,
         repulsion_temperature=1.0,
         attraction_weight=1.0,
         repulsion_weight=1.0,
-        *,
         queue: MemoryQueue | None = None,
         intra_batch=True,
         weight_gradients=False,
@@ -192,12 +192,12 @@ class ReCoLoss(_ContrastiveLoss):
 
     def __init__(
         self,
+        *,
         temperature=0.2,
         relation_temperature=0.1,
         target_temperature=0.04,
         global_weight=1.0,
         local_weight=1.0,
-        *,
         queue: MemoryQueue | None = None,
         weak_queue: MemoryQueue | None = None,
         normalize=False,
