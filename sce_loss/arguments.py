@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import distributed
 from .problem import TORCH_VERSION, tracing
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -117,6 +118,21 @@ def check_reduction(name: str, value) -> None:
 def check_backend(name: str, value) -> None:
     if not isinstance(value, str) or value not in BACKENDS:
         raise ValueError(f"{name} must be one of {BACKENDS}, got {value!r}")
+
+
+def check_gather(name: str, value) -> None:
+    distributed.resolve_group(value)  # a TypeError naming gather unless a bool or a group
+
+
+# The checks every loss shares, by keyword; each loss adds its own (``check_by_name``).
+SHARED_CHECKS = {"normalize": check_bool, "reduction": check_reduction, "gather": check_gather}
+
+
+def check_by_name(checks: dict, **options) -> None:
+    """Check keyword arguments by name with ``checks`` (name → check(name, value)): values of
+    hyper-parameters where they are free to read (floats, CPU tensors), not while tracing."""
+    for name, value in options.items():
+        checks[name](name, value)
 
 
 def reduce_losses(losses: Tensor, reduction: str) -> Tensor:

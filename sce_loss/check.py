@@ -107,6 +107,7 @@ def _machine() -> dict:
 def make_problem(
     loss: str,
     mode: str,
+    *,
     crops: int,
     n: int,
     m: int,
@@ -141,7 +142,7 @@ def make_problem(
 
 
 def _compare(
-    backend: str, losses, problem, tolerance: float, label: dict, reference_problem=None
+    backend: str, losses, problem, *, tolerance: float, label: dict, reference_problem=None
 ) -> dict:
     """One agreement row: the largest relative error of loss and gradients against float64 (the
     reference evaluated on ``reference_problem`` when given, else on ``problem``)."""
@@ -168,7 +169,17 @@ def _cases(kinds, shapes, device):
         yield (
             kind,
             precision,
-            make_problem(loss, mode, crops, n, m, d, dtype, queue_dtype, device),
+            make_problem(
+                loss,
+                mode,
+                crops=crops,
+                n=n,
+                m=m,
+                d=d,
+                dtype=dtype,
+                queue_dtype=queue_dtype,
+                device=device,
+            ),
             dict(kind=kind, loss=loss, mode=mode, shape=[crops, n, m, d]),
         )
 
@@ -184,7 +195,9 @@ def _agreement_on_gpu(quick: bool) -> list[dict]:
     for kind, precision, problem, label in _cases(KINDS, shapes, "cuda"):
         with _matmul_precision(precision):
             tolerance = TOLERANCES[kind.split(",")[0]]
-            rows.append(_print(_compare("fused", fused.losses, problem, tolerance, label)))
+            rows.append(
+                _print(_compare("fused", fused.losses, problem, tolerance=tolerance, label=label))
+            )
     return rows
 
 
@@ -198,13 +211,14 @@ def _fused_unavailable(fused) -> bool:
 
 def _agreement_on_cpu(quick: bool) -> list[dict]:
     rows = []
-    if importlib.util.find_spec("sce_loss.chunked") is not None:
-        from . import chunked
+    from . import chunked
 
-        for _kind, _, problem, label in _cases(
-            ("fp32-ieee",), CPU_SHAPES[:1] if quick else CPU_SHAPES, "cpu"
-        ):
-            rows.append(_print(_compare("chunked", chunked.losses, problem, 1e-5, label)))
+    for _kind, _, problem, label in _cases(
+        ("fp32-ieee",), CPU_SHAPES[:1] if quick else CPU_SHAPES, "cpu"
+    ):
+        rows.append(
+            _print(_compare("chunked", chunked.losses, problem, tolerance=1e-5, label=label))
+        )
     from . import fused
     from .fused.first_use import TOLERANCES
 
@@ -234,9 +248,9 @@ def _agreement_on_cpu(quick: bool) -> list[dict]:
                         "fused (interpreter)",
                         fused.losses,
                         problem,
-                        tolerance,
-                        label,
-                        reference_problem,
+                        tolerance=tolerance,
+                        label=label,
+                        reference_problem=reference_problem,
                     )
                 )
             )
@@ -304,7 +318,17 @@ def _timings() -> list[dict]:
     rows = []
     for loss, n, d, m, kind in TIMED:
         dtype, queue_dtype, precision = KINDS[kind]
-        problem = make_problem(loss, "queue", 1, n, m, d, dtype, queue_dtype, "cuda")
+        problem = make_problem(
+            loss,
+            "queue",
+            crops=1,
+            n=n,
+            m=m,
+            d=d,
+            dtype=dtype,
+            queue_dtype=queue_dtype,
+            device="cuda",
+        )
         function = getattr(functional, f"{loss}_loss")
         options = {
             k: v for k, v in DEFAULT_HYPER_PARAMETERS[loss].items() if k in _parameters(function)

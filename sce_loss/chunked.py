@@ -51,6 +51,9 @@ from .problem import (
     check_queue_unchanged,
     constant,
     differentiating_backward,
+    needs_target,
+    online_has_positive,
+    own_columns,
     queue_version,
 )
 
@@ -76,8 +79,10 @@ def chunk_columns(lhs_rows: int) -> int:
     return max(MIN_CHUNK, CHUNK_ELEMENTS // max(min(lhs_rows, ROW_BLOCK), 1))
 
 
-def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
-    """Per-row losses (V, N) of ``problem``: float64 for float64 inputs, float32 otherwise."""
+def losses(problem: Problem, *, chunk_size: int | None = None) -> Tensor:
+    """Per-row losses (V, N) of ``problem``: float64 for float64 inputs, float32 otherwise.
+    ``chunk_size`` (candidate columns per chunk; ``chunk_columns``' choice by default) is for
+    tests, which stream ragged chunks down to one column."""
     dtype = problem.compute_dtype
     views, n, dim = problem.query.shape
     # With a bank, the keys are its rows offset..offset+N (and get their gradient through it).
@@ -88,8 +93,8 @@ def losses(problem: Problem, chunk_size: int | None = None) -> Tensor:
         None if bank is None else bank.to(dtype),
         problem.queue,
         _at_least(dtype, problem.temperature),
-        _at_least(dtype, _constant(problem.target_temperature)),
-        _at_least(dtype, _constant(problem.coeff)),
+        _at_least(dtype, constant(problem.target_temperature)),
+        _at_least(dtype, constant(problem.coeff)),
         Stream(problem.loss, problem.offset, views, problem.symmetric, chunk_size),
     )
     return flat.view(views, n)
@@ -114,14 +119,9 @@ def _at_least(dtype: torch.dtype, value):
     return value.to(torch.promote_types(value.dtype, dtype))
 
 
-def _constant(value):
-    """A hyper-parameter that gets no gradient (λ, τ_m); 1.0 where it has no role."""
-    return 1.0 if value is None else constant(value)
-
-
 class _StreamingLoss(torch.autograd.Function):
-    """Per-row losses of the rows x (V·N, D) of ``views`` crops against [bank; queue], or against
-    [key_r; queue] with no bank; dL/dx and dL/dτ come from the forward."""
+    """Per-row losses of the rows x (V·N, D) of ``stream.views`` crops against [bank; queue], or,
+    with no bank, against [own_key_r; queue] (queue mode); dL/dx and dL/dτ come from the forward."""
 
     @staticmethod
     def forward(
@@ -138,7 +138,7 @@ class _StreamingLoss(torch.autograd.Function):
         offset, views = stream.offset, stream.views
         r = len(x)
         n = r // views
-        online_has_pos, need_target = stream.loss != "ressl", stream.loss != "info_nce"
+        online_has_pos, need_target = online_has_positive(stream.loss), needs_target(stream.loss)
         key = bank[offset : offset + n] if own_key is None else own_key
         c_pos = key if views == 1 else key.repeat(views, 1)
         # A tensor τ always gets dL/dτ (cheap, one dot per row): under torch.compile of a
@@ -148,7 +148,7 @@ class _StreamingLoss(torch.autograd.Function):
 
         # The base-2 logits z = exponents·c of every candidate c: the online rows x·log2(e)/τ,
         # then the target rows k·log2(e)/τ_m (one product per chunk serves both), scaled in place.
-        exponents = base2_rows(x, key, temperature, target_temperature, need_target)
+        exponents = base2_rows(x, key, temperature, target_temperature, need_target=need_target)
         a_pos2 = row_dots(exponents[:r], c_pos)  # a_pos·log2 e
         masked = masked_columns(
             n,
@@ -226,15 +226,14 @@ class _StreamingLoss(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bank = bank_gradient(
                 exponents,
-                m,
-                l,
+                m + l.log2(),
                 upstream,
                 bank,
                 masked=masked,
                 views=stream.views,
                 offset=stream.offset,
                 coeff=ctx.coeff,
-                need_target=stream.loss != "info_nce",
+                need_target=needs_target(stream.loss),
                 chunk_size=stream.chunk_size,
             )
         if tau is not None:
@@ -242,7 +241,7 @@ class _StreamingLoss(torch.autograd.Function):
         return grad_x, grad_key, grad_bank, None, grad_tau, None, None, None
 
 
-def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, need_target: bool):
+def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, *, need_target: bool):
     """The rows whose products with a candidate c are base-2 logits: x·log2(e)/τ (online), then,
     if ``need_target``, k·log2(e)/τ_m (target), one new tensor scaled in place."""
     exponents = torch.cat([x, key]) if need_target else x.clone()
@@ -271,7 +270,7 @@ def _differentiable_backward(ctx, upstream):
         queue=queue,
         offset=stream.offset,
         temperature=ctx.temperature if tau is None else tau,
-        target_temperature=None if stream.loss == "info_nce" else ctx.target_temperature,
+        target_temperature=ctx.target_temperature if needs_target(stream.loss) else None,
         coeff=ctx.coeff,
         symmetric=stream.symmetric,
     )
@@ -294,7 +293,7 @@ def masked_columns(
     rows for ReSSL), and in the symmetric form each row's own embedding."""
     positive = offset + torch.arange(n, device=device)
     none = torch.full_like(positive, -1)
-    own = offset + (positive - offset + n // 2) % n if symmetric else none
+    own = own_columns(n, offset, device) if symmetric else none
     online = torch.stack([none if online_has_pos else positive, own], 1).repeat(views, 1)
     if not need_target:
         return online
@@ -389,10 +388,11 @@ def _mask_columns(logits: Tensor, columns: Tensor) -> None:
 
 
 def bank_gradient(
-    exponents, m, l, upstream, bank, *, masked, views, offset, coeff, need_target, chunk_size
+    exponents, lse2, upstream, bank, *, masked, views, offset, coeff, need_target, chunk_size
 ) -> Tensor:
     """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for the bank's columns, with P_rk = e^{a_rk − LSE_a}
-    and w_rk = λ·[k = pos] + (1−λ)·e^{b_rk − LSE_b} (k ≠ pos). The target rows are shared by the
+    and w_rk = λ·[k = pos] + (1−λ)·e^{b_rk − LSE_b} (k ≠ pos), from each row's log-sum-exp in
+    base 2, ``lse2`` = LSE·log2 e (the forward's m + log2 l). The target rows are shared by the
     crops: Σ_r w_rk g_r x_r = Σ_i w_ik x̄_i with x̄_i = Σ_v g_vi x_vi (with one crop, x̄_i = g_i x_i,
     and the two weightings of the same rows are summed before one product)."""
     r, dim = len(upstream), exponents.shape[1]
@@ -406,10 +406,10 @@ def bank_gradient(
     else:
         target_rhs = (exponents[:r] * online[:, None]).view(views, n, dim).sum(0)  # x̄_i / τ
         weights = torch.cat([online, (-(1 - coeff)) * torch.ones_like(online[:n])])
-    # P and w are 2^{z − m − log2 l} with the forward's base-2 states.
+    # P and w are 2^{z − lse2}.
     grad = bank_products(
         exponents,
-        m + l.log2(),
+        lse2,
         weights,
         target_rhs,
         bank,

@@ -15,18 +15,19 @@ from torch import Tensor
 
 from . import chunked, distributed, fused, reference
 from .arguments import (
+    SHARED_CHECKS,
     autocast_disabled,
     check_backend,
     check_bool,
+    check_by_name,
     check_coeff,
     check_finite,
     check_float_tensor,
-    check_reduction,
     check_temperature,
     reduce_losses,
     traceable_scalar,
 )
-from .problem import Problem, Scalar, transformed
+from .problem import Problem, Scalar, compute_dtype_of, transformed
 
 # ``auto`` off the fused path streams (chunked) against a queue of at least CHUNKED_FROM_QUEUE keys
 # from max(2^18, 16·D²) (row, candidate) pairs on: measured on a 2-core CPU
@@ -260,7 +261,7 @@ def _hyper_parameter(name: str, value, device: torch.device):
 
 def _normalized(x: Tensor) -> Tensor:
     """``x`` L2-normalised along its last dimension (in at least float32), in its own dtype."""
-    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
+    return F.normalize(x.to(compute_dtype_of(x.dtype)), dim=-1).to(x.dtype)
 
 
 def _backend(name: str, problem: Problem):
@@ -363,22 +364,17 @@ def _check_has_negatives(bank: Tensor | None, queue: Tensor | None, symmetric: b
         )
 
 
-def check_options(**options) -> None:
-    """Check keyword arguments by name: the hyper-parameters and the flags of the functions (the
-    modules call this in ``__init__``). Values of hyper-parameters are checked where they are
-    known without a device synchronisation (floats, CPU tensors) and not while compiling."""
-    for name, value in options.items():
-        _CHECKS[name](name, value)
-
-
-_CHECKS = {
+_CHECKS = SHARED_CHECKS | {
     "coeff": check_coeff,
     "temperature": check_temperature,
     "target_temperature": check_temperature,
     "include_keys": check_bool,
     "symmetric": check_bool,
-    "normalize": check_bool,
-    "reduction": check_reduction,
-    "gather": lambda name, value: distributed.resolve_group(value),
     "backend": check_backend,
 }
+
+
+def check_options(**options) -> None:
+    """Check keyword arguments of the functions by name (the modules call this in ``__init__``),
+    as :func:`~sce_loss.arguments.check_by_name`."""
+    check_by_name(_CHECKS, **options)

@@ -4,7 +4,7 @@ functions of :mod:`sce_loss.functional`.
 Hyper-parameters are plain attributes, checked in ``__init__``, so a scheduler may set them
 (``criterion.temperature = 0.05``); an ``nn.Parameter`` (a learnable τ) is a registered parameter:
 in ``parameters()`` and ``state_dict``, moved by ``.to()``. The keyword arguments of each module are
-those of its function (tests/test_queue_and_modules.py checks that they cannot drift).
+those of its function (tests/test_drop_in.py checks that they cannot drift).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
     unsupported_reason(problem) -> str | None   # why it cannot serve this problem, or None
     losses(problem) -> Tensor                    # per-row losses, shape (V, N)
 
-Row i's candidates and positive (README, "The mathematics"): ``bank`` (the in-batch keys, every
+Row i's candidates and positive (docs/mathematics.md): ``bank`` (the in-batch keys, every
 rank's when gathered; positive at ``offset + i``) followed by ``queue``; with no ``bank``
 (plain queue mode) the candidates are [z²_i, queue] and the positive is the row's own key, column 0.
 
@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 Scalar = float | Tensor
-LOSSES = ("info_nce", "ressl", "sce")
 # Each loss's default hyper-parameters as a Problem takes them (the public functions' defaults),
 # for the problems the library builds itself (the first-use check, sce-loss-check).
 DEFAULT_HYPER_PARAMETERS = {
@@ -38,6 +37,27 @@ DEFAULT_HYPER_PARAMETERS = {
 }
 # (major, minor) of the installed torch, for the few behaviours that differ across versions.
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+def online_has_positive(loss: str) -> bool:
+    """False for ReSSL, whose online softmax leaves the positive out."""
+    return loss != "ressl"
+
+
+def needs_target(loss: str) -> bool:
+    """Whether the target distribution s² (temperature τ_m) enters the loss: not InfoNCE's."""
+    return loss != "info_nce"
+
+
+def own_columns(rows: int, offset: int, device) -> Tensor:
+    """The symmetric form's rows are [z1; z2] (2N = ``rows``) and its key bank [z2; z1] from
+    column ``offset``: row i's own embedding is column offset + (i + N) mod 2N."""
+    return offset + (torch.arange(rows, device=device) + rows // 2) % rows
+
+
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the losses compute in: float64 for float64 inputs, float32 for every other."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +71,7 @@ class Problem:
     float32 otherwise, and gradients in the inputs' dtypes.
     """
 
-    loss: str  # one of LOSSES
+    loss: str  # one of DEFAULT_HYPER_PARAMETERS' keys
     query: Tensor
     key: Tensor
     bank: Tensor | None
@@ -68,31 +88,28 @@ class Problem:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """float64 for float64 inputs; float32 statistics for every other dtype."""
-        return torch.float64 if self.query.dtype == torch.float64 else torch.float32
+        return compute_dtype_of(self.query.dtype)
 
     @property
     def online_has_positive(self) -> bool:
-        """False for ReSSL, whose online softmax leaves the positive out."""
-        return self.loss != "ressl"
+        return online_has_positive(self.loss)
 
     def own_columns(self) -> Tensor | None:
         """Symmetric form: each row's own embedding's column of the bank, (2N,); else None."""
         if not self.symmetric:
             return None
-        rows = self.key.shape[0]
-        index = torch.arange(rows, device=self.key.device)
-        return self.offset + (index + rows // 2) % rows
+        return own_columns(self.key.shape[0], self.offset, self.key.device)
 
     @property
     def needs_target(self) -> bool:
-        """Whether the target distribution s² (temperature τ_m) enters the loss."""
-        return self.loss != "info_nce"
+        return needs_target(self.loss)
 
 
 def constant(value):
     """A hyper-parameter that shapes constant weights (λ, τ_m): a tensor's value without its
-    gradient, a float as it is."""
+    gradient, a float as it is, and 1.0 for None (a τ_m with no role, InfoNCE's)."""
+    if value is None:
+        return 1.0
     return value.detach() if isinstance(value, Tensor) else value
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .arguments import FLOAT_DTYPES, all_finite
+from .arguments import FLOAT_DTYPES, check_finite, check_float_tensor
 
 
 class MemoryQueue(nn.Module):
@@ -55,10 +55,7 @@ class MemoryQueue(nn.Module):
     @torch.no_grad()
     def push(self, keys: Tensor) -> None:
         """Enqueue ``keys`` (B, dim), every rank's when distributed, over the oldest entries."""
-        if not isinstance(keys, Tensor):
-            raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
-        if keys.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"keys must have a dtype in {FLOAT_DTYPES}, got {keys.dtype}")
+        check_float_tensor("keys", keys)
         if keys.dim() != 2 or keys.shape[1] != self.keys.shape[1]:
             raise ValueError(
                 f"keys must be (B, {self.keys.shape[1]}), got shape {tuple(keys.shape)}"
@@ -67,10 +64,7 @@ class MemoryQueue(nn.Module):
             raise ValueError(
                 f"keys must be on the queue's device {self.keys.device}, got {keys.device}"
             )
-        # As for the losses' inputs: checked on the CPU in eager mode, the caller's contract else.
-        if keys.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not all_finite(keys):
-                raise ValueError("keys must be finite, got NaN or inf")
+        check_finite(keys=keys)  # as the losses' inputs
         group = distributed.resolve_group(self.gather)
         if group is not None:
             keys = distributed.all_gather_constant(keys.detach(), group)

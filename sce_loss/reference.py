@@ -1,6 +1,7 @@
-"""Plain PyTorch losses, line by line the equations of the README: the oracle and the CPU path.
+"""Plain PyTorch losses, line by line the equations of docs/mathematics.md: the oracle and the
+CPU path.
 
-Notation (README, "The mathematics"): ``query`` z¹ is (V, N, D) (V online crops), ``key`` z² is
+Notation (docs/mathematics.md): ``query`` z¹ is (V, N, D) (V online crops), ``key`` z² is
 (N, D), ``queue`` Q is (M, D) or None. Row i's candidates c_k and its positive column ``pos_i``:
 
 - in-batch mode: the keys of ``key_bank`` (the local keys, or every rank's), positive at offset + i;
@@ -57,7 +58,7 @@ def losses(problem: Problem) -> Tensor:
         queue = snapshot(queue, dtype) if private else queue.to(dtype, copy=True)
     options = dict(
         include_keys=bank is not None and queue is not None,
-        key_bank=key if bank is None else bank,
+        bank=key if bank is None else bank,
         offset=problem.offset,
         excluded=problem.own_columns(),
         temperature=problem.temperature,
@@ -83,16 +84,16 @@ def recomputed_gradients(problem: Problem, inputs, needs_input_grad, upstream: T
 
 
 def similarities(
-    x: Tensor, key: Tensor, queue: Tensor | None, include_keys: bool, key_bank: Tensor, offset: int
+    x: Tensor, key: Tensor, queue: Tensor | None, *, include_keys: bool, bank: Tensor, offset: int
 ) -> tuple[Tensor, Tensor]:
     """Dot products x_i·c_k of each row with its candidates, shape (..., N, K), and each row's
     positive column, shape (N,)."""
     n = key.shape[0]
     rows = torch.arange(n, device=x.device)
     if queue is None:
-        return x @ key_bank.mT, rows + offset
+        return x @ bank.mT, rows + offset
     if include_keys:
-        return x @ torch.cat([key_bank, queue]).mT, rows + offset
+        return x @ torch.cat([bank, queue]).mT, rows + offset
     positive = (x * key).sum(-1, keepdim=True)
     return torch.cat([positive, x @ queue.mT], -1), torch.zeros_like(rows)
 
@@ -112,9 +113,9 @@ def _without(values: Tensor, excluded: Tensor | None, fill: float) -> Tensor:
 
 
 @torch.no_grad()
-def _target_distribution(key, queue, include_keys, key_bank, offset, excluded, target_temperature):
+def _target_distribution(key, queue, *, target_temperature, excluded, **candidates):
     """s²_i = softmax of b_i over the candidates without the positive (whose weight is 0)."""
-    sims, pos = similarities(key, key, queue, include_keys, key_bank, offset)
+    sims, pos = similarities(key, key, queue, **candidates)
     mask = _column_mask(sims, pos, excluded)
     return torch.softmax((sims / target_temperature).masked_fill(mask, float("-inf")), -1)
 
@@ -127,17 +128,16 @@ def _gather_positive(values: Tensor, pos: Tensor) -> Tensor:
 def info_nce(
     query: Tensor,
     key: Tensor,
-    queue: Tensor | None = None,
+    queue: Tensor | None,
     *,
     temperature: Scalar,
-    include_keys: bool = False,
-    key_bank: Tensor | None = None,
-    offset: int = 0,
-    excluded: Tensor | None = None,
+    include_keys: bool,
+    bank: Tensor,
+    offset: int,
+    excluded: Tensor | None,
 ) -> Tensor:
     """loss_i = −log p_i,pos with p_i = softmax_k(z¹_i·c_k / τ)."""
-    bank = key if key_bank is None else key_bank
-    sims, pos = similarities(query, key, queue, include_keys, bank, offset)
+    sims, pos = similarities(query, key, queue, include_keys=include_keys, bank=bank, offset=offset)
     logits = _without(sims / temperature, excluded, float("-inf"))
     return -_gather_positive(torch.log_softmax(logits, -1), pos)
 
@@ -145,21 +145,21 @@ def info_nce(
 def ressl(
     query: Tensor,
     key: Tensor,
-    queue: Tensor | None = None,
+    queue: Tensor | None,
     *,
     temperature: Scalar,
     target_temperature: Scalar,
-    include_keys: bool = False,
-    key_bank: Tensor | None = None,
-    offset: int = 0,
-    excluded: Tensor | None = None,
+    include_keys: bool,
+    bank: Tensor,
+    offset: int,
+    excluded: Tensor | None,
 ) -> Tensor:
     """loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, both softmaxes over the candidates but the positive."""
-    bank = key if key_bank is None else key_bank
+    candidates = dict(include_keys=include_keys, bank=bank, offset=offset)
     target = _target_distribution(
-        key, queue, include_keys, bank, offset, excluded, target_temperature
+        key, queue, target_temperature=target_temperature, excluded=excluded, **candidates
     )
-    sims, pos = similarities(query, key, queue, include_keys, bank, offset)
+    sims, pos = similarities(query, key, queue, **candidates)
     logits = sims / temperature
     mask = _column_mask(logits, pos, excluded)
     log_s1 = torch.log_softmax(logits.masked_fill(mask, float("-inf")), -1).masked_fill(mask, 0.0)
@@ -169,22 +169,22 @@ def ressl(
 def sce(
     query: Tensor,
     key: Tensor,
-    queue: Tensor | None = None,
+    queue: Tensor | None,
     *,
     coeff: Scalar,
     temperature: Scalar,
     target_temperature: Scalar,
-    include_keys: bool = False,
-    key_bank: Tensor | None = None,
-    offset: int = 0,
-    excluded: Tensor | None = None,
+    include_keys: bool,
+    bank: Tensor,
+    offset: int,
+    excluded: Tensor | None,
 ) -> Tensor:
     """loss_i = −λ log p_i,pos − (1−λ) Σ_k s²_ik log p_ik, i.e. −Σ_k w_ik log p_ik."""
-    bank = key if key_bank is None else key_bank
+    candidates = dict(include_keys=include_keys, bank=bank, offset=offset)
     target = _target_distribution(
-        key, queue, include_keys, bank, offset, excluded, target_temperature
+        key, queue, target_temperature=target_temperature, excluded=excluded, **candidates
     )
-    sims, pos = similarities(query, key, queue, include_keys, bank, offset)
+    sims, pos = similarities(query, key, queue, **candidates)
     logits = _without(sims / temperature, excluded, float("-inf"))
     log_p = _without(torch.log_softmax(logits, -1), excluded, 0.0)  # its target weight is 0
     coeff = constant(coeff)

@@ -22,19 +22,20 @@ from torch import Tensor
 
 from . import distributed
 from .arguments import (
+    SHARED_CHECKS,
     autocast_disabled,
     check_backend,
     check_bool,
+    check_by_name,
     check_finite,
     check_float_tensor,
-    check_reduction,
     check_temperature,
     reduce_losses,
     scalar_value,
     traceable_scalar,
 )
 from .functional import info_nce_loss, ressl_loss
-from .problem import Scalar, constant
+from .problem import Scalar, compute_dtype_of, constant, tracing
 
 CACR_BACKENDS = ("auto", "reference")
 
@@ -145,11 +146,11 @@ def cacr_loss(
         )
     check_finite(query=query, key=key, queue=queue)
     group = distributed.resolve_group(gather) if intra_batch else None
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    compute = compute_dtype_of(query.dtype)
     with autocast_disabled(query.device.type):
-        views = _prepared(query, normalize, compute)
+        views = _prepared(query, normalize=normalize, dtype=compute)
         views = views if views.dim() == 3 else views.unsqueeze(0)  # (V, N, D)
-        key_views = _prepared(key, normalize, compute)
+        key_views = _prepared(key, normalize=normalize, dtype=compute)
         key_views = key_views if key_views.dim() == 3 else key_views.unsqueeze(0)  # (U, N, D)
         attraction = _attraction(
             views,
@@ -161,8 +162,10 @@ def cacr_loss(
         if queue is not None:
             # A private copy when a backward will read it: the caller may update the queue in
             # place (MoCo enqueues inside forward) before the backward.
-            queue = _prepared(queue.detach(), normalize, compute, copy=torch.is_grad_enabled())
-        cost, excluded = _negative_costs(views, queue, intra_batch, group)
+            queue = _prepared(
+                queue.detach(), normalize=normalize, dtype=compute, copy=torch.is_grad_enabled()
+            )
+        cost, excluded = _negative_costs(views, queue, intra_batch=intra_batch, group=group)
         # The official queue code lets gradient into the intra-batch distances inside w⁻ only.
         live_from = (0 if queue is None else len(queue)) if weight_gradients else cost.shape[-1]
         repulsion = _repulsion(cost, excluded, repulsion_temperature, live_from)
@@ -171,7 +174,7 @@ def cacr_loss(
 
 
 def _negative_costs(
-    views: Tensor, queue: Tensor | None, intra_batch: bool, group
+    views: Tensor, queue: Tensor | None, *, intra_batch: bool, group
 ) -> tuple[Tensor, Tensor]:
     """c⁻ = ‖q − n‖² of each view and row to the K columns [queue, every rank's queries of the
     view], (V, N, K), and the (N, K) columns that are not negatives of a row: its own query."""
@@ -224,12 +227,16 @@ def _one_encoder_cacr(
         )
     check_finite(query=views)
     group = distributed.resolve_group(gather)
-    compute = torch.float64 if views.dtype == torch.float64 else torch.float32
+    compute = compute_dtype_of(views.dtype)
     with autocast_disabled(views.device.type):
-        views = _prepared(views, normalize, compute)
-        attraction = _attraction(views, views, attraction_temperature, True, weight_gradients).mean(
-            0
-        )
+        views = _prepared(views, normalize=normalize, dtype=compute)
+        attraction = _attraction(
+            views,
+            views,
+            attraction_temperature,
+            leave_own_view_out=True,
+            weight_gradients=weight_gradients,
+        ).mean(0)
         every, offset = distributed.gather_keys(views.transpose(0, 1), group)  # (B, V, D)
         n = views.shape[1]
         if len(every) < 2:
@@ -257,6 +264,7 @@ def _attraction(
     views: Tensor,
     key_views: Tensor,
     temperature,
+    *,
     leave_own_view_out: bool,
     weight_gradients: bool,
 ) -> Tensor:
@@ -407,7 +415,7 @@ def interpolated_key(query: Tensor, key: Tensor, index: Tensor, ratio: Scalar) -
             f"{tuple(index.shape)} on {index.device}"
         )
     if (
-        not torch.compiler.is_compiling()
+        not tracing()
         and index.device.type == "cpu"
         and (index.min() < 0 or index.max() >= len(key))
     ):
@@ -420,7 +428,7 @@ def interpolated_key(query: Tensor, key: Tensor, index: Tensor, ratio: Scalar) -
         ratio = ratio.unsqueeze(-1)
     else:
         _check_range("ratio", ratio, high=1.0)
-    compute = torch.promote_types(query.dtype, torch.float32)
+    compute = compute_dtype_of(query.dtype)
     mixed = ratio * query.to(compute) + (1 - ratio) * key.to(compute)[index]
     return F.normalize(mixed, dim=-1).to(query.dtype)
 
@@ -429,16 +437,15 @@ def interpolated_key(query: Tensor, key: Tensor, index: Tensor, ratio: Scalar) -
 
 
 def check_cacr_options(**options) -> None:
-    """Check keyword arguments of :func:`cacr_loss` by name (hyper-parameters and flags); values
-    are checked where they are free to read (floats, CPU tensors) and not while compiling."""
-    for name, value in options.items():
-        _CACR_CHECKS[name](name, value)
+    """Check keyword arguments of :func:`cacr_loss` by name, as
+    :func:`~sce_loss.arguments.check_by_name`."""
+    check_by_name(_CACR_CHECKS, **options)
 
 
 def check_reco_options(**options) -> None:
-    """Check keyword arguments of :func:`reco_loss` by name, as :func:`check_cacr_options`."""
-    for name, value in options.items():
-        _RECO_CHECKS[name](name, value)
+    """Check keyword arguments of :func:`reco_loss` by name, as
+    :func:`~sce_loss.arguments.check_by_name`."""
+    check_by_name(_RECO_CHECKS, **options)
 
 
 def _check_cacr_backend(name: str, value) -> None:
@@ -500,20 +507,11 @@ def _check_ratio_rows(ratio: Tensor, n: int, query: Tensor) -> None:
         )
     if ratio.device != query.device:
         raise ValueError(f"ratio must be on query's device {query.device}, got {ratio.device}")
-    if (
-        not torch.compiler.is_compiling()
-        and ratio.device.type == "cpu"
-        and not ((ratio >= 0) & (ratio <= 1)).all()
-    ):
+    if not tracing() and ratio.device.type == "cpu" and not ((ratio >= 0) & (ratio <= 1)).all():
         raise ValueError("ratio must hold numbers in [0, 1]")
 
 
-_SHARED_CHECKS = {
-    "normalize": check_bool,
-    "reduction": check_reduction,
-    "gather": lambda name, value: distributed.resolve_group(value),
-}
-_CACR_CHECKS = _SHARED_CHECKS | {
+_CACR_CHECKS = SHARED_CHECKS | {
     "attraction_temperature": _check_non_negative,
     "repulsion_temperature": _check_non_negative,
     "attraction_weight": _check_non_negative,
@@ -522,7 +520,7 @@ _CACR_CHECKS = _SHARED_CHECKS | {
     "weight_gradients": check_bool,
     "backend": _check_cacr_backend,
 }
-_RECO_CHECKS = _SHARED_CHECKS | {
+_RECO_CHECKS = SHARED_CHECKS | {
     "temperature": check_temperature,
     "relation_temperature": check_temperature,
     "target_temperature": check_temperature,
@@ -535,7 +533,7 @@ _RECO_CHECKS = _SHARED_CHECKS | {
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _prepared(x: Tensor, normalize: bool, dtype: torch.dtype, copy: bool = False) -> Tensor:
+def _prepared(x: Tensor, *, normalize: bool, dtype: torch.dtype, copy: bool = False) -> Tensor:
     """``x`` in the compute ``dtype``, L2-normalised along its last dimension if asked."""
     x = x.to(dtype, copy=copy)
     return F.normalize(x, dim=-1) if normalize else x

@@ -25,13 +25,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import triton
+from devices import BY_ARCHITECTURE as DEVICES
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sce_loss.fused import kernels, plan
 
-DEVICES = {80: plan.A100, 86: plan.RTX_3090, 89: plan.L4, 90: plan.H100}
 BATCHES = {"small": 16, "large": 4096}
 DIMS = (64, 128, 256)
 QUEUE = 65536

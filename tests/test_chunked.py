@@ -73,7 +73,7 @@ def test_chunked_matches_the_reference_in_float64(loss, mode, crops, ranks, chun
     )
     problem = build(loss, mode, query, key, queue, temperature, ranks)
     leaves = (query, key, temperature)
-    got = evaluate(lambda p: chunked.losses(p, chunk), problem, leaves)
+    got = evaluate(lambda p: chunked.losses(p, chunk_size=chunk), problem, leaves)
     want = evaluate(reference.losses, problem, leaves)
     for label, g, w in zip(("loss", "query grad", "key grad", "temperature grad"), got, want):
         assert g.dtype == w.dtype == torch.float64, label
@@ -127,10 +127,13 @@ def test_only_the_gradients_asked_for(loss, mode, needs_grad):
     if needs_grad == "nothing":
         with torch.no_grad():
             torch.testing.assert_close(
-                chunked.losses(problem, 3), reference.losses(problem), rtol=1e-12, atol=1e-12
+                chunked.losses(problem, chunk_size=3),
+                reference.losses(problem),
+                rtol=1e-12,
+                atol=1e-12,
             )
         return
-    got = evaluate(lambda p: chunked.losses(p, 3), problem, (leaves[needs_grad],))
+    got = evaluate(lambda p: chunked.losses(p, chunk_size=3), problem, (leaves[needs_grad],))
     want = evaluate(reference.losses, problem, (leaves[needs_grad],))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
@@ -146,7 +149,9 @@ def test_gradcheck(loss, mode, crops):
     key.requires_grad_(loss == "info_nce")
 
     def per_row(query, key, temperature):
-        return chunked.losses(build(loss, mode, query, key, queue, temperature, ranks=2), 2)
+        return chunked.losses(
+            build(loss, mode, query, key, queue, temperature, ranks=2), chunk_size=2
+        )
 
     assert torch.autograd.gradcheck(per_row, (query, key, temperature))
 
@@ -167,7 +172,7 @@ def test_hyper_parameters_as_tensors_get_no_gradient():
         target_temperature=target_temperature,
     )
     leaves = (query, key, temperature, coeff, target_temperature)
-    got = evaluate(lambda p: chunked.losses(p, 2), problem, leaves)
+    got = evaluate(lambda p: chunked.losses(p, chunk_size=2), problem, leaves)
     want = evaluate(
         reference.losses,
         build(
@@ -211,7 +216,9 @@ def test_extreme_temperatures_in_float32(loss, mode, embeddings):
         torch.tensor(0.01, requires_grad=True),
         **hyper,
     )
-    got = evaluate(lambda p: chunked.losses(p, 5), low, (low.query, low.key, low.temperature))
+    got = evaluate(
+        lambda p: chunked.losses(p, chunk_size=5), low, (low.query, low.key, low.temperature)
+    )
     want = evaluate(reference.losses, exact, (exact.query, exact.key, exact.temperature))
     # The size of the terms each sums: logits a ~ 1/τ (loss, x/τ and c/τ in the gradients),
     # and a/τ ~ 1/τ² in dL/dτ.
@@ -229,7 +236,7 @@ def test_16_bit_inputs_are_computed_in_float32(loss, mode, dtype):
     dtype gradients that agree with float64 on the same rounded inputs to float32 precision."""
     query, key, queue, temperature = leaves_of(mode, crops=2, dtype=dtype, n=16, d=32, m=64, seed=8)
     low = build(loss, mode, query, key, queue, temperature)
-    got = evaluate(lambda p: chunked.losses(p, 24), low, (query, key, temperature))
+    got = evaluate(lambda p: chunked.losses(p, chunk_size=24), low, (query, key, temperature))
     exact_leaves = [x.detach().double().requires_grad_() for x in (query, key, temperature)]
     exact = build(
         loss,
@@ -292,7 +299,7 @@ def test_memory_is_one_chunk_not_the_queue(mode):
         return max(event.cpu_memory_usage for event in prof.events())
 
     chunk_logits = 2 * n * chunk * 4
-    assert largest_allocation(lambda p: chunked.losses(p, chunk)) <= chunk_logits
+    assert largest_allocation(lambda p: chunked.losses(p, chunk_size=chunk)) <= chunk_logits
     assert largest_allocation(reference.losses) >= n * m * 4
 
 
@@ -456,7 +463,7 @@ def test_row_blocks_give_the_references_numbers(loss, mode, crops, row_block, mo
     query, key, queue, temperature = leaves_of(mode, crops, temperature=0.2, seed=11)
     problem = build(loss, mode, query, key, queue, temperature, ranks=2)
     leaves = (query, key, temperature)
-    got = evaluate(lambda p: chunked.losses(p, 3), problem, leaves)
+    got = evaluate(lambda p: chunked.losses(p, chunk_size=3), problem, leaves)
     want = evaluate(reference.losses, problem, leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

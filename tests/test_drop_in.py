@@ -14,14 +14,19 @@ from conftest import HAS_FUSED, make_inputs
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from sce_loss import (
+    CACRLoss,
     InfoNCELoss,
     MemoryQueue,
+    ReCoLoss,
     ReSSLLoss,
     SCELoss,
+    cacr_loss,
     info_nce_loss,
+    reco_loss,
     ressl_loss,
     sce_loss,
 )
+from sce_loss.problem import DEFAULT_HYPER_PARAMETERS
 
 BACKENDS = ["reference", "chunked"] + (["fused"] if HAS_FUSED else [])
 LOSSES = {
@@ -157,22 +162,36 @@ def test_a_transposed_queue_buffer_updated_in_place_before_the_backward():
 
 
 MODULES = [(SCELoss, sce_loss), (InfoNCELoss, info_nce_loss), (ReSSLLoss, ressl_loss)]
+RELATIONAL_MODULES = [(CACRLoss, cacr_loss), (ReCoLoss, reco_loss)]
 
 
-@pytest.mark.parametrize("module, fn", MODULES)
+@pytest.mark.parametrize("module, fn", MODULES + RELATIONAL_MODULES)
 def test_module_keywords_are_the_functions_keywords(module, fn):
-    """A module takes its function's keyword arguments, with the same defaults, plus its queue."""
+    """A module takes its function's keyword arguments with defaults, with the same defaults,
+    keywords only, plus its queues (ReCo's inputs, keyword-only without defaults, stay calls')."""
     function = {
         name: p.default
         for name, p in inspect.signature(fn).parameters.items()
-        if p.kind == p.KEYWORD_ONLY
+        if p.kind == p.KEYWORD_ONLY and p.default is not p.empty
     }
-    init = {
-        name: p.default
-        for name, p in inspect.signature(module).parameters.items()
-        if name != "queue"
-    }
+    parameters = inspect.signature(module).parameters
+    init = {name: p.default for name, p in parameters.items() if "queue" not in name}
     assert init == function
+    assert all(p.kind == p.KEYWORD_ONLY for p in parameters.values())
+
+
+@pytest.mark.parametrize(
+    "name, fn", [("info_nce", info_nce_loss), ("ressl", ressl_loss), ("sce", sce_loss)]
+)
+def test_the_library_defaults_are_the_functions_defaults(name, fn):
+    """The hyper-parameters the library's own problems use (first-use check, sce-loss-check) are
+    the functions' defaults; ReSSL is λ = 0."""
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.name in ("coeff", "temperature", "target_temperature")
+    }
+    assert DEFAULT_HYPER_PARAMETERS[name] == defaults | (dict(coeff=0.0) if name == "ressl" else {})
 
 
 @pytest.mark.parametrize("module, fn", MODULES)

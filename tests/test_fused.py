@@ -7,6 +7,7 @@ they run compiled on the GPU. (The interpreter needs Triton â‰¥ 3.8 with NumPy â
 
 import dataclasses
 
+import devices
 import pytest
 import torch
 from conftest import HAS_FUSED, fused_reason, make_inputs
@@ -188,7 +189,7 @@ def test_the_no_grad_forward_gives_the_same_losses_without_the_vector_workspace(
         kind="bf16",
         key_grad=False,
     )
-    for device in (plan.H100, plan.L4, plan.INTERPRETER):
+    for device in (devices.H100, devices.L4, plan.INTERPRETER):
         scalars_only = plan.plan(device, need_grad=False, **options)
         assert (
             scalars_only.workspace

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import HAS_FUSED, make_inputs, unit
 
-from sce_loss import info_nce_loss, ressl_loss, sce_loss
+from sce_loss import info_nce_loss, interpolated_key, ressl_loss, sce_loss
 from sce_loss.functional import _backend
 from sce_loss.problem import DEFAULT_HYPER_PARAMETERS, TORCH_VERSION, Problem
 
@@ -205,6 +205,21 @@ def test_value_checks_are_skipped_under_vmap_as_under_compile():
         sce_loss(query[1], key)
     rows = torch.func.vmap(lambda q: sce_loss(q, key))(query)
     assert torch.isfinite(rows[0]) and torch.isnan(rows[1])
+
+
+def test_reco_interpolated_key_under_vmap_over_its_ratio_and_index():
+    """The value checks of ``ratio`` and ``index`` are skipped under vmap (they cannot be read on
+    the host there), and each batch entry is the eager call's."""
+    query, key = unit(4, 3), unit(4, 3, generator=torch.Generator().manual_seed(1))
+    ratios = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
+    indices = torch.stack(
+        [torch.randperm(4, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    )
+    by_ratio = torch.func.vmap(lambda r: interpolated_key(query, key, indices[0], r))(ratios)
+    by_index = torch.func.vmap(lambda i: interpolated_key(query, key, i, ratios[0]))(indices)
+    for b in range(3):
+        torch.testing.assert_close(by_ratio[b], interpolated_key(query, key, indices[0], ratios[b]))
+        torch.testing.assert_close(by_index[b], interpolated_key(query, key, indices[b], ratios[0]))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="the fused backend needs Triton")

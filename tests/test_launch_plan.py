@@ -14,13 +14,14 @@ is tests/test_fused_compile.py's part.
 import itertools
 import math
 
+import devices
 import pytest
 import torch
 from conftest import HAS_FUSED, fused_reason
 
 from sce_loss.fused import first_use, plan
 
-DEVICES = (plan.H100, plan.A100, plan.L4, plan.RTX_4090)
+DEVICES = (devices.H100, devices.A100, devices.L4, devices.RTX_4090)
 SHAPES = list(itertools.product((256, 1024, 4096), (128, 256), (4096, 65536, 1 << 20)))
 CROPS = (1, 4, 8)
 MODES = ("in-batch", "queue", "queue+keys")
@@ -150,13 +151,13 @@ def test_the_largest_batches_are_launched_in_row_groups_within_the_workspace():
     """Where one split per segment already passes 64 MiB (4·R·(2D+7) bytes each), the rows go
     in groups that each fill an H100; the figures of the plan at these sizes."""
     for crops, n, mode in ((4, 4096, "queue+keys"), (8, 2048, "queue+keys"), (8, 4096, "queue")):
-        chosen = check_plan(plan.H100, "bf16", crops, n, 256, 65536, mode)
+        chosen = check_plan(devices.H100, "bf16", crops, n, 256, 65536, mode)
         assert len(chosen.groups) == 2
         assert chosen.workspace <= plan.WORKSPACE_BYTES
         for launch in chosen.groups[0].partial:
-            assert programs(launch) >= plan.H100.sms
+            assert programs(launch) >= devices.H100.sms
     # The largest crop alone passes the workspace at one split: parts of each crop.
-    chosen = check_plan(plan.H100, "bf16", 2, 40000, 256, 65536, "queue+keys")
+    chosen = check_plan(devices.H100, "bf16", 2, 40000, 256, 65536, "queue+keys")
     assert all(group.keys < 40000 for group in chosen.groups)
     assert chosen.workspace <= plan.WORKSPACE_BYTES
 
@@ -186,15 +187,15 @@ def test_evaluation_needs_only_the_scalar_workspace():
 def test_kinds_and_dimensions_without_tiles_are_value_errors():
     options = dict(rows=256, bank=0, queue=4096, need_grad=True, key_grad=False)
     with pytest.raises(ValueError, match=r"dim must be between 1 and 128 .*'fp32-ieee'.*dim=256"):
-        plan.plan(plan.H100, kind="fp32-ieee", dim=256, **options)
+        plan.plan(devices.H100, kind="fp32-ieee", dim=256, **options)
     with pytest.raises(ValueError, match=r"dim must be between 1 and 256 .*'bf16'.*dim=300"):
-        plan.plan(plan.H100, kind="bf16", dim=300, **options)
+        plan.plan(devices.H100, kind="bf16", dim=300, **options)
     with pytest.raises(ValueError, match=r"kind must be one of .*got 'fp64'"):
-        plan.plan(plan.H100, kind="fp64", dim=128, **options)
+        plan.plan(devices.H100, kind="fp64", dim=128, **options)
     with pytest.raises(ValueError, match=r"kind must be one of"):
         plan.tiles(plan.INTERPRETER, "int8", 64, 16)
     with pytest.raises(ValueError, match=r"rows must be a positive multiple of keys"):
-        plan.plan(plan.H100, kind="bf16", dim=128, keys=100, **options)
+        plan.plan(devices.H100, kind="bf16", dim=128, keys=100, **options)
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=lambda d: d.name)
@@ -253,7 +254,18 @@ def test_row_groups_give_the_losses_and_gradients_of_the_reference(
     chosen = plan_of(plan.INTERPRETER, "fp32-ieee", 2, 40, 8, 150, mode)
     assert [(g.start, g.stop, g.key_start, g.keys) for g in chosen.groups] == groups
     assert chosen.workspace <= workspace
-    problem = make_problem(loss, mode, 2, 40, 150, 8, torch.float32, torch.float32, "cpu", seed=3)
+    problem = make_problem(
+        loss,
+        mode,
+        crops=2,
+        n=40,
+        m=150,
+        d=8,
+        dtype=torch.float32,
+        queue_dtype=torch.float32,
+        device="cpu",
+        seed=3,
+    )
     got = first_use.evaluate(fused.losses, problem, need_grad=True)
     want = first_use.evaluate(reference.losses, first_use.in_float64(problem), need_grad=True)
     for name, g, w in zip(("loss", "query grad", "key grad", "τ grad"), got, want):

@@ -115,7 +115,7 @@ def test_push_does_not_mutate_its_argument_and_rejects_bad_keys():
             MemoryQueue(8, 4, seed=seed)
     with pytest.raises(TypeError, match="gather must be a bool or a torch.distributed"):
         MemoryQueue(8, 4, gather="yes")
-    with pytest.raises(TypeError, match="keys must have a dtype in"):
+    with pytest.raises(TypeError, match="keys must be float64, float32, bfloat16 or float16"):
         queue.push(torch.ones(2, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="keys must be finite"):
         queue.push(torch.full((2, 4), float("nan")))

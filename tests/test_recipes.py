@@ -1,4 +1,4 @@
-"""The README's drop-in recipes, run in loops shaped like the codebases they are for.
+"""The drop-in recipes (docs/recipes.md), run in loops shaped like the codebases they are for.
 
 Each test trains a small model for several optimiser steps twice from the same weights and data:
 once with the recipe (this library's loss, the codebase's queue layout and enqueue order, its raw
@@ -113,7 +113,7 @@ class MoCo(nn.Module):
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_official_moco_builder(backend):
-    def recipe(self, q, k):  # the README's recipe, verbatim (but the backend)
+    def recipe(self, q, k):  # the recipe of docs/recipes.md, verbatim (but the backend)
         return sce_loss(
             q,
             k,
@@ -166,7 +166,7 @@ class MoCoV2Plus(nn.Module):
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_solo_learn_mocov2plus(backend):
-    def recipe(self, q1, q2, k1, k2):  # the README's recipe, verbatim (but the backend)
+    def recipe(self, q1, q2, k1, k2):  # the recipe of docs/recipes.md, verbatim (but the backend)
         queue = self.queue.clone().detach()  # (2, D, K)
         nce_loss = sce_loss(q1, k2, queue[1].T, temperature=self.temperature, backend=backend)
         return nce_loss
@@ -281,7 +281,7 @@ class SoloSimCLR(nn.Module):
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_solo_learn_simclr(backend):
-    def recipe(self, out, indexes):  # the README's recipe, verbatim (but the backend)
+    def recipe(self, out, indexes):  # the recipe of docs/recipes.md, verbatim (but the backend)
         z1, z2 = out["z"]
         nce_loss = info_nce_loss(
             z1,

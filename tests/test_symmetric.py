@@ -253,7 +253,7 @@ def test_chunked_equals_the_reference(loss, chunk):
 
     from sce_loss import reference
 
-    for got, want in zip(run(lambda p: chunked.losses(p, chunk)), run(reference.losses)):
+    for got, want in zip(run(lambda p: chunked.losses(p, chunk_size=chunk)), run(reference.losses)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 

@@ -18,8 +18,7 @@ from ..problem import Problem, constant
 from . import plan
 from .first_use import SKIP_VARIABLE, verified
 
-MAX_DIM = max(plan.MAX_DIM.values())  # the largest D of any input kind
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = tuple(dict.fromkeys(plan.DTYPES.values()))  # float32, bfloat16, float16
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # found, not imported
 
@@ -43,7 +42,6 @@ TRITON_VERSION = _installed_triton_version() if TRITON_AVAILABLE else None
 CHECKED_TRITON = ("3.8", "3.9")
 
 __all__ = [
-    "MAX_DIM",
     "DTYPES",
     "SKIP_VARIABLE",
     "losses",
@@ -82,14 +80,14 @@ def unsupported_reason(problem: Problem) -> str | None:
         return f"it supports float32, bfloat16 and float16, got {query.dtype}"
     if problem.queue is not None and problem.queue.dtype not in DTYPES:
         return f"it reads float32, bfloat16 and float16 queues, got {problem.queue.dtype}"
-    if query.shape[-1] > MAX_DIM:
-        return f"it supports D ≤ {MAX_DIM}, got D={query.shape[-1]}"
-    kind = plan.kind_of(query.dtype)
-    if query.shape[-1] > plan.MAX_DIM[kind]:
+    kind, dim, widest = plan.kind_of(query.dtype), query.shape[-1], max(plan.MAX_DIM.values())
+    if dim > widest:
+        return f"it supports D ≤ {widest}, got D={dim}"
+    if dim > plan.MAX_DIM[kind]:
         return (
             f"full-precision float32 products (torch.get_float32_matmul_precision() is "
-            f"'highest') support D ≤ {plan.MAX_DIM[kind]}, got D={query.shape[-1]}; "
-            "'high' (TF32) or bfloat16 inputs support D ≤ 256"
+            f"'highest') support D ≤ {plan.MAX_DIM[kind]}, got D={dim}; 'high' (TF32) or "
+            f"bfloat16 inputs support D ≤ {widest}"
         )
     if (
         query.device.type == "cuda"
@@ -100,7 +98,7 @@ def unsupported_reason(problem: Problem) -> str | None:
     return None
 
 
-def losses(problem: Problem, fallback: bool = False) -> Tensor:
+def losses(problem: Problem, *, fallback: bool = False) -> Tensor:
     """Per-row losses (V, N) of ``problem`` from the fused kernels, float32.
 
     λ, τ and τ_m reach the kernels as 0-d float32 tensors on the inputs' device; a τ that
@@ -121,8 +119,7 @@ def losses(problem: Problem, fallback: bool = False) -> Tensor:
         # every step becomes symbolic, and as_tensor would guard on (recompile for) its value.
         return torch.ones((), dtype=torch.float32, device=device) * value
 
-    target_temperature = 1.0 if problem.target_temperature is None else problem.target_temperature
-    coeff, target_temperature = constant(problem.coeff), constant(target_temperature)
+    coeff, target_temperature = constant(problem.coeff), constant(problem.target_temperature)
     need_grad = torch.is_grad_enabled() and query.requires_grad
     per_row, *_ = fused_forward(
         query.reshape(crops * batch, dim).contiguous(),

@@ -31,7 +31,9 @@ def streaming_forward(
     n = key.shape[0]
     views = rows // n
     k = key.float()
-    exponents = chunked.base2_rows(query.float(), k, temperature, target_temperature, need_target)
+    exponents = chunked.base2_rows(
+        query.float(), k, temperature, target_temperature, need_target=need_target
+    )
     c_pos = k.repeat(views, 1)
     a_pos2 = chunked.row_dots(exponents[:rows], c_pos)
     masked = chunked.masked_columns(
@@ -93,9 +95,9 @@ def streaming_bank_gradient(
     rows = query.shape[0]
     n = key.shape[0]
     exponents = chunked.base2_rows(
-        query.float(), key.float(), temperature, target_temperature, need_target
+        query.float(), key.float(), temperature, target_temperature, need_target=need_target
     )
-    shift = torch.cat([lse_a, lse_b[:n]]) if need_target else lse_a
+    lse = torch.cat([lse_a, lse_b[:n]]) if need_target else lse_a
     masked = chunked.masked_columns(
         n,
         views=rows // n,
@@ -107,8 +109,7 @@ def streaming_bank_gradient(
     )
     grad = chunked.bank_gradient(
         exponents,
-        shift * LOG2_E,
-        torch.ones_like(shift),
+        lse * LOG2_E,
         upstream.float(),
         bank.float(),
         masked=masked,

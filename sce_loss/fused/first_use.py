@@ -2,11 +2,12 @@
 device, it runs them once on a small fixed problem and compares with the reference.
 
 A kind of call is a key (device, dtype, queue dtype, matmul precision, loss, candidate segments,
-query gradient or not, the tiles of every kernel): one compiled configuration. The check problem
-has the call's loss, segments, dtypes and D, and at most ``CHECK_ROWS`` rows, which give the same
-tiles (the plan's tiles depend on the rows only up to 32). It passes when its loss and its query,
-key and τ gradients agree with the float64 reference within the documented relative errors; a
-failed launch or a disagreement warns once, naming the reason, and the key is refused from then on.
+query gradient or not, D): one compiled configuration. The check problem has the call's loss,
+segments, dtypes and D, and at most ``CHECK_ROWS`` rows, which give the same tiles (the plan's
+tiles depend on the rows only through whether there are at most 16). It passes when its loss and
+its query, key and τ gradients agree with the float64 reference within the documented relative
+errors; a failed launch or a disagreement warns once, naming the reason, and the key is refused
+from then on.
 
 Never while torch.compile traces or a CUDA graph captures (a check synchronises the device):
 there a key not yet checked counts as verified. ``SCE_LOSS_SKIP_FIRST_USE_CHECK=1`` switches
@@ -15,7 +16,6 @@ the check off.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import warnings
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..arguments import autocast_disabled
 from ..problem import DEFAULT_HYPER_PARAMETERS, Problem
 
 SKIP_VARIABLE = "SCE_LOSS_SKIP_FIRST_USE_CHECK"
@@ -102,13 +103,13 @@ def first_use_check(problem: Problem) -> str | None:
     need_grad = _needs_grad(problem)
     tolerance = TOLERANCES[plan.kind_of(problem.dtype)]
     try:
-        got = evaluate(losses, check, need_grad)
+        got = evaluate(losses, check, need_grad=need_grad)
     except Exception as error:  # a launch failure: out of resources, a compiler error, ...
         first_line = (str(error).strip().splitlines() or [""])[0]
         return f"the kernels failed to run ({type(error).__name__}: {first_line})"
     from .. import reference
 
-    want = evaluate(reference.losses, in_float64(check), need_grad)
+    want = evaluate(reference.losses, in_float64(check), need_grad=need_grad)
     for name, g, w in zip(("loss", "query gradient", "key gradient", "τ gradient"), got, want):
         error = relative_error(g, w)
         if not error <= tolerance:  # NaN fails too
@@ -173,16 +174,10 @@ def in_float64(problem: Problem) -> Problem:
     )
 
 
-def evaluate(losses, problem: Problem, need_grad: bool) -> list[Tensor]:
+def evaluate(losses, problem: Problem, *, need_grad: bool) -> list[Tensor]:
     """The per-row losses of ``problem`` and, if ``need_grad``, the query, key and τ gradients
     of their weighted sum (weights 0.5..1.5, a non-uniform upstream gradient)."""
-    device_type = problem.query.device.type
-    autocast = (
-        torch.autocast(device_type, enabled=False)
-        if device_type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with torch.set_grad_enabled(need_grad), autocast:
+    with torch.set_grad_enabled(need_grad), autocast_disabled(problem.query.device.type):
         query = problem.query.detach().requires_grad_(need_grad)
         key = problem.key.detach().requires_grad_(need_grad)
         temperature = torch.tensor(

@@ -26,9 +26,10 @@ so a new value never recompiles anything.
 import triton
 import triton.language as tl
 
+from .plan import STATE_SCALARS
+
 # Partial-state scalars per (split, row), in this order, then O_a and O_b.
-SCALARS = 7
-M_A, L_A, U_A, M_B, L_B, U_B, A_POS = (tl.constexpr(i) for i in range(SCALARS))
+M_A, L_A, U_A, M_B, L_B, U_B, A_POS = (tl.constexpr(i) for i in range(STATE_SCALARS))
 
 
 @triton.jit

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..problem import check_queue_unchanged, differentiating_backward, queue_version
 from . import kernels, plan
+from .plan import STATE_SCALARS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -25,6 +26,7 @@ def launch_plan(
     key: Tensor,
     bank: Tensor | None,
     queue: Tensor | None,
+    *,
     need_grad: bool,
     key_grad: bool,
 ) -> plan.Plan:
@@ -110,12 +112,12 @@ def _launch_forward(
 ):
     rows, dim = query.shape
     device = query.device
-    launches = launch_plan(query, key, bank, queue, need_grad, key_grad=False)
+    launches = launch_plan(query, key, bank, queue, need_grad=need_grad, key_grad=False)
     # One workspace for every row group (they run one after the other on the stream).
-    largest = max(group.rows * group.total_splits for group in launches.groups)
-    stats_space = torch.empty(kernels.SCALARS * largest, device=device, dtype=torch.float32)
+    states = launches.partial_states
+    stats_space = torch.empty(STATE_SCALARS * states, device=device, dtype=torch.float32)
     vecs_space = torch.empty(
-        2 * largest * dim if need_grad else 0, device=device, dtype=torch.float32
+        2 * states * dim if need_grad else 0, device=device, dtype=torch.float32
     )
     segments = [(c, c is bank) for c in (bank, queue) if c is not None and c.shape[0] > 0]
     extra_pos = bank is None and online_has_pos
@@ -134,8 +136,8 @@ def _launch_forward(
         # positives at offset + key_start + r mod keys.
         x = query[start:stop]
         k = key[group.key_start : group.key_start + group.keys]
-        stats = stats_space[: kernels.SCALARS * total * group_rows].view(
-            kernels.SCALARS, total, group_rows
+        stats = stats_space[: STATE_SCALARS * total * group_rows].view(
+            STATE_SCALARS, total, group_rows
         )
         vecs = (
             vecs_space[: 2 * total * group_rows * dim].view(2, total, group_rows, dim)

@@ -43,23 +43,17 @@ STATE_SCALARS = 7  # per (split, row): m_a, l_a, u_a, m_b, l_b, u_b, a_pos
 
 @dataclass(frozen=True)
 class Device:
-    """What the plan needs to know of a GPU: compute capability, SM count and the shared memory
-    one block may use (the opt-in maximum, in bytes)."""
+    """What the plan needs to know of a GPU: its SM count and the shared memory one block may use
+    (the opt-in maximum, in bytes)."""
 
     name: str
-    capability: tuple[int, int]
     sms: int
     shared_memory: int
 
 
-A100 = Device("A100", (8, 0), 108, 163 * 1024)
-RTX_3090 = Device("RTX 3090", (8, 6), 82, 99 * 1024)
-L4 = Device("L4", (8, 9), 58, 99 * 1024)
-RTX_4090 = Device("RTX 4090", (8, 9), 128, 99 * 1024)
-H100 = Device("H100", (9, 0), 132, 227 * 1024)
 # Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): the smallest tiles, so small test shapes
 # still cover several row, column and split blocks.
-INTERPRETER = Device("Triton interpreter", (0, 0), 2, 0)
+INTERPRETER = Device("Triton interpreter", 2, 0)
 
 
 def device_of(device: torch.device) -> Device:
@@ -69,7 +63,6 @@ def device_of(device: torch.device) -> Device:
     properties = torch.cuda.get_device_properties(device)
     return Device(
         properties.name,
-        (properties.major, properties.minor),
         properties.multi_processor_count,
         properties.shared_memory_per_block_optin,
     )
@@ -135,6 +128,11 @@ class Plan:
     groups: tuple[RowGroup, ...]
     key_gradient: Launch | None
     workspace: int
+
+    @property
+    def partial_states(self) -> int:
+        """The most (row, split) partial states of any row group: what the workspace holds."""
+        return max(group.rows * group.total_splits for group in self.groups)
 
 
 def kind_of(dtype: torch.dtype) -> str:
@@ -207,15 +205,14 @@ def plan(
     need_grad: bool,
     key_grad: bool,
     keys: int | None = None,
-    workspace: int | None = None,
 ) -> Plan:
     """The launches for ``rows`` query rows of dimension ``dim`` against ``bank`` in-batch
     candidates then ``queue`` queue entries (either may be 0), inputs of ``kind``, with the query
     gradient (``need_grad``) and the key-bank gradient (``key_grad``) or not. ``keys`` is N, the
-    rows of one crop (``rows`` by default: one crop); ``workspace`` the bytes the plan may use
-    (``WORKSPACE_BYTES`` by default)."""
+    rows of one crop (``rows`` by default: one crop). The launches use at most
+    ``WORKSPACE_BYTES``."""
     keys = rows if keys is None else keys
-    cap = WORKSPACE_BYTES if workspace is None else workspace
+    cap = WORKSPACE_BYTES
     if rows < 1 or keys < 1 or rows % keys:
         raise ValueError(f"rows must be a positive multiple of keys, got rows={rows}, keys={keys}")
     if bank < 0 or queue < 0:
@@ -225,13 +222,13 @@ def plan(
     split_row_bytes = 4 * ((2 * dim if need_grad else 0) + STATE_SCALARS)
     steps = [_cdiv(columns, partial_tiles.block_c) for columns in (bank, queue) if columns > 0]
 
-    def splits(group_rows: int, required: bool) -> list[int] | None:
+    def splits(group_rows: int, *, required: bool) -> list[int] | None:
         return _splits(
             device,
             steps,
-            _cdiv(group_rows, partial_tiles.block_r),
-            cap // (split_row_bytes * group_rows),
-            required,
+            blocks=_cdiv(group_rows, partial_tiles.block_r),
+            budget=cap // (split_row_bytes * group_rows),
+            required=required,
         )
 
     groups = []
@@ -248,14 +245,15 @@ def plan(
             "finalize", finalize_tiles, (_cdiv(group_rows, finalize_tiles.block_r),), 1
         )
         groups.append(RowGroup(start, stop, key_start, group_keys, partial, finalize))
-    used = max(split_row_bytes * group.rows * group.total_splits for group in groups)
+    used = split_row_bytes * max(group.rows * group.total_splits for group in groups)
 
     key_gradient = None
     if key_grad and bank > 0:
         g = chosen["key_gradient"]
         column_blocks, row_steps = _cdiv(bank, g.block_c), _cdiv(rows, g.block_r)
         slice_bytes = 4 * bank * dim
-        (count,) = _splits(device, [row_steps], column_blocks, max(1, cap // slice_bytes), True)
+        budget = max(1, cap // slice_bytes)
+        (count,) = _splits(device, [row_steps], blocks=column_blocks, budget=budget, required=True)
         key_gradient = Launch("key_gradient", g, (column_blocks, count), _cdiv(row_steps, count))
         if count > 1:
             used = max(used, slice_bytes * count)
@@ -263,7 +261,7 @@ def plan(
 
 
 def _splits(
-    device: Device, steps: list[int], blocks: int, budget: int, required: bool
+    device: Device, steps: list[int], *, blocks: int, budget: int, required: bool
 ) -> list[int] | None:
     """How many pieces to split each segment of ``steps`` tiles into, for launches of ``blocks``
     blocks along the other axis and at most ``budget`` pieces in all: two programs per SM for
