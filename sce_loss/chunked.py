@@ -95,7 +95,14 @@ def losses(problem: Problem, *, chunk_size: int | None = None) -> Tensor:
         _at_least(dtype, problem.temperature),
         _at_least(dtype, constant(problem.target_temperature)),
         _at_least(dtype, constant(problem.coeff)),
-        Stream(problem.loss, problem.offset, views, problem.symmetric, chunk_size),
+        Stream(
+            problem.loss,
+            problem.offset,
+            views,
+            problem.symmetric,
+            # Columns per chunk for the online rows (V·N) and the target rows (N, if any).
+            chunk_size or chunk_columns((views + problem.needs_target) * n),
+        ),
     )
     return flat.view(views, n)
 
@@ -107,7 +114,7 @@ class Stream(NamedTuple):
     offset: int  # the bank row of query row 0's positive
     views: int  # crops V: the rows are V·N
     symmetric: bool  # the SimCLR form: each row's own embedding is no candidate
-    chunk_size: int | None  # candidate columns per chunk; None: chunk_columns' choice
+    chunk_size: int  # candidate columns per chunk
 
 
 def _at_least(dtype: torch.dtype, value):
@@ -159,7 +166,6 @@ class _StreamingLoss(torch.autograd.Function):
             symmetric=stream.symmetric,
             device=x.device,
         )
-        chunk_size = stream.chunk_size or chunk_columns(len(exponents))
         # Queue mode: the positive z²_r is one more column of the online rows, before the others.
         queue_positive = bank is None and online_has_pos
         m, l, o = stream_states(
@@ -169,7 +175,7 @@ class _StreamingLoss(torch.autograd.Function):
             masked,
             a_pos2 if queue_positive else None,
             c_pos if queue_positive and need_grad else None,
-            chunk_size=chunk_size,
+            chunk_size=stream.chunk_size,
             vectors_from=0 if need_grad else r,
         )
 
@@ -198,7 +204,7 @@ class _StreamingLoss(torch.autograd.Function):
             x, own_key, bank, tau, exponents, m, l, grad, dtau, key_weight, masked
         )
         ctx.target_temperature, ctx.coeff = target_temperature, coeff
-        ctx.stream = stream._replace(chunk_size=chunk_size)
+        ctx.stream = stream
         # Kept for a recomputation (create_graph=True), which refuses a queue updated since.
         ctx.queue, ctx.queue_version = queue, queue_version(queue)
         ctx.temperature = None if isinstance(temperature, Tensor) else temperature
