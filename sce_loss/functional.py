@@ -288,7 +288,7 @@ def _backend(name: str, problem: Problem):
             )
         return chunked
     if problem.symmetric:
-        views, rows, _ = problem.query.shape
+        _, rows, _ = problem.query.shape
         return chunked if rows * rows >= CHUNKED_FROM_SYMMETRIC_PAIRS else reference
     if problem.queue is None or problem.queue.shape[0] < CHUNKED_FROM_QUEUE:
         return reference

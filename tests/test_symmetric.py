@@ -313,7 +313,10 @@ def test_the_fused_kernels_decline_and_auto_streams_large_batches():
         (lambda z1, z2: sce_loss(z1, z2, z2, symmetric=True), "no queue"),
         (lambda z1, z2: sce_loss(z1, z2, z2, symmetric=True, include_keys=True), "no queue"),
         (lambda z1, z2: sce_loss(torch.stack([z1, z1]), z2, symmetric=True), r"\(N, D\)"),
-        (lambda z1, z2: sce_loss(z1[:1], z2[:1], symmetric=True), "at least 2 samples"),
+        (
+            lambda z1, z2: sce_loss(z1[:1], z2[:1], symmetric=True),
+            r"at least 2 samples \(across every rank\), got 1$",
+        ),
         (lambda z1, z2: info_nce_loss(z1, z2, symmetric=1), "symmetric must be a bool"),
         (lambda z1, z2: SCELoss(symmetric=True, queue=MemoryQueue(8, 8)), "hold no queue"),
     ],

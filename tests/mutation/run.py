@@ -105,16 +105,17 @@ def survivors(session: Path) -> list[dict]:
         rows = db.execute(
             "select s.module_path, s.operator_name, s.occurrence, s.start_pos_row, r.diff "
             "from mutation_specs s join work_results r on s.job_id = r.job_id "
-            "where r.test_outcome = 'survived' order by s.start_pos_row"
+            "where r.test_outcome = 'SURVIVED' order by s.start_pos_row"
         ).fetchall()
     keys = ("module", "operator", "occurrence", "line", "diff")
     return [dict(zip(keys, row)) for row in rows]
 
 
 def outcomes(session: Path) -> dict:
+    """Mutants per outcome: killed, survived, incompetent (timed out or failed to run)."""
     with sqlite3.connect(session) as db:
         rows = db.execute("select test_outcome, count(*) from work_results group by 1").fetchall()
-    return dict(rows)
+    return {str(outcome).lower(): count for outcome, count in rows}
 
 
 def slow_tier_kills(mutant: dict) -> bool:
@@ -132,20 +133,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-module", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--survivors-only",
+        action="store_true",
+        help="keep the sessions of an earlier run; rerun the slow tier on their survivors",
+    )
     args = parser.parse_args()
     if subprocess.run(["git", "diff", "--quiet", "sce_loss"]).returncode:
         sys.exit("sce_loss/ has uncommitted changes: run this in a clean scratch clone")
     os.environ["PYTHONPATH"] = str(Path.cwd())  # the mutated sources, also in subprocesses
     command = " ".join([*PYTEST, *ordered_tests()])
+    earlier = json.loads(Path("mutation-summary.json").read_text()) if args.survivors_only else {}
     report = {}
     for module in MODULES:
         started = time.monotonic()
         config, session = Path(f"mutation-{module}.toml"), Path(f"mutation-{module}.sqlite")
-        config.write_text(CONFIG.format(module=module, command=command))
-        session.unlink(missing_ok=True)
-        subprocess.run(["cosmic-ray", "init", str(config), str(session)], check=True)
-        counts = sample(session, Path(f"sce_loss/{module}.py"), args.per_module, args.seed)
-        subprocess.run(["cosmic-ray", "exec", str(config), str(session)], check=True)
+        if args.survivors_only:
+            counts = {k: earlier[module][k] for k in ("population", "annotated", "sampled")}
+        else:
+            config.write_text(CONFIG.format(module=module, command=command))
+            session.unlink(missing_ok=True)
+            subprocess.run(["cosmic-ray", "init", str(config), str(session)], check=True)
+            counts = sample(session, Path(f"sce_loss/{module}.py"), args.per_module, args.seed)
+            subprocess.run(["cosmic-ray", "exec", str(config), str(session)], check=True)
         left = survivors(session)
         for mutant in left:
             mutant["slow tier kills"] = slow_tier_kills(mutant)
@@ -172,7 +182,7 @@ def summary(report: dict, args) -> str:
             f"{default} | {default + by_slow} | {len(r['survivors']) - by_slow} | {r['seconds']} |"
         )
     for module, r in report.items():
-        other = {k: v for k, v in r.items() if k in ("incompetent", None)}
+        other = {k: v for k, v in r.items() if k in ("incompetent", "none")}
         if other:
             lines += ["", f"`{module}.py`: also {other} (timed out or failed to run)"]
         for m in r["survivors"]:
