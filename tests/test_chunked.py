@@ -303,6 +303,19 @@ def test_memory_is_one_chunk_not_the_queue(mode):
     assert largest_allocation(reference.losses) >= n * m * 4
 
 
+@pytest.mark.parametrize("loss", ["info_nce", "sce"])
+@pytest.mark.parametrize("crops", [None, 2])
+def test_the_default_chunk_holds_at_most_chunk_elements_logits(loss, crops):
+    """The default chunk width counts every row of the product, V·N online rows and N target rows
+    (SCE, not InfoNCE): one chunk's logits stay within CHUNK_ELEMENTS float32 values (4 MiB)."""
+    query, key, queue, temperature = leaves_of("queue", crops, torch.float32, n=64, d=8, m=100)
+    problem = build(loss, "queue", query, key, queue, temperature)
+    with profile(profile_memory=True) as prof:
+        chunked.losses(problem).sum().backward()
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert chunked.CHUNK_ELEMENTS * 4 // 2 < largest <= chunked.CHUNK_ELEMENTS * 4
+
+
 def test_a_differentiated_backward_is_the_references():
     """Differentiating the backward (create_graph=True, here through a learnable weighting of the
     rows and a gradient penalty) recomputes through the reference's graph: the same numbers."""
