@@ -34,6 +34,8 @@ BAD = [
     ),
     (dict(key=unit(4, 7, dtype=torch.float32)), ValueError, "must match key's"),
     (dict(queue=unit(6, 7, dtype=torch.float32)), ValueError, r"queue must be \(M, D\) with D=8"),
+    (dict(queue=Q[0]), ValueError, r"queue must be \(M, D\) with D=8, got shape \(8,\)"),
+    (dict(queue=Q[None]), ValueError, r"queue must be \(M, D\) with D=8, got shape \(1, "),
     (dict(query=q[:0], key=k[:0]), ValueError, "must be non-empty"),
     (
         dict(key=k.double()),
