@@ -91,6 +91,9 @@ def _worker(rank, world, init_file, out_dir):
                 results["uneven"].append(None)
             except ValueError as error:
                 results["uneven"].append(str(error))
+        # Every rank past its last collective before any tears the group down: a rank that
+        # destroys it while another still talks to it can abort the process (gloo).
+        dist.barrier()
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
