@@ -20,4 +20,4 @@ __all__ = [
     "CACRLoss",
     "ReCoLoss",
 ]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it at build time

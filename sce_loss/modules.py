@@ -9,22 +9,27 @@ those of its function (tests/test_drop_in.py checks that they cannot drift).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
+
 import torch
 from torch import Tensor, nn
 
 from . import functional, relational
+from .problem import Scalar
 from .queue import MemoryQueue
 
 
 class _ContrastiveLoss(nn.Module):
-    """Calls ``loss_fn(query, key, queue, **options)``; the queue is the one passed to ``forward``,
-    else the held ``MemoryQueue``'s keys, else none (in-batch mode). A held queue is saved in
-    ``state_dict``; push to it (``module.queue.push(key)``) after the loss."""
+    """Holds the options (checked when built) and optionally a ``MemoryQueue``; calls
+    ``loss_fn(query, key, queue, **options)`` with the queue passed to ``forward``, else the held
+    queue's keys, else none (in-batch mode). A held queue is saved in ``state_dict``; push to it
+    (``module.queue.push(key)``) after the loss."""
 
-    loss_fn = staticmethod(functional.info_nce_loss)
-    check_options = staticmethod(functional.check_options)
+    loss_fn: ClassVar[Callable[..., Tensor]] = staticmethod(functional.info_nce_loss)
+    check_options: ClassVar[Callable[..., None]] = staticmethod(functional.check_options)
 
-    def __init__(self, queue: MemoryQueue | None, **options):
+    def __init__(self, queue: MemoryQueue | None, **options: Any) -> None:
         super().__init__()
         if queue is not None and not isinstance(queue, MemoryQueue):
             raise TypeError(f"queue must be a MemoryQueue or None, got {type(queue).__name__}")
@@ -36,14 +41,8 @@ class _ContrastiveLoss(nn.Module):
         for name, value in options.items():
             setattr(self, name, value)  # an nn.Parameter registers itself
 
-    def forward(
-        self, query: Tensor, key: Tensor | None = None, queue: Tensor | None = None
-    ) -> Tensor:
-        if queue is None and self.queue is not None:
-            queue = self.queue.keys
-        return self.loss_fn(
-            query, key, queue, **{name: getattr(self, name) for name in self._option_names}
-        )
+    def _options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._option_names}
 
     def extra_repr(self) -> str:
         return ", ".join(
@@ -53,23 +52,69 @@ class _ContrastiveLoss(nn.Module):
         )
 
 
-class InfoNCELoss(_ContrastiveLoss):
-    """:func:`sce_loss.info_nce_loss` as a module."""
+def _keys(passed: Tensor | None, held: MemoryQueue | None) -> Tensor | None:
+    """The queue passed to ``forward``, else the held queue's keys, else None."""
+    if passed is None and held is not None:
+        # A buffer: nn.Module's __getattr__ types it Tensor | Module until queue.py declares it.
+        return cast(Tensor, held.keys)
+    return passed
+
+
+def _required(name: str, passed: Tensor | None, held: MemoryQueue | None) -> Tensor:
+    """As :func:`_keys`, for a queue the loss cannot do without."""
+    queue = _keys(passed, held)
+    if queue is None:
+        raise TypeError(
+            f"{name} is required: pass it to the call, or build the module with "
+            f"{name}=MemoryQueue(...)"
+        )
+    return queue
+
+
+class _QueryKeyLoss(_ContrastiveLoss):
+    """A loss of ``query``, ``key`` and an optional queue (InfoNCE, ReSSL, SCE)."""
+
+    def forward(self, query: Tensor, key: Tensor, queue: Tensor | None = None) -> Tensor:
+        return self.loss_fn(query, key, _keys(queue, self.queue), **self._options())
+
+
+class InfoNCELoss(_QueryKeyLoss):
+    """InfoNCE (MoCo v2; NT-Xent with ``symmetric=True``) as an ``nn.Module``: it holds the
+    keyword arguments of :func:`sce_loss.info_nce_loss` and calls it.
+
+    Called as ``criterion(query, key, queue=None)``: ``queue`` (M, D) if given, else the held
+    queue's keys, else none (in-batch mode); returns the loss. Every argument is keyword-only and
+    becomes an attribute of the same name, checked here, that a scheduler may set
+    (``criterion.temperature = 0.05``); an ``nn.Parameter`` (a learnable τ) is registered: in
+    ``parameters()`` and ``state_dict``, moved by ``.to()``.
+
+    Args:
+        temperature: τ ≥ 1e-4, a float or a 0-d tensor (an ``nn.Parameter`` is learned).
+        queue: a ``MemoryQueue`` to hold (saved in ``state_dict``), read when no queue is passed
+            to the call; push the keys to it after the loss.
+        include_keys: with a queue, every in-batch key is a candidate too.
+        symmetric: the SimCLR form, over two views (N, D) with gradients (no queue).
+        normalize: L2-normalise query, key and queue first.
+        reduction: "mean", "sum" or "none" (per-row losses).
+        gather: True or a process group: every rank's keys are candidates under
+            torch.distributed.
+        backend: "auto", "reference", "chunked" or "fused".
+    """
 
     loss_fn = staticmethod(functional.info_nce_loss)
 
     def __init__(
         self,
         *,
-        temperature=0.2,
+        temperature: Scalar = 0.2,
         queue: MemoryQueue | None = None,
-        include_keys=False,
-        symmetric=False,
-        normalize=False,
-        reduction="mean",
+        include_keys: bool = False,
+        symmetric: bool = False,
+        normalize: bool = False,
+        reduction: str = "mean",
         gather: bool | torch.distributed.ProcessGroup = False,
-        backend="auto",
-    ):
+        backend: str = "auto",
+    ) -> None:
         super().__init__(
             queue,
             temperature=temperature,
@@ -82,24 +127,44 @@ class InfoNCELoss(_ContrastiveLoss):
         )
 
 
-class ReSSLLoss(_ContrastiveLoss):
-    """:func:`sce_loss.ressl_loss` as a module."""
+class ReSSLLoss(_QueryKeyLoss):
+    """ReSSL as an ``nn.Module``: it holds the keyword arguments of :func:`sce_loss.ressl_loss`
+    and calls it.
+
+    Called as ``criterion(query, key, queue=None)``: ``queue`` (M, D) if given, else the held
+    queue's keys, else none (in-batch mode); returns the loss. Every argument is keyword-only and
+    becomes an attribute of the same name, checked here, that a scheduler may set; an
+    ``nn.Parameter`` (a learnable τ) is registered and saved in ``state_dict``.
+
+    Args:
+        temperature: τ ≥ 1e-4 of the online relation, a float or a 0-d tensor.
+        target_temperature: τ_m ≥ 1e-4 of the target relation (no gradient reaches it).
+        queue: a ``MemoryQueue`` to hold (saved in ``state_dict``), read when no queue is passed
+            to the call; push the keys to it after the loss.
+        include_keys: with a queue, every in-batch key is a candidate too.
+        symmetric: the SimCLR form, over two views (N, D) with gradients (no queue).
+        normalize: L2-normalise query, key and queue first.
+        reduction: "mean", "sum" or "none" (per-row losses).
+        gather: True or a process group: every rank's keys are candidates under
+            torch.distributed.
+        backend: "auto", "reference", "chunked" or "fused".
+    """
 
     loss_fn = staticmethod(functional.ressl_loss)
 
     def __init__(
         self,
         *,
-        temperature=0.1,
-        target_temperature=0.04,
+        temperature: Scalar = 0.1,
+        target_temperature: Scalar = 0.04,
         queue: MemoryQueue | None = None,
-        include_keys=False,
-        symmetric=False,
-        normalize=False,
-        reduction="mean",
+        include_keys: bool = False,
+        symmetric: bool = False,
+        normalize: bool = False,
+        reduction: str = "mean",
         gather: bool | torch.distributed.ProcessGroup = False,
-        backend="auto",
-    ):
+        backend: str = "auto",
+    ) -> None:
         super().__init__(
             queue,
             temperature=temperature,
@@ -113,25 +178,47 @@ class ReSSLLoss(_ContrastiveLoss):
         )
 
 
-class SCELoss(_ContrastiveLoss):
-    """:func:`sce_loss.sce_loss` as a module."""
+class SCELoss(_QueryKeyLoss):
+    """SCE (Similarity Contrastive Estimation) as an ``nn.Module``: it holds the keyword arguments
+    of :func:`sce_loss.sce_loss` and calls it.
+
+    Called as ``criterion(query, key, queue=None)``: ``queue`` (M, D) if given, else the held
+    queue's keys, else none (in-batch mode); returns the loss. Every argument is keyword-only and
+    becomes an attribute of the same name, checked here, that a scheduler may set
+    (``criterion.coeff = 0.3``); an ``nn.Parameter`` (a learnable τ) is registered and saved in
+    ``state_dict``.
+
+    Args:
+        coeff: λ in [0, 1], the positive's share of the target (1 is InfoNCE).
+        temperature: τ ≥ 1e-4 of the online similarities, a float or a 0-d tensor.
+        target_temperature: τ_m ≥ 1e-4 of the target's relation (no gradient reaches it).
+        queue: a ``MemoryQueue`` to hold (saved in ``state_dict``), read when no queue is passed
+            to the call; push the keys to it after the loss.
+        include_keys: with a queue, every in-batch key is a candidate too.
+        symmetric: the SimCLR form, over two views (N, D) with gradients (no queue).
+        normalize: L2-normalise query, key and queue first.
+        reduction: "mean", "sum" or "none" (per-row losses).
+        gather: True or a process group: every rank's keys are candidates under
+            torch.distributed.
+        backend: "auto", "reference", "chunked" or "fused".
+    """
 
     loss_fn = staticmethod(functional.sce_loss)
 
     def __init__(
         self,
         *,
-        coeff=0.5,
-        temperature=0.1,
-        target_temperature=0.05,
+        coeff: Scalar = 0.5,
+        temperature: Scalar = 0.1,
+        target_temperature: Scalar = 0.05,
         queue: MemoryQueue | None = None,
-        include_keys=False,
-        symmetric=False,
-        normalize=False,
-        reduction="mean",
+        include_keys: bool = False,
+        symmetric: bool = False,
+        normalize: bool = False,
+        reduction: str = "mean",
         gather: bool | torch.distributed.ProcessGroup = False,
-        backend="auto",
-    ):
+        backend: str = "auto",
+    ) -> None:
         super().__init__(
             queue,
             coeff=coeff,
@@ -147,7 +234,29 @@ class SCELoss(_ContrastiveLoss):
 
 
 class CACRLoss(_ContrastiveLoss):
-    """:func:`sce_loss.cacr_loss` as a module (``key`` may be (N, D) or (U, N, D))."""
+    """CACR as an ``nn.Module``: it holds the keyword arguments of :func:`sce_loss.cacr_loss` and
+    calls it.
+
+    Called as ``criterion(query, key=None, queue=None)``: ``key`` (N, D) or (U, N, D), or None for
+    the one-encoder form ``criterion(views)``; ``queue`` (M, D) if given, else the held queue's
+    keys, else none. Every argument is keyword-only and becomes an attribute of the same name,
+    checked here, that a scheduler may set; an ``nn.Parameter`` is registered and saved in
+    ``state_dict``.
+
+    Args:
+        attraction_temperature: τ⁺ ≥ 0 of the positives' weights (0: equal weights).
+        repulsion_temperature: τ⁻ ≥ 0 of the negatives' weights (0: equal weights).
+        attraction_weight: α ≥ 0, the attraction term's weight.
+        repulsion_weight: β ≥ 0, the repulsion term's weight.
+        queue: a ``MemoryQueue`` to hold (saved in ``state_dict``), read when no queue is passed
+            to the call; push the keys to it after the loss.
+        intra_batch: the other rows of the same query view are negatives too.
+        weight_gradients: let gradient flow through the weights where the official code does.
+        normalize: L2-normalise query, key and queue first.
+        reduction: "mean", "sum" or "none" (per-row losses).
+        gather: True or a process group: the intra-batch negatives are every rank's queries.
+        backend: "auto" or "reference".
+    """
 
     loss_fn = staticmethod(relational.cacr_loss)
     check_options = staticmethod(relational.check_cacr_options)
@@ -155,18 +264,18 @@ class CACRLoss(_ContrastiveLoss):
     def __init__(
         self,
         *,
-        attraction_temperature=1.0,
-        repulsion_temperature=1.0,
-        attraction_weight=1.0,
-        repulsion_weight=1.0,
+        attraction_temperature: Scalar = 1.0,
+        repulsion_temperature: Scalar = 1.0,
+        attraction_weight: Scalar = 1.0,
+        repulsion_weight: Scalar = 1.0,
         queue: MemoryQueue | None = None,
-        intra_batch=True,
-        weight_gradients=False,
-        normalize=False,
-        reduction="mean",
+        intra_batch: bool = True,
+        weight_gradients: bool = False,
+        normalize: bool = False,
+        reduction: str = "mean",
         gather: bool | torch.distributed.ProcessGroup = False,
-        backend="auto",
-    ):
+        backend: str = "auto",
+    ) -> None:
         super().__init__(
             queue,
             attraction_temperature=attraction_temperature,
@@ -181,11 +290,35 @@ class CACRLoss(_ContrastiveLoss):
             backend=backend,
         )
 
+    def forward(
+        self, query: Tensor, key: Tensor | None = None, queue: Tensor | None = None
+    ) -> Tensor:
+        return self.loss_fn(query, key, _keys(queue, self.queue), **self._options())
+
 
 class ReCoLoss(_ContrastiveLoss):
-    """:func:`sce_loss.reco_loss` as a module. It may hold both queues: ``queue`` (keys) and
-    ``weak_queue`` (weak-view keys), both saved in ``state_dict``; after the backward push
-    ``key`` to ``module.queue`` and ``weak_key`` to ``module.weak_queue``."""
+    """ReCo as an ``nn.Module``: it holds the keyword arguments of :func:`sce_loss.reco_loss` and
+    calls it, and may hold both of its queues, each saved in ``state_dict``.
+
+    Called as ``criterion(query, key, queue=None, *, weak_key, weak_queue=None, mixed_query,
+    mixed_key)``: a queue not passed is the held one's keys. After the backward, push ``key`` to
+    ``criterion.queue`` and ``weak_key`` to ``criterion.weak_queue``. Every other argument is
+    keyword-only and becomes an attribute of the same name, checked here, that a scheduler may
+    set; an ``nn.Parameter`` is registered and saved in ``state_dict``.
+
+    Args:
+        temperature: τ of both InfoNCE terms.
+        relation_temperature: τ_s of the online relation (the relation term's prediction).
+        target_temperature: τ_t of the weak keys' relation (the relation term's target).
+        global_weight: λ₁ ≥ 0, the relation term's weight.
+        local_weight: λ₂ ≥ 0, the mixed (CutMix) term's weight.
+        queue: a ``MemoryQueue`` of keys to hold: the negatives of both InfoNCE terms.
+        weak_queue: a ``MemoryQueue`` of weak-view keys to hold: the relation term's candidates.
+        normalize: L2-normalise every embedding and queue first.
+        reduction: "mean", "sum" or "none" (per-row losses).
+        gather: True or a process group, passed through.
+        backend: "auto", "reference", "chunked" or "fused", passed through.
+    """
 
     loss_fn = staticmethod(relational.reco_loss)
     check_options = staticmethod(relational.check_reco_options)
@@ -193,18 +326,18 @@ class ReCoLoss(_ContrastiveLoss):
     def __init__(
         self,
         *,
-        temperature=0.2,
-        relation_temperature=0.1,
-        target_temperature=0.04,
-        global_weight=1.0,
-        local_weight=1.0,
+        temperature: Scalar = 0.2,
+        relation_temperature: Scalar = 0.1,
+        target_temperature: Scalar = 0.04,
+        global_weight: Scalar = 1.0,
+        local_weight: Scalar = 1.0,
         queue: MemoryQueue | None = None,
         weak_queue: MemoryQueue | None = None,
-        normalize=False,
-        reduction="mean",
+        normalize: bool = False,
+        reduction: str = "mean",
         gather: bool | torch.distributed.ProcessGroup = False,
-        backend="auto",
-    ):
+        backend: str = "auto",
+    ) -> None:
         super().__init__(
             queue,
             temperature=temperature,
@@ -234,17 +367,13 @@ class ReCoLoss(_ContrastiveLoss):
         mixed_query: Tensor,
         mixed_key: Tensor,
     ) -> Tensor:
-        if queue is None and self.queue is not None:
-            queue = self.queue.keys
-        if weak_queue is None and self.weak_queue is not None:
-            weak_queue = self.weak_queue.keys
         return self.loss_fn(
             query,
             key,
-            queue,
+            _required("queue", queue, self.queue),
             weak_key=weak_key,
-            weak_queue=weak_queue,
+            weak_queue=_required("weak_queue", weak_queue, self.weak_queue),
             mixed_query=mixed_query,
             mixed_key=mixed_key,
-            **{name: getattr(self, name) for name in self._option_names},
+            **self._options(),
         )
