@@ -2,8 +2,12 @@
 
 - a Python block runs, with small stand-ins for the names it takes from the reader's own code
   (the model, the views, the loader);
-- a block marked ``<!-- recipe -->`` is a fragment of another codebase: each of its statements is
-  one that tests/test_recipes.py runs in a loop shaped like that codebase's (up to the backend);
+- a block marked ``<!-- recipe CODEBASE -->`` is a fragment of another codebase: each of its
+  statements is one that tests/test_recipes.py runs in a loop shaped like that codebase's (up to
+  the backend), and the fragment runs as copied, in a fresh namespace holding only what it imports
+  and the names that codebase provides where it goes in (``codebase_names``); marked
+  ``<!-- recipe CODEBASE continues -->``, it runs after the Python block just above it, in the
+  namespace that block leaves (a set-up followed by its training loop);
 - a block marked ``<!-- signatures -->`` lists the public functions' real signatures;
 - every ``python examples/pretrain.py`` command in a shell block is one the example accepts.
 """
@@ -11,30 +15,42 @@
 import ast
 import inspect
 import re
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import sce_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(
-    r"(?:<!-- (?P<mark>[\w-]+) -->\n)?```(?P<language>\w+)\n(?P<code>.*?)^```", re.S | re.M
+    r"(?:<!-- (?P<mark>[\w-]+)(?P<context>(?: [\w-]+)*) -->\n)?```(?P<language>\w+)\n"
+    r"(?P<code>.*?)^```",
+    re.S | re.M,
 )
 
 
 def blocks(language):
-    """(document:line, mark, code) of every block in that language."""
+    """(document:line, mark, context words, code, the code of the block above in that language)
+    of every block in that language."""
     found = []
     for path in DOCUMENTS:
-        text = path.read_text()
+        text, above = path.read_text(), None
         for match in BLOCK.finditer(text):
             if match["language"] == language:
                 line = text.count("\n", 0, match.start("code"))
-                found.append(pytest.param(match["mark"], match["code"], id=f"{path.name}:{line}"))
+                context = tuple((match["context"] or "").split())
+                found.append(
+                    pytest.param(
+                        match["mark"], context, match["code"], above, id=f"{path.name}:{line}"
+                    )
+                )
+                above = match["code"]
     return found
 
 
@@ -75,12 +91,73 @@ def stand_ins() -> dict:
     )
 
 
-@pytest.mark.parametrize("mark, code", blocks("python"))
-def test_python_blocks(mark, code):
+def codebase_names(codebase: str) -> dict:
+    """The names a recipe fragment takes from its codebase where it goes in, small and on the CPU
+    (N = 8 samples of D = 128, a queue of K = 64):
+
+    - ``moco``, the official MoCo code's ``MoCo.forward`` after ``q`` and ``k`` (normalised): ``q``,
+      ``k`` and ``self``, the builder, with its (D, K) ``queue`` buffer, its temperature ``T`` and
+      ``_dequeue_and_enqueue``;
+    - ``solo-learn-mocov2plus``, ``training_step``: ``q1``, ``k2`` (normalised) and ``self``, the
+      method, with its (2, D, K) ``queue`` and ``temperature``;
+    - ``lightly-moco``, the training script: ``model`` (raw projection outputs, and
+      ``forward_momentum``), ``dataloader`` (``LightlyDataset``'s (views, targets, filenames)),
+      ``optimizer`` and ``device``;
+    - ``solo-learn-simclr``, ``SimCLR.training_step``: ``out`` (``out["z"]``, the two views' raw
+      projections) and ``self``, the method, with its ``temperature``.
+    """
+    n, d, k = 8, 128, 64
+    generator = torch.Generator().manual_seed(0)
+
+    def unit(*shape, dim=-1):
+        return F.normalize(torch.randn(*shape, generator=generator), dim=dim)
+
+    if codebase == "moco":
+        builder = SimpleNamespace(queue=unit(d, k, dim=0), T=0.2, _dequeue_and_enqueue=print)
+        return dict(self=builder, q=unit(n, d).requires_grad_(), k=unit(n, d))
+    if codebase == "solo-learn-mocov2plus":
+        method = SimpleNamespace(queue=unit(2, d, k, dim=1), temperature=0.2)
+        return dict(self=method, q1=unit(n, d).requires_grad_(), k2=unit(n, d))
+    if codebase == "lightly-moco":
+        model = torch.nn.Linear(d, d)
+        model.forward_momentum = lambda x: model(x).detach()
+        views = [torch.randn(n, d, generator=generator) for _ in range(2)]
+        return dict(
+            model=model,
+            dataloader=[(views, torch.zeros(n), [f"{i}.png" for i in range(n)])] * 2,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            device="cpu",
+        )
+    if codebase == "solo-learn-simclr":
+        z = [torch.randn(n, d, generator=generator).requires_grad_() for _ in range(2)]
+        return dict(self=SimpleNamespace(temperature=0.2), out={"z": z})
+    raise AssertionError(f"no names for the codebase {codebase!r}")
+
+
+def run_fragment(code: str, namespace: dict) -> Tensor:
+    """Run a recipe fragment as the body of a function (it may ``return``) with ``namespace`` as
+    its globals; the loss it returns or leaves in ``loss`` or ``nce_loss``."""
+    source = "def fragment():\n" + textwrap.indent(code, "    ") + "    return locals()\n"
+    exec(compile(source, "<recipe>", "exec"), namespace)
+    result = namespace["fragment"]()
+    if isinstance(result, dict):
+        result = result.get("loss", result.get("nce_loss"))
+    return result
+
+
+@pytest.mark.parametrize("mark, context, code, above", blocks("python"))
+def test_python_blocks(mark, context, code, above):
     if mark == "recipe":
         statements = _simple_statements(ast.parse(code))
         ran = set(_simple_statements(ast.parse((ROOT / "tests" / "test_recipes.py").read_text())))
         assert statements and not set(statements) - ran, set(statements) - ran
+        codebase, *rest = context
+        assert rest in ([], ["continues"]), context
+        namespace = {"__builtins__": __builtins__, **codebase_names(codebase)}
+        if rest:
+            exec(compile(above, "<block above>", "exec"), namespace)
+        loss = run_fragment(code, namespace)
+        assert isinstance(loss, Tensor) and loss.dim() == 0 and torch.isfinite(loss)
     elif mark == "signatures":
         for signature in re.split(r"\n(?=\w)", code.strip()):
             _assert_signature(signature)
@@ -121,8 +198,8 @@ def _assert_signature(signature: str) -> None:
     ], name
 
 
-@pytest.mark.parametrize("mark, code", blocks("bash"))
-def test_example_commands_parse(mark, code):
+@pytest.mark.parametrize("mark, context, code, above", blocks("bash"))
+def test_example_commands_parse(mark, context, code, above):
     pytest.importorskip("sklearn", reason="the example needs its extra: pip install '.[examples]'")
     import sys
 
