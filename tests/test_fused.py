@@ -6,6 +6,8 @@ they run compiled on the GPU. (The interpreter needs Triton ≥ 3.8 with NumPy �
 """
 
 import dataclasses
+import subprocess
+import sys
 
 import devices
 import pytest
@@ -266,3 +268,64 @@ def test_the_static_reasons_to_decline():
     assert "D ≤ 256, got D=300" in fused.unsupported_reason(wide)
     double = problem_of("sce", "queue", dtype=torch.float64, **SCE)
     assert "got torch.float64" in fused.unsupported_reason(double)
+
+
+# -- both of PyTorch's float32 precision switches ------------------------------------------------
+
+NEW_PRECISION_API = hasattr(torch.backends, "fp32_precision")  # torch ≥ 2.9
+PRECISION_SCRIPT = """
+import torch
+{setting}
+import sce_loss.functional as functional
+from sce_loss import sce_loss
+from sce_loss.check import _matmul_precision
+from sce_loss.fused import plan
+
+assert plan.kind_of(torch.float32) == {kind!r}, plan.kind_of(torch.float32)
+g = torch.Generator().manual_seed(0)
+q, k, queue = (torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
+               for n in (6, 6, 40))
+want = sce_loss(q, k, queue, include_keys=True, backend="reference")
+functional._fused_first = lambda device: True  # auto's CUDA branch: the first-use check
+compiled = torch.compile(lambda *x: sce_loss(*x, include_keys=True), fullgraph=True,
+                         backend="aot_eager")
+for got in (sce_loss(q, k, queue, include_keys=True, backend="fused"),
+            sce_loss(q, k, queue, include_keys=True), compiled(q, k, queue)):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+for products in ("fp32-ieee", "fp32-tf32"):  # sce-loss-check's switch, restored after
+    with _matmul_precision(products):
+        assert plan.kind_of(torch.float32) == products
+    assert plan.kind_of(torch.float32) == {kind!r}
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    "setting, kind",
+    [
+        ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "fp32-tf32"),
+    ]
+    + [
+        pytest.param(*case, marks=pytest.mark.slow)
+        for case in (
+            ("torch.backends.cuda.matmul.allow_tf32 = True", "fp32-tf32"),
+            ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "fp32-ieee"),
+            ("torch.backends.fp32_precision = 'tf32'", "fp32-tf32"),
+            ("torch.backends.cuda.matmul.allow_tf32 = False", "fp32-ieee"),
+            ("torch.set_float32_matmul_precision('high')", "fp32-tf32"),
+            ("torch.set_float32_matmul_precision('highest')", "fp32-ieee"),
+            ("", "fp32-ieee"),
+        )
+    ],
+)
+def test_every_float32_precision_switch_is_read_without_error(setting, kind):
+    """Since torch 2.9 reading the legacy flag after the new switch was set raises ("mix of the
+    legacy and new APIs"): the kind, the first-use check, a compiled step and sce-loss-check's
+    own switch work under either, each setting in a fresh process."""
+    if "fp32_precision" in setting and not NEW_PRECISION_API:
+        pytest.skip(f"torch {torch.__version__} has only the legacy switch")
+    script = PRECISION_SCRIPT.format(setting=setting, kind=kind)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

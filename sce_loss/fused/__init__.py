@@ -85,8 +85,9 @@ def unsupported_reason(problem: Problem) -> str | None:
         return f"it supports D ≤ {widest}, got D={dim}"
     if dim > plan.MAX_DIM[kind]:
         return (
-            f"full-precision float32 products (torch.get_float32_matmul_precision() is "
-            f"'highest') support D ≤ {plan.MAX_DIM[kind]}, got D={dim}; 'high' (TF32) or "
+            f"full-precision float32 products (float32 matmul precision 'highest', or "
+            f"torch.backends.cuda.matmul.fp32_precision = 'ieee') support D ≤ "
+            f"{plan.MAX_DIM[kind]}, got D={dim}; TF32 products ('high', or 'tf32') or "
             f"bfloat16 inputs support D ≤ {widest}"
         )
     if (

@@ -24,6 +24,7 @@ compiled, tests/compile_kernels.py) without a GPU. The rules:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -136,13 +137,50 @@ class Plan:
 
 
 def kind_of(dtype: torch.dtype) -> str:
-    """The input kind: float32 follows torch.get_float32_matmul_precision() (TF32 unless
-    "highest"); 16-bit inputs multiply on tensor cores."""
+    """The input kind: float32 follows the float32 matmul precision (:func:`tf32_products`);
+    16-bit inputs multiply on tensor cores."""
     if dtype == torch.float32:
-        # The same setting as get_float32_matmul_precision() != "highest", and one that
-        # torch.compile can read while tracing.
-        return "fp32-tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32-ieee"
+        return "fp32-tf32" if tf32_products() else "fp32-ieee"
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+@torch.compiler.assume_constant_result
+def tf32_products() -> bool:
+    """Whether float32 CUDA matmuls may use TF32, under either of PyTorch's switches.
+
+    Since torch 2.9 ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none":
+    inherit ``torch.backends.fp32_precision``) reads both its own setting and the legacy one
+    (``allow_tf32``, ``torch.set_float32_matmul_precision``), while reading the legacy flag after
+    the new switch was set raises; older versions have only the legacy flag. Read at trace time
+    under torch.compile (the getters are not traceable)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision == "none":
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
+@contextlib.contextmanager
+def float32_products(kind: str):
+    """Float32 CUDA matmuls of ``kind`` ("fp32-tf32" or "fp32-ieee") inside the context, through
+    the switch this torch has (the new one where it exists, so as not to mix the two)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(torch.backends, "fp32_precision"):
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if kind == "fp32-tf32" else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+    else:
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if kind == "fp32-tf32" else "highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
 
 
 def _next_power_of_2(n: int) -> int:
