@@ -156,7 +156,6 @@ class _StreamingLoss(torch.autograd.Function):
         # The base-2 logits z = exponents·c of every candidate c: the online rows x·log2(e)/τ,
         # then the target rows k·log2(e)/τ_m (one product per chunk serves both), scaled in place.
         exponents = base2_rows(x, key, temperature, target_temperature, need_target=need_target)
-        a_pos2 = row_dots(exponents[:r], c_pos)  # a_pos·log2 e
         masked = masked_columns(
             n,
             views=views,
@@ -166,18 +165,24 @@ class _StreamingLoss(torch.autograd.Function):
             symmetric=stream.symmetric,
             device=x.device,
         )
-        # Queue mode: the positive z²_r is one more column of the online rows, before the others.
+        # a_pos·log2 e. Queue mode: the positive z²_r is one more column of the online rows,
+        # before the others. With a bank, the positive's logit is read from the chunk's product
+        # that the row's maximum comes from, so that LSE_a − a_pos is not below 0 by rounding.
         queue_positive = bank is None and online_has_pos
-        m, l, o = stream_states(
+        a_pos2 = row_dots(exponents[:r], c_pos) if bank is None else None
+        m, l, o, picked = stream_states(
             exponents,
             bank,
             queue,
             masked,
             a_pos2 if queue_positive else None,
             c_pos if queue_positive and need_grad else None,
+            None if bank is None else positive_columns(r, n, offset, x.device),
             chunk_size=stream.chunk_size,
             vectors_from=0 if need_grad else r,
         )
+        if bank is not None:
+            a_pos2 = picked
 
         # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as (LSE_a − a_pos) + (1−λ)·(a_pos −
         # U_b/l_b) so that large logits cancel before they are rounded.
@@ -284,6 +289,11 @@ def _differentiable_backward(ctx, upstream):
     return reference.recomputed_gradients(problem, inputs, ctx.needs_input_grad, upstream)
 
 
+def positive_columns(rows: int, n: int, offset: int, device) -> Tensor:
+    """The bank column of each online row's positive, (rows,): offset + (r mod N)."""
+    return offset + torch.arange(rows, device=device) % n
+
+
 def masked_columns(
     n: int,
     *,
@@ -319,19 +329,23 @@ def stream_states(
     masked: Tensor,
     first_logits: Tensor | None = None,
     first_column: Tensor | None = None,
+    picked_columns: Tensor | None = None,
     *,
     chunk_size: int,
     vectors_from: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The running states (m, l, O) of the rows of ``exponents`` (base-2 logits z =
     exponents·c) after every candidate, [bank; queue], a chunk at a time, without each row's
     ``masked`` bank columns: the loop of ``partial_stats_kernel``. O is kept for the rows from
     ``vectors_from`` on. With ``first_logits`` the first rows start from one column already seen:
-    logit ``first_logits``, vector ``first_column`` (queue mode's positive)."""
+    logit ``first_logits``, vector ``first_column`` (queue mode's positive). Also returns, for the
+    first rows, the logit at bank column ``picked_columns[r]`` (before masking), as the chunk's
+    product computed it (empty without ``picked_columns``)."""
     rows, dim = exponents.shape
     m = exponents.new_full((rows,), float("-inf"))
     l = exponents.new_zeros(rows)
     o = exponents.new_zeros(rows - vectors_from, dim)
+    picked = exponents.new_zeros(0 if picked_columns is None else len(picked_columns))
     if first_logits is not None:
         m[: len(first_logits)], l[: len(first_logits)] = first_logits, 1.0
     if first_column is not None:
@@ -342,14 +356,17 @@ def stream_states(
         vectors = slice(
             max(block.start - vectors_from, 0), max(block.stop - vectors_from, 0)
         )  # the rows of the block that keep O
-        for candidates, has_masks in ((bank, True), (queue, False)):
+        picks = slice(min(block.start, len(picked)), min(block.stop, len(picked)))
+        for candidates, in_bank in ((bank, True), (queue, False)):
             for start in range(0, 0 if candidates is None else len(candidates), chunk_size):
                 c = candidates[start : start + chunk_size].to(exponents.dtype)
                 logits = _logits(exponents[block], c, buffer)
-                if has_masks:
+                if in_bank:
+                    if picked_columns is not None:
+                        _pick(picked[picks], logits, picked_columns[picks] - start)
                     _mask_columns(logits, masked[block] - start)
                 _online_update_(m[block], l[block], o[vectors], logits, c)
-    return m, l, o
+    return m, l, o, picked
 
 
 def _logits(exponents: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
@@ -359,13 +376,34 @@ def _logits(exponents: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
 
 
 @stream_states.register_fake
-def _(exponents, *_, chunk_size, vectors_from=0):
+def _(
+    exponents,
+    bank,
+    queue,
+    masked,
+    first_logits=None,
+    first_column=None,
+    picked_columns=None,
+    *,
+    chunk_size,
+    vectors_from=0,
+):
     rows, dim = exponents.shape
     return (
         exponents.new_empty(rows),
         exponents.new_empty(rows),
         exponents.new_empty(rows - vectors_from, dim),
+        exponents.new_empty(0 if picked_columns is None else len(picked_columns)),
     )
+
+
+def _pick(picked: Tensor, logits: Tensor, columns: Tensor) -> None:
+    """picked[r] = logits[r, columns[r]] where that column lies in this chunk (0 ≤ column < width),
+    in place; the first len(picked) rows of ``logits``."""
+    width = logits.shape[1]
+    inside = (columns >= 0) & (columns < width)
+    values = logits[: len(picked)].gather(1, columns.clamp(0, width - 1)[:, None])[:, 0]
+    picked.copy_(torch.where(inside, values, picked))
 
 
 def _online_update_(m: Tensor, l: Tensor, o: Tensor, logits: Tensor, c: Tensor) -> None:

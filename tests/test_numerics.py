@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_inputs, unit
+from conftest import make_inputs, needs_fused, unit
 
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
 
@@ -62,3 +62,66 @@ def test_duplicated_embeddings_give_the_uniform_answer():
     torch.testing.assert_close(
         info_nce_loss(query, key, queue), torch.log(torch.tensor(7.0)).double()
     )
+
+
+SMALL_TEMPERATURES = [1e-4, 3e-4, 1e-3, 1e-2, 0.1]
+
+
+def float32_error_bar(fn, backend, mode, temperature, *, seed):
+    """(‖backend − float64‖, its bar) over the per-row losses of float32 inputs whose positives
+    are their rows' largest logits. The bar: 3× the float32 reference's own error against
+    float64 (another summation order rounds differently, by as much again), plus 8 float32 ulps
+    of each loss (a reference that rounds to exactly 0 leaves that much room)."""
+    g = torch.Generator().manual_seed(seed)
+    query = unit(48, 16, generator=g)
+    key = torch.nn.functional.normalize(query + 0.1 * unit(48, 16, generator=g), dim=-1)
+    queue = None if mode == "in-batch" else unit(200, 16, generator=g)
+    options = dict(temperature=temperature, reduction="none")
+    if fn is not info_nce_loss:
+        options["target_temperature"] = 0.05
+    options |= dict(symmetric=True) if mode == "symmetric" else {}
+    options |= dict(include_keys=True) if mode == "queue+keys" else {}
+    queue = None if mode == "symmetric" else queue
+
+    def losses(dtype, backend):
+        low = [None if x is None else x.to(dtype) for x in (query, key, queue)]
+        return fn(*low, backend=backend, **options).double()
+
+    exact = losses(torch.float64, "reference")
+    own = (losses(torch.float32, "reference") - exact).norm()
+    slack = 8 * torch.finfo(torch.float32).eps * (exact.abs() + 1).norm()
+    return (losses(torch.float32, backend) - exact).norm(), 3 * own + slack
+
+
+@pytest.mark.parametrize("fn", LOSSES)
+@pytest.mark.parametrize("temperature", SMALL_TEMPERATURES)
+@pytest.mark.parametrize("mode", ["in-batch", "queue", "queue+keys", "symmetric"])
+def test_chunked_float32_errs_no_more_than_the_float32_reference_at_small_temperatures(
+    fn, temperature, mode
+):
+    """At τ = 1e-4 the base-2 logits reach 1.4e4, whose float32 rounding (1e-3) once made chunked
+    in-batch InfoNCE negative (−1.4e-3) where the reference gives 0: its positive's logit came
+    from another product than the row's maximum."""
+    error, bar = float32_error_bar(fn, "chunked", mode, temperature, seed=3)
+    assert error <= bar, (error, bar)
+    if fn is info_nce_loss:
+        got = fn(
+            *make_inputs("in-batch", n=8, d=4, dtype=torch.float32)[:2],
+            backend="chunked",
+            temperature=temperature,
+            reduction="none",
+        )
+        assert (got >= 0).all()
+
+
+@needs_fused
+@pytest.mark.parametrize("fn", [info_nce_loss, sce_loss])
+@pytest.mark.parametrize(
+    "temperature", [1e-4] + [pytest.param(t, marks=pytest.mark.slow) for t in (1e-3, 1e-2, 0.1)]
+)
+@pytest.mark.parametrize("mode", ["in-batch", "queue", "queue+keys"])
+def test_fused_float32_errs_no_more_than_the_float32_reference_at_small_temperatures(
+    fn, temperature, mode
+):
+    error, bar = float32_error_bar(fn, "fused", mode, temperature, seed=3)
+    assert error <= bar, (error, bar)

@@ -35,7 +35,6 @@ def streaming_forward(
         query.float(), k, temperature, target_temperature, need_target=need_target
     )
     c_pos = k.repeat(views, 1)
-    a_pos2 = chunked.row_dots(exponents[:rows], c_pos)
     masked = chunked.masked_columns(
         n,
         views=views,
@@ -46,15 +45,20 @@ def streaming_forward(
         device=query.device,
     )
     queue_positive = bank is None and online_has_pos
-    m, l, o = chunked.stream_states(
+    # With a bank, a_pos comes from the product the row's maximum comes from (chunked.py).
+    a_pos2 = chunked.row_dots(exponents[:rows], c_pos) if bank is None else None
+    m, l, o, picked = chunked.stream_states(
         exponents,
         None if bank is None else bank.float(),
         queue,
         masked,
         a_pos2 if queue_positive else None,
         c_pos if queue_positive else None,
+        None if bank is None else chunked.positive_columns(rows, n, offset, query.device),
         chunk_size=chunked.chunk_columns(len(exponents)),
     )
+    if bank is not None:
+        a_pos2 = picked
     lse = (m + l.log2()) * LN_2
     means = o / l[:, None]
     u_a = chunked.row_dots(exponents[:rows], means[:rows]) * LN_2  # Σ_k P_k a_k
