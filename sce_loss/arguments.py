@@ -27,10 +27,25 @@ _MIN_TEMPERATURE_FLOAT32 = float(torch.tensor(MIN_TEMPERATURE, dtype=torch.float
 _FLOATS_SPECIALISE = TORCH_VERSION < (2, 13)
 
 
+def plain_number(value):
+    """A NumPy scalar (``np.float64(0.1)``, ``np.int64(3)``, ``np.bool_(True)``: what indexing a
+    NumPy schedule gives) as the Python number it holds; anything else as it is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def traced_numpy_scalar(value) -> bool:
+    """Whether ``value`` is a NumPy scalar as torch.compile traces it: a 0-d array (eager callers'
+    NumPy scalars are ``np.generic``, which :func:`plain_number` converts)."""
+    return torch.compiler.is_compiling() and isinstance(value, np.ndarray) and value.ndim == 0
+
+
 def traceable_scalar(value, device: torch.device | None):
     """A number as a loss computes with it: a float, or under torch.compile before torch 2.13 a
     float64 0-d tensor (1·value: the only form of it those versions keep symbolic); tensors as
     they are."""
+    if traced_numpy_scalar(value):
+        return torch.as_tensor(value, dtype=torch.float64)
+    value = plain_number(value)
     if isinstance(value, Tensor):
         return value
     if torch.compiler.is_compiling() and _FLOATS_SPECIALISE:
@@ -100,14 +115,32 @@ def scalar_value(name: str, value) -> float | None:
                 f"tensor of shape {tuple(value.shape)}"
             )
         return None if tracing() or value.device.type != "cpu" else float(value.detach())
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if traced_numpy_scalar(value):
+        return None
+    value = plain_number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a 0-d float tensor, got {type(value).__name__}")
     return None if tracing() else float(value)
 
 
 def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
+    """A TypeError unless ``value`` is a bool (Python's or NumPy's; a Python bool while
+    compiling, where a NumPy one is traced as an array)."""
+    if traced_numpy_scalar(value):
+        raise TypeError(f"{name} must be a Python bool under torch.compile, got a NumPy bool")
+    if not isinstance(plain_number(value), bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_count(name: str, value, *, low: int) -> int:
+    """``value`` as a Python int ≥ ``low`` (Python's or NumPy's ints; not a bool): a TypeError
+    for another type, a ValueError below ``low``."""
+    number = plain_number(value)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if number < low:
+        raise ValueError(f"{name} must be an int ≥ {low}, got {number}")
+    return number
 
 
 def check_reduction(name: str, value) -> None:

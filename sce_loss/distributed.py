@@ -6,13 +6,16 @@ keys; the objective the ranks optimise together is Σ_r L_r (DDP then averages),
 the keys of rank s is Σ_r ∂L_r/∂(block s): the backward reduce-scatters (sums, and keeps each rank's
 own block of) the gradient of the gathered tensor, moving 1/W of it per rank.
 
-The collectives are PyTorch's functional ones, so a compiled step traces through them, and nothing
-here reads a value on the host: every rank must hold the same number of keys. That is checked only
-with ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` (the check costs a collective and a device synchronisation).
+The collectives are PyTorch's functional ones, so a compiled step traces through them. Every rank
+must hold the same number of keys. For CPU tensors (gloo) that is checked on every eager call, since
+an uneven gather would abort the process: one 8-byte all-gather of the sizes, read on the host,
+which costs no device synchronisation. On a GPU the check would synchronise the device each step,
+so there it runs only under ``TORCH_DISTRIBUTED_DEBUG=DETAIL``; it never runs while compiling.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -25,6 +28,8 @@ except ImportError:
 
 def resolve_group(gather):
     """The process group meant by ``gather`` (False, True or a group); None for one process."""
+    if isinstance(gather, np.bool_):
+        gather = bool(gather)
     if gather is False or gather is None:
         return None
     if not (gather is True or isinstance(gather, dist.ProcessGroup)):
@@ -38,12 +43,13 @@ def resolve_group(gather):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def gather_keys(key: Tensor, group) -> tuple[Tensor, int]:
+def gather_keys(key: Tensor, group, *, rows_per_sample: int = 1) -> tuple[Tensor, int]:
     """Every rank's keys, concatenated in rank order (differentiable), and this rank's offset
-    (``group`` from :func:`resolve_group`; None for a single process)."""
+    (``group`` from :func:`resolve_group`; None for a single process). ``rows_per_sample``: how
+    many of ``key``'s rows one sample gives (2 in the symmetric form), for the error message."""
     if group is None:
         return key, 0
-    _check_equal_batches(key, group)
+    _check_equal_batches(key, group, rows_per_sample=rows_per_sample)
     gathered = _ContiguousGradient.apply(_gather(key.contiguous(), 0, group))
     return gathered, dist.get_rank(group) * key.shape[0]
 
@@ -75,16 +81,19 @@ def all_gather_constant(tensor: Tensor, group) -> Tensor:
     return _gather(tensor.detach().contiguous(), 0, group)
 
 
-def _check_equal_batches(tensor: Tensor, group) -> None:
-    """Refuse ranks holding different numbers of rows (only under TORCH_DISTRIBUTED_DEBUG=DETAIL:
-    the check reads every rank's size on the host)."""
-    if torch.compiler.is_compiling() or dist.get_debug_level() != dist.DebugLevel.DETAIL:
+def _check_equal_batches(tensor: Tensor, group, *, rows_per_sample: int = 1) -> None:
+    """Refuse ranks holding different numbers of rows, naming each rank's number of samples: for
+    CPU tensors always, else under TORCH_DISTRIBUTED_DEBUG=DETAIL (module docstring)."""
+    if torch.compiler.is_compiling():
+        return
+    if tensor.device.type != "cpu" and dist.get_debug_level() != dist.DebugLevel.DETAIL:
         return
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, size, group=group)
-    sizes = [int(s) for s in sizes]
-    if len(set(sizes)) != 1:
+    samples = [int(s) // rows_per_sample for s in sizes]
+    if len(set(samples)) != 1:
         raise ValueError(
-            f"every rank must hold the same number of keys to gather them, got {sizes}"
+            "every rank must hold the same number of samples to gather them, got "
+            + ", ".join(f"{n} on rank {rank}" for rank, n in enumerate(samples))
         )

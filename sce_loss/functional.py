@@ -205,7 +205,9 @@ def _loss(
             query, key = torch.cat([query, key]), torch.cat([key, query])
         bank, offset = None, 0
         if queue is None or include_keys:
-            bank, offset = distributed.gather_keys(key, group)
+            bank, offset = distributed.gather_keys(
+                key, group, rows_per_sample=2 if symmetric else 1
+            )
         _check_has_negatives(bank, queue, symmetric)
         problem = Problem(
             loss=loss,
@@ -277,7 +279,7 @@ def _backend(name: str, problem: Problem):
         if reason is not None:
             raise ValueError(f"backend='fused' cannot run here: {reason}")
         return fused
-    if problem.query.device.type == "cuda":
+    if _fused_first(problem.query.device):
         reason = fused.unsupported_reason(problem)
         if reason is None and fused.verified(problem):
             return fused
@@ -297,6 +299,11 @@ def _backend(name: str, problem: Problem):
     return chunked if pairs >= max(CHUNKED_FROM_PAIRS, 16 * dim * dim) else reference
 
 
+def _fused_first(device: torch.device) -> bool:
+    """Whether ``auto`` tries the fused kernels first: on CUDA."""
+    return device.type == "cuda"
+
+
 def _candidates(problem: Problem) -> int:
     """K, the number of candidates of a row."""
     queue = 0 if problem.queue is None else problem.queue.shape[0]
@@ -307,7 +314,9 @@ _EXPLAINED: set[str] = set()
 
 
 def _explain_once(message: str) -> None:
-    if message not in _EXPLAINED and not torch.compiler.is_compiling():
+    """Warn once per message, in eager mode only: a compiled graph that read the set of messages
+    would guard on it, and recompile whenever an eager call adds one."""
+    if not torch.compiler.is_compiling() and message not in _EXPLAINED:
         _EXPLAINED.add(message)
         warnings.warn(message, stacklevel=4)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .arguments import FLOAT_DTYPES, check_finite, check_float_tensor
+from .arguments import FLOAT_DTYPES, check_count, check_finite, check_float_tensor
 
 
 class MemoryQueue(nn.Module):
@@ -34,13 +34,10 @@ class MemoryQueue(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        for name, value in (("size", size), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        size, dim = check_count("size", size, low=1), check_count("dim", dim, low=1)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = check_count("seed", seed, low=-(1 << 63))
         distributed.resolve_group(gather)  # a TypeError for anything but a bool or a group
         self.gather = gather
         generator = torch.Generator().manual_seed(seed)
@@ -69,7 +66,8 @@ class MemoryQueue(nn.Module):
         if group is not None:
             keys = distributed.all_gather_constant(keys.detach(), group)
         pushed = keys.shape[0]
-        kept = keys.detach()[-self.size :].to(device=self.keys.device, dtype=self.keys.dtype)
+        # A copy: the keys may be a view of the queue itself (a re-push of its own entries).
+        kept = keys.detach()[-self.size :].to(dtype=self.keys.dtype, copy=True)
         # As if pushed one by one: key t lands at (pointer + t) % size, later ones overwriting.
         first = self.pointer + (pushed - kept.shape[0])
         index = (first + torch.arange(kept.shape[0], device=self.keys.device)) % self.size

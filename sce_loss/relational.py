@@ -423,6 +423,7 @@ def interpolated_key(query: Tensor, key: Tensor, index: Tensor, ratio: Scalar) -
             f"index must hold rows of key, in [0, {len(key)}), got values in "
             f"[{int(index.min())}, {int(index.max())}]"
         )
+    ratio = traceable_scalar(ratio, query.device)
     if isinstance(ratio, Tensor) and ratio.dim() == 1:
         _check_ratio_rows(ratio, n, query)
         ratio = ratio.unsqueeze(-1)

@@ -83,20 +83,38 @@ def _worker(rank, world, init_file, out_dir):
         partly_filled = MemoryQueue(100, 2, dtype=torch.float64)
         partly_filled.push(torch.full((N_PER_RANK, 2), float(rank), dtype=torch.float64))
         results["partly filled"] = partly_filled.keys.clone()
-        dist.set_debug_level(dist.DebugLevel.DETAIL)  # TORCH_DISTRIBUTED_DEBUG=DETAIL
-        results["uneven"] = []
-        for uneven in (lambda x: queue.push(x), lambda x: sce_loss(x, x, gather=True)):
-            try:
-                uneven(torch.zeros(N_PER_RANK + rank, 2, dtype=torch.float64))
-                results["uneven"].append(None)
-            except ValueError as error:
-                results["uneven"].append(str(error))
+        results["uneven"] = _uneven_batches(rank)
         # Every rank past its last collective before any tears the group down: a rank that
         # destroys it while another still talks to it can abort the process (gloo).
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _uneven_batches(rank):
+    """The error of each gathering call when rank r holds N + r samples (CPU tensors: checked
+    without TORCH_DISTRIBUTED_DEBUG), or None where a call raised none."""
+    from sce_loss import cacr_loss
+
+    queue = MemoryQueue(7, 2, dtype=torch.float64)
+    x = torch.nn.functional.normalize(torch.randn(N_PER_RANK + rank, 2, dtype=torch.float64), dim=1)
+    calls = {
+        "push": lambda: queue.push(x),
+        "in-batch": lambda: sce_loss(x, x, gather=True),
+        "include_keys": lambda: sce_loss(x, x, queue.keys, include_keys=True, gather=True),
+        "symmetric": lambda: info_nce_loss(x, x, symmetric=True, gather=True),
+        "cacr": lambda: cacr_loss(x, x, gather=True),
+        "cacr one encoder": lambda: cacr_loss(torch.stack([x, x]), gather=True),
+    }
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    return errors
 
 
 def _compiled_gather(rank, world):
@@ -118,7 +136,9 @@ def _compiled_gather(rank, world):
 
 
 def _host_reads_of_a_gathered_step(rank, world):
-    """The number of host-side collectives (dist.all_gather of sizes) a gathered step makes."""
+    """The number of host-side collectives (dist.all_gather of sizes) a gathered step makes: one,
+    the sizes' check, for CPU tensors (module docstring of sce_loss.distributed); none on a GPU
+    unless TORCH_DISTRIBUTED_DEBUG=DETAIL."""
     calls = []
     original = dist.all_gather
     dist.all_gather = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
@@ -222,20 +242,48 @@ def test_a_partly_filled_queue_is_identical_across_ranks(ranks):
         assert torch.equal(r["partly filled"], results[0]["partly filled"])
 
 
-def test_uneven_batches_are_refused_on_every_rank_in_detail_debug_mode(ranks):
-    """With TORCH_DISTRIBUTED_DEBUG=DETAIL, by MemoryQueue.push and by a gathered loss."""
-    _, results = ranks
+def test_uneven_batches_are_refused_on_every_rank_naming_each_ranks_samples(ranks):
+    """A Python error on every rank, not gloo's abort, counting samples (not the 2N rows of the
+    symmetric form)."""
+    world, results = ranks
+    sizes = ", ".join(f"{N_PER_RANK + r} on rank {r}" for r in range(world))
     for r in results:
-        assert all(e is not None and "same number of keys" in e for e in r["uneven"]), r["uneven"]
+        for name, error in r["uneven"].items():
+            assert error == (
+                f"every rank must hold the same number of samples to gather them, got {sizes}"
+            ), name
 
 
-def test_a_gathered_step_compiles_and_reads_nothing_on_the_host_by_default(ranks):
+def test_a_gathered_step_compiles_and_reads_only_the_cpu_sizes_on_the_host(ranks):
     _, results = ranks
     for r in results:
         eager, compiled = r["compiled"]
         for got, want in zip(compiled, eager):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-        assert r["host reads"] == 0
+        assert r["host reads"] == 1  # the forward's gather; its backward reads nothing
+
+
+def test_the_sizes_are_read_on_the_host_only_for_cpu_tensors_or_in_detail_mode(monkeypatch):
+    """A GPU's keys are not checked (the check would synchronise the device every step) unless
+    TORCH_DISTRIBUTED_DEBUG=DETAIL; CPU keys always are. Simulated with a stand-in for the
+    collective, which records whether the check called it."""
+    from sce_loss import distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_gather", lambda sizes, size, group=None: calls.append(1))
+    for device, level, checked in (
+        ("cpu", dist.DebugLevel.OFF, True),
+        ("meta", dist.DebugLevel.OFF, False),
+        ("meta", dist.DebugLevel.DETAIL, True),
+    ):
+        monkeypatch.setattr(dist, "get_debug_level", lambda level=level: level)
+        calls.clear()
+        try:
+            distributed._check_equal_batches(torch.empty(3, 2, device=device), None)
+        except (RuntimeError, NotImplementedError):  # reading a meta tensor's sizes
+            pass
+        assert bool(calls) == checked, (device, level)
 
 
 def test_gather_without_a_process_group_is_one_process():

@@ -8,6 +8,7 @@ inductor would, without generating code.
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from conftest import HAS_FUSED, make_inputs
@@ -335,3 +336,100 @@ def test_autocast_around_a_compiled_step_with_eager_backward_semantics(backend):
             loss = compiled(query, key, queue)
     loss.backward()
     assert_all_close((loss.detach(), query.grad, key.grad), want, rtol=1e-6, atol=1e-7)
+
+
+def numpy_schedule_cases():
+    """(name, step(query, key, queue, value), value at step i, the same call with Python numbers):
+    a hyper-parameter read from a NumPy schedule (np.float64, np.float32, np.int64)."""
+    from sce_loss import interpolated_key
+
+    schedule = np.linspace(0.1, 0.2, 10)
+    weights = np.arange(1, 11)
+    criterion = SCELoss(backend="reference")
+
+    def module_step(q, k, c, t):
+        criterion.temperature = t  # a scheduler setting the attribute
+        return criterion(q, k, c)
+
+    index = torch.arange(6).flip(0)
+    return {
+        "sce τ, τ_m, λ": (
+            lambda q, k, c, t: sce_loss(
+                q, k, c, temperature=t, target_temperature=t / 2, coeff=np.float32(0.5)
+            ),
+            lambda i: schedule[i],
+        ),
+        "info_nce τ": (
+            lambda q, k, c, t: info_nce_loss(q, k, c, temperature=t),
+            lambda i: schedule[i],
+        ),
+        "module attribute": (module_step, lambda i: schedule[i]),
+        "cacr temperatures and an int weight": (
+            lambda q, k, c, t: cacr_loss(
+                q,
+                k,
+                c,
+                attraction_temperature=t,
+                repulsion_temperature=2 * t,
+                repulsion_weight=np.int64(2),
+            ),
+            lambda i: schedule[i],
+        ),
+        "cacr int weight": (
+            lambda q, k, c, w: cacr_loss(q, k, c, attraction_weight=w),
+            lambda i: weights[i],
+        ),
+        "interpolated_key ratio": (
+            lambda q, k, c, r: interpolated_key(q, k, index, r).sum(),
+            lambda i: schedule[i],
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(numpy_schedule_cases()))
+def test_numpy_hyper_parameters_compile_fullgraph_at_most_twice(case):
+    """NumPy scalars work compiled wherever Python numbers do (torch.compile traces them as 0-d
+    arrays), and give the Python numbers' losses."""
+    step, value = numpy_schedule_cases()[case]
+    query, key, queue, _ = inputs("queue", seed=9)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for i in range(4):
+        got = compiled(query, key, queue, value(i))
+        want = step(query, key, queue, value(i).item())
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_numpy_numbers_and_bools_are_taken_eagerly_where_pythons_are():
+    query, key, queue, _ = inputs("queue", seed=10)
+    want = sce_loss(query, key, queue, include_keys=True, normalize=False, temperature=0.1)
+    got = sce_loss(
+        query,
+        key,
+        queue,
+        include_keys=np.bool_(True),
+        normalize=np.bool_(False),
+        temperature=np.float64(0.1),
+        gather=np.bool_(False),
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    queue = MemoryQueue(np.int64(16), np.int32(3), seed=np.int64(1))
+    assert queue.keys.shape == (16, 3)
+    assert torch.equal(queue.keys, MemoryQueue(16, 3, seed=1).keys)
+    with pytest.raises(TypeError, match="seed must be an int, got float64"):
+        MemoryQueue(16, 3, seed=np.float64(1.0))
+    with pytest.raises(TypeError, match="must be a float or a 0-d float tensor, got bool"):
+        sce_loss(query, key, temperature=np.bool_(True))
+
+
+def test_pushing_the_queues_own_entries_works_as_if_they_were_copied():
+    queue = MemoryQueue(8, 3, seed=2)
+    expected = MemoryQueue(8, 3, seed=2)
+    expected.push(expected.keys[1:4].clone())
+    queue.push(queue.keys[1:4])  # a view of the buffer it overwrites
+    assert torch.equal(queue.keys, expected.keys) and int(queue.pointer) == 3
+    expected.push(expected.keys.clone())
+    queue.push(queue.keys)  # all of it, wrapping round the end
+    assert torch.equal(queue.keys, expected.keys) and int(queue.pointer) == 3

@@ -5,11 +5,13 @@ a wrong loss stand for what a user's GPU could do. Each kind of call is checked 
 warns once, naming the reason and ``python -m sce_loss.check``, and refuses that kind from then on.
 """
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 from conftest import HAS_FUSED, fused_reason
+from torch._dynamo.testing import CompileCounterWithBackend
 from test_fused import DEVICE, SCE, problem_of
 
 from sce_loss import fused, sce_loss
@@ -248,3 +250,113 @@ def test_a_compiled_auto_step_survives_a_failed_launch(monkeypatch):
         results.append((loss.detach(), query.grad, key.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- the check covers what the call computes -------------------------------------------------------
+
+
+class WrongOutput:
+    """The real kernel, its output argument ``index`` then off by 10 %."""
+
+    def __init__(self, kernel, index):
+        self.kernel, self.index = kernel, index
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            args[self.index].mul_(1.1)
+
+        return launch
+
+
+@pytest.mark.parametrize(
+    "which, kernel, index, name",
+    [
+        ("key", "key_gradient_kernel", 6, "key gradient"),  # online keys, a frozen query tower
+        ("temperature", "finalize_kernel", 6, "τ gradient"),  # a learnable τ alone
+    ],
+)
+def test_a_call_needing_only_one_gradient_checks_that_gradient(
+    which, kernel, index, name, monkeypatch
+):
+    """A call whose query needs no gradient still computes the key's or τ's: the check runs
+    that kernel, and its wrong output is refused."""
+    monkeypatch.setattr(kernels, kernel, WrongOutput(getattr(kernels, kernel), index))
+    problem = problem_of("sce", "queue+keys", **SCE)
+    if which == "key":
+        problem.key.requires_grad_()
+    else:
+        problem = dataclasses.replace(
+            problem, temperature=torch.tensor(SCE["temperature"], requires_grad=True)
+        )
+    assert first_use.needed_gradients(problem) == (False, which == "key", which != "key")
+    with pytest.warns(RuntimeWarning, match=f"its {name} differs from the reference"):
+        assert not fused.verified(problem)
+    assert fused.verified(problem_of("sce", "queue+keys", **SCE))  # no gradient: another kind
+
+
+# -- no recompiles from the library's own caches ---------------------------------------------------
+
+
+@pytest.fixture
+def fused_first(monkeypatch):
+    """``auto`` takes its CUDA branch on the CPU: the fused kernels (through the interpreter)
+    after their first-use check."""
+    import sce_loss.functional as functional
+
+    monkeypatch.setattr(functional, "_fused_first", lambda device: True)
+    monkeypatch.setattr(functional, "_EXPLAINED", set())
+
+
+def eager_calls_between_steps(query, key, queue):
+    """What a training loop runs eagerly between compiled steps: a no-grad validation (a kind of
+    call of its own: a new verdict) and a float64 call the fused kernels cannot serve (a new
+    note)."""
+    import sce_loss.functional as functional
+
+    with torch.no_grad():
+        sce_loss(query, key, queue, include_keys=True, **SCE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # warned once, on the first call
+        sce_loss(query.double(), key.double(), queue.double(), **SCE)
+    (note,) = functional._EXPLAINED
+    assert "the fused kernels cannot serve this call" in note
+
+
+def test_a_learnable_temperature_step_compiles_once_whatever_runs_eagerly(fused_first):
+    problem = training_problem()
+    query, key, queue = problem.query[0].detach(), problem.key, problem.queue
+    temperature = torch.nn.Parameter(torch.tensor(SCE["temperature"]))
+    hyper = {k: v for k, v in SCE.items() if k != "temperature"}
+
+    def step(query, key, queue, temperature):
+        return sce_loss(query, key, queue, include_keys=True, temperature=temperature, **hyper)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for _ in range(3):
+        x = query.clone().requires_grad_()
+        compiled(x, key, queue, temperature).backward()
+        want = step(query.clone().requires_grad_(), key, queue, temperature)
+        eager_calls_between_steps(query, key, queue)
+        assert x.grad is not None and torch.isfinite(want)
+    assert counter.frame_count == 1
+    assert len(first_use._verdicts) == 2  # the eager step's kind and validation's
+
+
+def test_a_schedule_compiles_at_most_twice_whatever_runs_eagerly(fused_first):
+    problem = training_problem()
+    query, key, queue = problem.query[0].detach(), problem.key, problem.queue
+
+    def step(query, key, queue, coeff, temperature):
+        return sce_loss(query, key, queue, include_keys=True, coeff=coeff, temperature=temperature)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for i in range(4):
+        x = query.clone().requires_grad_()
+        compiled(x, key, queue, 0.5 - 0.05 * i, 0.1 + 0.01 * i).backward()
+        eager_calls_between_steps(query, key, queue)
+    assert counter.frame_count <= 2, counter.frame_count

@@ -103,7 +103,7 @@ def test_push_does_not_mutate_its_argument_and_rejects_bad_keys():
         queue.push(unit(3, 5, dtype=torch.float32))
     with pytest.raises(TypeError, match="keys must be a torch.Tensor"):
         queue.push([[0.0] * 4])
-    with pytest.raises(ValueError, match="size must be a positive int"):
+    with pytest.raises(ValueError, match="size must be an int ≥ 1, got 0"):
         MemoryQueue(0, 4)
     with pytest.raises(TypeError, match="dtype must be one of .* got 'float16'"):
         MemoryQueue(8, 4, dtype="float16")

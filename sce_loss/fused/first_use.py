@@ -2,12 +2,12 @@
 device, it runs them once on a small fixed problem and compares with the reference.
 
 A kind of call is a key (device, dtype, queue dtype, matmul precision, loss, candidate segments,
-query gradient or not, D): one compiled configuration. The check problem has the call's loss,
-segments, dtypes and D, and at most ``CHECK_ROWS`` rows, which give the same tiles (the plan's
-tiles depend on the rows only through whether there are at most 16). It passes when its loss and
-its query, key and τ gradients agree with the float64 reference within the documented relative
-errors; a failed launch or a disagreement warns once, naming the reason, and the key is refused
-from then on.
+which of the query, key and τ gradients it computes, D): one compiled configuration. The check
+problem has the call's loss, segments, dtypes and D, and at most ``CHECK_ROWS`` rows, which give
+the same tiles (the plan's tiles depend on the rows only through whether there are at most 16). It
+passes when its loss and the gradients the call computes agree with the float64 reference within
+the documented relative errors; a failed launch or a disagreement warns once, naming the reason,
+and the key is refused from then on.
 
 Never while torch.compile traces or a CUDA graph captures (a check synchronises the device):
 there a key not yet checked counts as verified. ``SCE_LOSS_SKIP_FIRST_USE_CHECK=1`` switches
@@ -44,8 +44,7 @@ def verified(problem: Problem) -> bool:
     if torch.compiler.is_compiling():
         # A traced graph cannot run the check: it refuses a kind of call whose check failed and
         # trusts one not yet checked (a launch failure then streams inside the op instead).
-        kind = kind_key(problem)
-        return all(ok for key, ok in _verdicts.items() if key[: len(kind)] == kind)
+        return _no_failed_check(kind_key(problem))
     key = check_key(problem)
     if key in _verdicts:
         return _verdicts[key]
@@ -65,6 +64,14 @@ def verified(problem: Problem) -> bool:
     return _verdicts[key]
 
 
+@torch.compiler.assume_constant_result
+def _no_failed_check(kind: tuple) -> bool:
+    """Whether no check of this kind of call has failed. Read once when a graph is traced, as a
+    constant: a graph that read ``_verdicts`` would guard on it and recompile each time an eager
+    call (a validation step, another dtype) adds a verdict."""
+    return all(ok for key, ok in _verdicts.items() if key[: len(kind)] == kind)
+
+
 def check_key(problem: Problem) -> tuple:
     """What the check is run once for: one compiled configuration of the kernels, its kind of
     call (:func:`kind_key`) and the tiles of every kernel."""
@@ -77,8 +84,9 @@ def check_key(problem: Problem) -> tuple:
 
 
 def kind_key(problem: Problem) -> tuple:
-    """A kind of call: device, dtypes, matmul precision, loss, candidate segments, query gradient
-    or not, and D (Triton compiles a kernel for each D, specialised on its divisibility)."""
+    """A kind of call: device, dtypes, matmul precision, loss, candidate segments, the gradients
+    it computes (:func:`needed_gradients`), and D (Triton compiles a kernel for each D,
+    specialised on its divisibility)."""
     from . import plan
 
     query = problem.query
@@ -90,7 +98,7 @@ def kind_key(problem: Problem) -> tuple:
         problem.loss,
         problem.bank is not None,
         problem.queue is not None,
-        _needs_grad(problem),
+        needed_gradients(problem),
         query.shape[2],
     )
 
@@ -100,17 +108,18 @@ def first_use_check(problem: Problem) -> str | None:
     from . import losses, plan
 
     check = check_problem(problem)
-    need_grad = _needs_grad(problem)
+    needed = needed_gradients(problem)
     tolerance = TOLERANCES[plan.kind_of(problem.dtype)]
     try:
-        got = evaluate(losses, check, need_grad=need_grad)
+        got = evaluate(losses, check, needed=needed)
     except Exception as error:  # a launch failure: out of resources, a compiler error, ...
         first_line = (str(error).strip().splitlines() or [""])[0]
         return f"the kernels failed to run ({type(error).__name__}: {first_line})"
     from .. import reference
 
-    want = evaluate(reference.losses, in_float64(check), need_grad=need_grad)
-    for name, g, w in zip(("loss", "query gradient", "key gradient", "τ gradient"), got, want):
+    want = evaluate(reference.losses, in_float64(check), needed=needed)
+    names = ("query gradient", "key gradient", "τ gradient")
+    for name, g, w in zip(("loss", *(n for n, need in zip(names, needed) if need)), got, want):
         error = relative_error(g, w)
         if not error <= tolerance:  # NaN fails too
             return (
@@ -150,8 +159,17 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return ((got - want).norm() / (scale if scale > 0 else 1.0)).item()
 
 
-def _needs_grad(problem: Problem) -> bool:
-    return torch.is_grad_enabled() and problem.query.requires_grad
+def needed_gradients(problem: Problem) -> tuple[bool, bool, bool]:
+    """Which of the query, key and τ gradients the call computes: each kernel computes its own
+    (the query's in the forward pass, the key's in the backward, dL/dτ from the statistics)."""
+    if not torch.is_grad_enabled():
+        return (False, False, False)
+    temperature = problem.temperature
+    return (
+        problem.query.requires_grad,
+        problem.key.requires_grad,
+        isinstance(temperature, Tensor) and temperature.requires_grad,
+    )
 
 
 def _device_name(problem: Problem) -> str:
@@ -174,17 +192,18 @@ def in_float64(problem: Problem) -> Problem:
     )
 
 
-def evaluate(losses, problem: Problem, *, need_grad: bool) -> list[Tensor]:
-    """The per-row losses of ``problem`` and, if ``need_grad``, the query, key and τ gradients
-    of their weighted sum (weights 0.5..1.5, a non-uniform upstream gradient)."""
-    with torch.set_grad_enabled(need_grad), autocast_disabled(problem.query.device.type):
-        query = problem.query.detach().requires_grad_(need_grad)
-        key = problem.key.detach().requires_grad_(need_grad)
+def evaluate(losses, problem: Problem, *, needed: tuple[bool, bool, bool]) -> list[Tensor]:
+    """The per-row losses of ``problem`` and the ``needed`` ones of the query, key and τ
+    gradients of their weighted sum (weights 0.5..1.5, a non-uniform upstream gradient)."""
+    need_query, need_key, need_temperature = needed
+    with torch.set_grad_enabled(any(needed)), autocast_disabled(problem.query.device.type):
+        query = problem.query.detach().requires_grad_(need_query)
+        key = problem.key.detach().requires_grad_(need_key)
         temperature = torch.tensor(
             float(problem.temperature),
             dtype=torch.float64,
             device=query.device,
-            requires_grad=need_grad,
+            requires_grad=need_temperature,
         )
         live = dataclasses.replace(
             problem,
@@ -194,12 +213,12 @@ def evaluate(losses, problem: Problem, *, need_grad: bool) -> list[Tensor]:
             temperature=temperature,
         )
         per_row = losses(live)
-        if not need_grad:
+        if not any(needed):
             return [per_row]
         weights = torch.linspace(
             0.5, 1.5, per_row.numel(), dtype=per_row.dtype, device=per_row.device
         ).view(per_row.shape)
-        inputs = (query, key, temperature)
+        inputs = [x for x, need in zip((query, key, temperature), needed) if need]
         grads = torch.autograd.grad((per_row * weights).sum(), inputs, allow_unused=True)
         return [
             per_row.detach(),
