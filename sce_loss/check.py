@@ -1,4 +1,6 @@
-"""``python -m sce_loss.check``: do the backends agree on this machine, and how fast are they?
+# This docstring is the --help text: plain text, no reST markup.
+"""Do the backends agree on this machine, and how fast are they? Run as sce-loss-check, or as
+python -m sce_loss.check.
 
 On a CUDA GPU: the fused kernels against the float64 reference (loss, query, key and τ gradients)
 for every loss, mode and input kind on ragged shapes, then fwd+bwd times of the fused kernels, the
@@ -8,7 +10,7 @@ the chunked backend against the reference on the CPU, and the fused kernels thro
 interpreter on tiny shapes when Triton is installed. The interpreter converts float32 to
 bfloat16 by truncation where a GPU rounds to nearest, so there a float32 queue read by bfloat16
 kernels is compared with the reference given that queue as the interpreter converts it: the
-check measures the kernels, not the interpreter's rounding. ``--out DIR`` writes check.json and
+check measures the kernels, not the interpreter's rounding. --out DIR writes check.json and
 check.md there. Exit status 1 on any disagreement.
 """
 
@@ -58,9 +60,13 @@ TIMED = [
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sce_loss.check", description=__doc__.splitlines()[0]
+        prog=_prog(),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, help="folder for check.json and check.md")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="folder for check.json and check.md"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer cases, no timings")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -87,6 +93,12 @@ def main(argv=None) -> int:
         (args.out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.out / "check.md").write_text(_markdown(report))
     return 1 if failures else 0
+
+
+def _prog() -> str:
+    """The command as it was typed: sce-loss-check, or python -m sce_loss.check."""
+    name = Path(sys.argv[0]).name
+    return "python -m sce_loss.check" if name in ("check.py", "__main__.py", "-c", "") else name
 
 
 def _machine() -> dict:

@@ -213,3 +213,82 @@ def test_example_commands_parse(mark, context, code, above):
         if "examples/pretrain.py" in command:
             arguments = command[command.index("examples/pretrain.py") + 1 :]
             pretrain.parse_args(arguments)
+
+
+def test_the_check_commands_help_is_plain_text(capsys):
+    """``sce-loss-check --help`` prints its module docstring: no reST markup in it."""
+    from sce_loss import check
+
+    with pytest.raises(SystemExit) as done:
+        check.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "sce-loss-check" in text and "--out DIR" in text
+    assert not re.search(r"``|:(func|class|mod|meth):`", text), text
+
+
+def api_page():
+    """The package as the API page renders it: loaded by griffe with docs/griffe_extension.py,
+    as mkdocs.yml configures it; the extension module, for what it records."""
+    griffe = pytest.importorskip("griffe", reason="the docs extra: pip install -e '.[docs]'")
+    import importlib.util
+
+    assert "docs/griffe_extension.py:ReSTForMkdocstrings" in (ROOT / "mkdocs.yml").read_text()
+    spec = importlib.util.spec_from_file_location(
+        "griffe_extension", ROOT / "docs" / "griffe_extension.py"
+    )
+    extension = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extension)
+    package = griffe.load(
+        "sce_loss",
+        search_paths=[str(ROOT)],
+        docstring_parser="google",
+        extensions=griffe.load_extensions(extension.ReSTForMkdocstrings()),
+    )
+    rendered = []
+    for name in sce_loss.__all__:
+        obj = package[name].final_target
+        rendered.append(obj)
+        if obj.is_class:
+            rendered += [
+                m
+                for n, m in obj.members.items()
+                if m.is_function and not n.startswith("_") and m.docstring is not None
+            ]
+    return rendered, extension
+
+
+# Parameters whose docstring describes them nowhere (their rows are empty): the docstrings are to
+# say what each takes, and then this goes.
+UNDESCRIBED = {
+    "sce_loss.functional.sce_loss": ["target_temperature"],
+    "sce_loss.queue.MemoryQueue": ["dtype", "device"],
+}
+
+
+def test_the_api_page_links_each_role_and_gives_each_parameter_a_row():
+    rendered, extension = api_page()
+    for obj in rendered:
+        assert not re.search(r":(func|class|mod|meth|attr):`", obj.docstring.value), obj.path
+        table = [s for s in obj.docstring.parsed if s.kind.value == "parameters"]
+        names = [p.name for p in obj.parameters if p.name != "self"]
+        assert [row.name for row in table[0].value] == names, obj.path
+    assert extension.UNDESCRIBED == UNDESCRIBED
+    assert "[`info_nce_loss`][sce_loss.info_nce_loss]" in rendered[0].docstring.value
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        sce_loss.SCELoss,
+        sce_loss.InfoNCELoss,
+        sce_loss.ReSSLLoss,
+        sce_loss.CACRLoss,
+        sce_loss.ReCoLoss,
+    ],
+)
+def test_each_module_documents_each_of_its_arguments(module):
+    """Its own docstring, not its function's: an ``Args:`` line for every keyword."""
+    doc = inspect.getdoc(module)
+    for name in inspect.signature(module).parameters:
+        assert re.search(rf"^    {name}: \S", doc, re.M), (module.__name__, name)
