@@ -3,6 +3,7 @@ CACR and ReCo."""
 
 from .functional import info_nce_loss, ressl_loss, sce_loss
 from .modules import CACRLoss, InfoNCELoss, ReCoLoss, ReSSLLoss, SCELoss
+from .neighbours import nearest_neighbours
 from .queue import MemoryQueue
 from .relational import cacr_loss, interpolated_key, reco_loss
 
@@ -17,6 +18,7 @@ __all__ = [
     "cacr_loss",
     "reco_loss",
     "interpolated_key",
+    "nearest_neighbours",
     "CACRLoss",
     "ReCoLoss",
 ]

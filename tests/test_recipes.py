@@ -301,3 +301,143 @@ def test_solo_learn_simclr(backend):
 
     step = lambda model, views: model.training_step((torch.arange(BATCH), views))  # noqa: E731
     assert_same_steps(SoloSimCLR(recipe), SoloSimCLR(solo), step, step)
+
+
+# -- recipes with no new API: MoCo v3, NNCLR, CLIP ------------------------------------------------
+
+
+def moco_v3_contrastive_loss(q, k, T):
+    """facebookresearch/moco-v3, moco/builder.py ``MoCo.contrastive_loss``, one process (its
+    concat_all_gather is the identity): CE(q·kᵀ / T, arange) × 2T, both normalised."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = torch.einsum("nc,mc->nm", [q, k]) / T
+    labels = torch.arange(logits.shape[0], dtype=torch.long)
+    return nn.CrossEntropyLoss()(logits, labels) * (2 * T)
+
+
+class MoCoV3(nn.Module):
+    """MoCo v3's builder: base + predictor online, a momentum encoder for the keys, symmetrised:
+    contrastive_loss(q1, k2) + contrastive_loss(q2, k1), the keys computed without gradient."""
+
+    def __init__(self, loss, T=0.2, m=0.99):
+        super().__init__()
+        self.base, self.predictor = encoder(), nn.Linear(DIM, DIM).double()
+        self.momentum = copy.deepcopy(self.base).requires_grad_(False)
+        self.loss, self.T, self.m = loss, T, m
+
+    def forward(self, x1, x2):
+        q1, q2 = self.predictor(self.base(x1)), self.predictor(self.base(x2))
+        with torch.no_grad():
+            for p, p_m in zip(self.base.parameters(), self.momentum.parameters()):
+                p_m.mul_(self.m).add_(p.detach(), alpha=1 - self.m)
+            k1, k2 = self.momentum(x1), self.momentum(x2)
+        return self.loss(q1, k2, self.T) + self.loss(q2, k1, self.T)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_moco_v3(backend):
+    def recipe(q, k, T):  # docs/recipes.md: contrastive_loss, gathered keys, CE × 2τ
+        return (
+            2 * T * info_nce_loss(q, k, temperature=T, normalize=True, gather=True, backend=backend)
+        )
+
+    step = lambda model, views: model(*views)  # noqa: E731
+    assert_same_steps(MoCoV3(recipe), MoCoV3(moco_v3_contrastive_loss), step, step)
+
+
+def solo_learn_nnclr_loss(nn_, p, temperature):
+    """solo-learn, solo/losses/nnclr.py ``nnclr_loss_func``, one process (gather is the identity):
+    CE(normalise(nn)·normalise(p)ᵀ / τ, arange)."""
+    nn_, p = F.normalize(nn_, dim=-1), F.normalize(p, dim=-1)
+    logits = nn_ @ p.T / temperature
+    return F.cross_entropy(logits, torch.arange(nn_.size(0)))
+
+
+class SoloNNCLR(nn.Module):
+    """solo-learn's NNCLR: projector z (normalised) and predictor p per view; the positive of
+    view 1 is the support queue's nearest neighbour of z1 (``find_nn``), compared with p2; the
+    queue (K, D) is filled with z1 after the loss (``dequeue_and_enqueue``)."""
+
+    def __init__(self, loss, find_nn, temperature=0.2, queue_size=2 * BATCH):
+        super().__init__()
+        self.backbone, self.projector = encoder(), nn.Linear(DIM, DIM).double()
+        self.predictor = nn.Linear(DIM, DIM).double()
+        generator = torch.Generator().manual_seed(5)
+        queue = torch.randn(queue_size, DIM, generator=generator, dtype=torch.float64)
+        self.register_buffer("queue", F.normalize(queue, dim=1))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.loss, self.find_nn, self.temperature = loss, find_nn, temperature
+
+    def training_step(self, x1, x2):
+        z1, z2 = (self.projector(self.backbone(x)) for x in (x1, x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+        nn1, nn2 = self.find_nn(z1, self.queue), self.find_nn(z2, self.queue)
+        loss = self.loss(nn1, p2, self.temperature) / 2 + self.loss(nn2, p1, self.temperature) / 2
+        with torch.no_grad():  # dequeue_and_enqueue(z1)
+            ptr = int(self.queue_ptr)
+            self.queue[ptr : ptr + BATCH] = z1
+            self.queue_ptr[0] = (ptr + BATCH) % len(self.queue)
+        return loss
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_solo_learn_nnclr(backend):
+    from sce_loss import nearest_neighbours
+
+    def recipe(nn_, p, temperature):  # docs/recipes.md
+        return info_nce_loss(
+            nn_, p, temperature=temperature, normalize=True, gather=True, backend=backend
+        )
+
+    def find_nn(z, queue):  # solo-learn's own lines
+        idx = (z @ queue.T).max(dim=1)[1]
+        return queue[idx]
+
+    step = lambda model, views: model.training_step(*views)  # noqa: E731
+    assert_same_steps(
+        SoloNNCLR(recipe, nearest_neighbours), SoloNNCLR(solo_learn_nnclr_loss, find_nn), step, step
+    )
+
+
+def open_clip_loss(image_features, text_features, logit_scale):
+    """mlfoundations/open_clip, ``ClipLoss.forward`` on one process: the two directions'
+    cross-entropies of logit_scale × image·textᵀ against arange, halved."""
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
+    labels = torch.arange(logits_per_image.shape[0])
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
+
+
+class CLIP(nn.Module):
+    """Two towers with normalised outputs and a learnable logit scale, kept as its logarithm
+    (initialised at log(1/0.07)), as open_clip's CLIP model; the loss gets logit_scale.exp()."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.visual, self.text = encoder(), nn.Linear(10, DIM).double()
+        self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07, dtype=torch.float64).log())
+        self.loss = loss
+
+    def forward(self, image, text):
+        image_features = F.normalize(self.visual(image), dim=-1)
+        text_features = F.normalize(self.text(text), dim=-1)
+        return self.loss(image_features, text_features, self.logit_scale.exp())
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_open_clip(backend):
+    def recipe(image_features, text_features, logit_scale):  # docs/recipes.md
+        tau = 1 / logit_scale  # a 0-d tensor: learnable
+        options = dict(temperature=tau, gather=True, backend=backend)
+        return (
+            info_nce_loss(image_features, text_features, **options)
+            + info_nce_loss(text_features, image_features, **options)
+        ) / 2
+
+    step = lambda model, views: model(*views)  # noqa: E731
+    model, twin = CLIP(recipe), CLIP(open_clip_loss)
+    assert_same_steps(model, twin, step, step)
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
