@@ -17,7 +17,6 @@ check.md there. Exit status 1 on any disagreement.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -35,13 +34,13 @@ from .problem import DEFAULT_HYPER_PARAMETERS
 
 MODES = ("in-batch", "queue", "queue+keys")
 ERRORS = ("loss_error", "query_grad_error", "key_grad_error", "temperature_grad_error")
-# (kind, input dtype, queue dtype, float32 matmul precision)
+# (kind, input dtype, queue dtype, float32 matmul products: sce_loss.fused.plan.float32_products)
 KINDS = {
-    "fp32-ieee": (torch.float32, torch.float32, "highest"),
-    "fp32-tf32": (torch.float32, torch.float32, "high"),
-    "bf16": (torch.bfloat16, torch.bfloat16, "highest"),
-    "bf16, fp32 queue": (torch.bfloat16, torch.float32, "highest"),
-    "fp16": (torch.float16, torch.float16, "highest"),
+    "fp32-ieee": (torch.float32, torch.float32, "fp32-ieee"),
+    "fp32-tf32": (torch.float32, torch.float32, "fp32-tf32"),
+    "bf16": (torch.bfloat16, torch.bfloat16, "fp32-ieee"),
+    "bf16, fp32 queue": (torch.bfloat16, torch.float32, "fp32-ieee"),
+    "fp16": (torch.float16, torch.float16, "fp32-ieee"),
 }
 # Ragged (crops, N, M, D): not multiples of the tiles, several row and column blocks and splits.
 GPU_SHAPES = [(1, 19, 37, 20), (2, 100, 1000, 100), (1, 257, 3001, 128), (1, 130, 5000, 256)]
@@ -163,10 +162,12 @@ def _compare(
 
     row = dict(backend=backend, **label, tolerance=tolerance)
     try:
-        got = evaluate(losses, problem, need_grad=True)
+        got = evaluate(losses, problem, needed=(True, True, True))
     except Exception as error:  # report it as a disagreement, with its reason
         return row | dict(ok=False, error=f"{type(error).__name__}: {error}"[:300])
-    want = evaluate(reference.losses, in_float64(reference_problem or problem), need_grad=True)
+    want = evaluate(
+        reference.losses, in_float64(reference_problem or problem), needed=(True, True, True)
+    )
     errors = {name: relative_error(g, w) for name, g, w in zip(ERRORS, got, want)}
     return row | errors | dict(ok=all(e <= tolerance for e in errors.values()))
 
@@ -313,14 +314,10 @@ def _print(row: dict) -> dict:
     return row
 
 
-@contextlib.contextmanager
-def _matmul_precision(precision: str):
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+def _matmul_precision(products: str):
+    from .fused import plan
+
+    return plan.float32_products(products)
 
 
 def _timings() -> list[dict]:
