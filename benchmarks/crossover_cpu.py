@@ -1,10 +1,10 @@
 """Where the chunked backend overtakes the reference on this CPU: forward+backward time of both over
 a grid of sizes, for the rule ``backend="auto"`` follows off the fused path.
 
-    python benchmarks/crossover_cpu.py                 # writes results/chunked-crossover-cpu.md
-    python benchmarks/crossover_cpu.py --quick         # a few points, to check the script
-    python benchmarks/crossover_cpu.py --threads 1 --cpu-time   # as committed: one thread, CPU
-                                                                # time (robust to other processes)
+    python benchmarks/crossover_cpu.py --threads 1 --cpu-time   # as committed, in
+        # results/chunked-crossover-cpu.md: one thread, CPU time (robust to other processes)
+    python benchmarks/crossover_cpu.py --quick   # two points, to check the script: it writes to
+        # a temporary folder, never to results/
 
 Each point is SCE (D = 32, 128, 512) or InfoNCE (D = 128) with N rows and K candidates per row:
 in-batch (K = N, the keys get gradients too) or queue mode (K = M + 1); float32 or float64; the
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from outputs import output
 
 from sce_loss import chunked, reference
 from sce_loss.problem import Problem
@@ -35,11 +36,10 @@ LOSSES = {  # name in the results: (Problem.loss, the public functions' defaults
 }
 BACKENDS = {"reference": reference, "chunked": chunked}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-HERE = Path(__file__).resolve().parent
 MAX_PAIRS = 1 << 23  # N·K: above this the reference needs gigabytes and is far behind anyway
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -50,8 +50,14 @@ def parse_args():
         action="store_true",
         help="time with time.process_time (CPU time) instead of wall-clock time",
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "chunked-crossover-cpu.md")
-    return parser.parse_args()
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="default: results/chunked-crossover-cpu.md (--quick: a temporary one)",
+    )
+    args = parser.parse_args(argv)
+    args.out = output(parser, args.out, "chunked-crossover-cpu.md", check=args.quick)
+    return args
 
 
 def grid(quick: bool):
@@ -74,7 +80,7 @@ def grid(quick: bool):
     return points
 
 
-def seconds(loss, dtype, mode, n, k, d, backend, clock) -> float:
+def seconds(loss, dtype, mode, n, k, d, backend, clock, budget: float = 1.0) -> float:
     g = torch.Generator().manual_seed(n + k + d)
     make = lambda rows: F.normalize(torch.randn(rows, d, generator=g), dim=1).to(DTYPES[dtype])  # noqa: E731
     query, key = make(n).requires_grad_(), make(n).requires_grad_()
@@ -96,7 +102,7 @@ def seconds(loss, dtype, mode, n, k, d, backend, clock) -> float:
 
     step()
     times, begin = [], time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - begin < 1.0 and len(times) < 50):
+    while len(times) < 3 or (time.perf_counter() - begin < budget and len(times) < 50):
         start = clock()
         step()
         times.append(clock() - start)
@@ -108,8 +114,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
-    flags = (f" --threads {args.threads}" if args.threads else "") + (
-        " --cpu-time" if args.cpu_time else ""
+    flags = (
+        (f" --threads {args.threads}" if args.threads else "")
+        + (" --cpu-time" if args.cpu_time else "")
+        + (" --quick" if args.quick else "")
     )
     lines = [
         "# Chunked against reference on the CPU: where chunked is faster",
@@ -125,8 +133,9 @@ def main():
         "|" + "---|" * 10,
     ]
     for point in grid(args.quick):
-        ref = seconds(*point, "reference", clock) * 1e3
-        chunk = seconds(*point, "chunked", clock) * 1e3
+        budget = 0.05 if args.quick else 1.0
+        ref = seconds(*point, "reference", clock, budget) * 1e3
+        chunk = seconds(*point, "chunked", clock, budget) * 1e3
         loss, dtype, mode, n, k, d = point
         lines.append(
             f"| {loss} | {dtype} | {mode} | {n} | {k} | {d} | {n * k} | {ref:.2f} | "

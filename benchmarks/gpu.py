@@ -23,12 +23,12 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from outputs import output
 
 from sce_loss import info_nce_loss, ressl_loss, sce_loss
 
@@ -37,7 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BACKENDS = ("fused", "eager", "compile")
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -56,7 +56,7 @@ def parse_args():
     parser.add_argument(
         "--out", type=Path, help="default: benchmarks/results, or a temporary folder with --smoke"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(
             f"--device {args.device}: no CUDA GPU is available here "
@@ -65,12 +65,7 @@ def parse_args():
         )
     if args.smoke:
         args.n, args.d, args.m, args.reps = [16], [16], [64, 256], 3
-    if args.out is None:
-        args.out = (
-            Path(tempfile.mkdtemp(prefix="sce-loss-gpu-smoke-"))
-            if args.smoke
-            else Path(__file__).resolve().parent / "results"
-        )
+    args.out = output(parser, args.out, "", check=args.smoke)
     return args
 
 

@@ -5,7 +5,9 @@ The floor is three N×M×D GEMMs (q·C, k·C, (P − W)·C: a materialised algor
 of a 2048³ float32 matmul measured in the same process; the ratio chunked / floor is reported
 beside the eager reference's, with a profile of where chunked's time goes.
 
-    python benchmarks/queue_throughput_cpu.py [--out benchmarks/results/chunked-queue-cpu.md]
+    python benchmarks/queue_throughput_cpu.py           # as committed: results/chunked-queue-cpu.md
+    python benchmarks/queue_throughput_cpu.py --quick   # tiny sizes, to check the script: it
+        # writes to a temporary folder, never to results/
 """
 
 import argparse
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from outputs import output
 from torch.profiler import ProfilerActivity, profile
 
 from sce_loss import sce_loss
@@ -28,24 +31,38 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queue", type=int, default=262144)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/chunked-queue-cpu.md"))
-    args = parser.parse_args()
+    parser.add_argument("--gemm", type=int, default=2048, help="the side of the timed matmul")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
+    parser.add_argument(
+        "--out", type=Path, help="default: results/chunked-queue-cpu.md (--quick: a temporary one)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.dim, args.queue, args.repeats, args.gemm = 16, 16, 2048, 1, 128
+    args.out = output(parser, args.out, "chunked-queue-cpu.md", check=args.quick)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     g = torch.Generator().manual_seed(0)
 
     def unit(*shape):
         return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
 
     query, key, queue = unit(args.n, args.dim), unit(args.n, args.dim), unit(args.queue, args.dim)
-    a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
+    a, b = (torch.randn(args.gemm, args.gemm, generator=g) for _ in range(2))
     a @ b
     gemm_seconds = best(lambda: a @ b, args.repeats)
-    rate = 2 * 2048**3 / gemm_seconds
+    rate = 2 * args.gemm**3 / gemm_seconds
     floor = 3 * 2 * args.n * args.queue * args.dim / rate
 
     def step(backend):
@@ -65,9 +82,12 @@ def main() -> None:
         "",
         f"SCE fwd+bwd, N = {args.n}, D = {args.dim}, M = {args.queue}, float32, best of "
         f"{args.repeats}. Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}. Command: `python benchmarks/queue_throughput_cpu.py`.",
+        f"torch {torch.__version__}. Command: `python benchmarks/queue_throughput_cpu.py"
+        + (" --quick" if args.quick else "")
+        + "`.",
         "",
-        f"Dense GEMM rate (2048³ float32 matmul, same process): {rate / 1e9:.0f} GFLOP/s, so "
+        f"Dense GEMM rate ({args.gemm}³ float32 matmul, same process): {rate / 1e9:.0f} "
+        "GFLOP/s, so "
         f"three N×M×D GEMMs take {floor:.3f} s (the floor).",
         "",
         "| backend | time (s) | × floor | × eager reference |",
@@ -92,6 +112,7 @@ def main() -> None:
     lines += ["```", table, "```"]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

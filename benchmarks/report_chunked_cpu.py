@@ -1,10 +1,11 @@
 """Run the chunked backend's CPU benchmark and write its results: a Markdown table, a plot and the
 raw pytest-benchmark JSON under benchmarks/results/ (chunked-cpu.md, .png, .json).
 
-    python benchmarks/report_chunked_cpu.py                   # run benchmarks/test_chunked_cpu.py
-    python benchmarks/report_chunked_cpu.py --from run.json   # only write, from an earlier run
     python benchmarks/report_chunked_cpu.py --threads 1 --cpu-time   # as committed: one thread,
-                                                                      # CPU time
+        # CPU time; runs benchmarks/test_chunked_cpu.py, writes results/chunked-cpu.*
+    python benchmarks/report_chunked_cpu.py --from run.json   # only write, from an earlier run
+    python benchmarks/report_chunked_cpu.py --quick   # SCE at M = 4096, eager only, to check the
+        # script: it writes to a temporary folder, never to results/
 
 Times are the minimum over the rounds (on a shared machine the least disturbed one); the JSON
 keeps every statistic. On one thread, CPU time (--cpu-time) is what the step costs whatever else
@@ -20,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from outputs import output
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("reference", "reference-compiled", "chunked", "chunked-compiled", "gemms")
 STYLES = {
@@ -31,26 +34,30 @@ STYLES = {
 }
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--from", dest="source", type=Path, help="a pytest-benchmark JSON file")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--quick", action="store_true", help="SCE at M = 4096, eager only")
+    parser.add_argument("--out", type=Path, help="default: results/ (--quick: a temporary folder)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: its choice)")
     parser.add_argument(
         "--cpu-time",
         action="store_true",
         help="time with time.process_time (CPU time) instead of wall-clock time",
     )
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    args.out = output(parser, args.out, "", check=args.quick)
+    return args
 
 
-def run(json_path: Path, threads: int | None, cpu_time: bool) -> dict:
+def run(json_path: Path, threads: int | None, cpu_time: bool, quick: bool) -> dict:
     """Run the benchmark into ``json_path``; the machine's load before and after, for the record."""
     load_before = os.getloadavg()
     env = os.environ | ({"BENCHMARK_THREADS": str(threads)} if threads else {})
     timer = ["--benchmark-timer=time.process_time"] if cpu_time else []
+    subset = ["-k", "sce and 4096 and not compiled"] if quick else []
     subprocess.run(
         [
             sys.executable,
@@ -63,6 +70,7 @@ def run(json_path: Path, threads: int | None, cpu_time: bool) -> dict:
             "-p",
             "no:cacheprovider",
             *timer,
+            *subset,
         ],
         check=True,
         env=env,
@@ -179,8 +187,10 @@ def _ratio(time: dict, variant: str, other: str) -> str:
 def _flags(data: dict) -> str:
     info = data["benchmarks"][0]["extra_info"]
     cpu_time = "process_time" in data["benchmarks"][0]["options"]["timer"]
-    return (f" --threads {info['threads']}" if info.get("threads_set") else "") + (
-        " --cpu-time" if cpu_time else ""
+    return (
+        (f" --threads {info['threads']}" if info.get("threads_set") else "")
+        + (" --cpu-time" if cpu_time else "")
+        + (" --quick" if data.get("quick") else "")
     )
 
 
@@ -199,9 +209,10 @@ def main():
     json_path = args.out / "chunked-cpu.json"
     load = None
     if args.source is None:
-        load = run(json_path, args.threads, args.cpu_time)
+        load = run(json_path, args.threads, args.cpu_time, args.quick)
         data = json.loads(json_path.read_text())
         data["load"] = load
+        data["quick"] = args.quick
         json_path.write_text(json.dumps(data, indent=1))
     else:
         data = json.loads(args.source.read_text())
@@ -210,6 +221,7 @@ def main():
     (args.out / "chunked-cpu.md").write_text(markdown(table, data, load))
     plot(table, args.out / "chunked-cpu.png")
     print((args.out / "chunked-cpu.md").read_text())
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Each backend runs in a fresh process. Time: the best of a few fwd+bwd calls. Ext
 peak of the bytes of tensors allocated during one more fwd+bwd and still alive, from PyTorch's
 profiler (so the inputs are not counted; the gradients it leaves, 2N × D, are).
 
-    python benchmarks/simclr_cpu.py [--rows 16384] [--out benchmarks/results/simclr-cpu.md]
+    python benchmarks/simclr_cpu.py           # as committed: results/simclr-cpu.md
+    python benchmarks/simclr_cpu.py --quick   # 2N = 256, to check the script: it writes to a
+        # temporary folder, never to results/
 """
 
 import argparse
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from outputs import output
 
 
 def peak_allocated_mib(fn) -> float:
@@ -64,14 +67,28 @@ def measure(backend: str, rows: int, dim: int, repeats: int) -> dict:
     return dict(backend=backend, seconds=min(times), extra_mib=extra)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=16384, help="2N")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/simclr-cpu.md"))
+    parser.add_argument("--quick", action="store_true", help="2N = 256, to check the script")
+    parser.add_argument(
+        "--out", type=Path, help="default: results/simclr-cpu.md (--quick: a temporary one)"
+    )
     parser.add_argument("--child", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.repeats = 256, 1
+    if not args.child:
+        args.out = output(parser, args.out, "simclr-cpu.md", check=args.quick)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.rows, args.dim, args.repeats)))
         return
@@ -92,7 +109,7 @@ def main() -> None:
         "backend in its own process.",
         f"Machine: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
-        "Command: `python benchmarks/simclr_cpu.py`.",
+        f"Command: `python benchmarks/simclr_cpu.py{' --quick' if args.quick else ''}`.",
         "",
         "| backend | time (s) | × eager reference | extra memory (MiB) |",
         "| --- | --- | --- | --- |",
@@ -104,6 +121,7 @@ def main() -> None:
         )
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """CPU benchmark of the chunked backend against the reference, eager and torch.compile'd
 (inductor), with the matrix products that bound the streaming algorithm, and peak extra memory.
 
-    python benchmarks/report_chunked_cpu.py      # runs this file, writes results/chunked-cpu.*
+    python benchmarks/report_chunked_cpu.py --threads 1 --cpu-time   # runs this file, writes
+                                                                      # results/chunked-cpu.*
     python -m pytest benchmarks/test_chunked_cpu.py --benchmark-only   # the timings alone
 
 Each case times forward + backward of the mean loss in queue mode, N=256, D=128, float32 unit

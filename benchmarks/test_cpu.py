@@ -1,6 +1,7 @@
 """CPU benchmarks of the reference path, eager against torch.compile in the same run.
 
-    python -m pytest benchmarks/test_cpu.py --benchmark-only --benchmark-group-by=param:shape
+    python -m pytest benchmarks/test_cpu.py --benchmark-only --benchmark-group-by=param:shape \
+        --benchmark-columns=median,min,max,rounds   # as committed: results/cpu.md
 
 Each case times forward + backward of the mean loss on unit vectors in queue mode.
 """
