@@ -27,7 +27,7 @@ from .arguments import (
     reduce_losses,
     traceable_scalar,
 )
-from .problem import Problem, Scalar, compute_dtype_of, transformed
+from .problem import POSITIVES, Problem, Scalar, compute_dtype_of, tracing, transformed
 
 # ``auto`` off the fused path streams (chunked) against a queue of at least CHUNKED_FROM_QUEUE keys
 # from max(2^18, 16·D²) (row, candidate) pairs on: measured on a 2-core CPU
@@ -44,10 +44,12 @@ CHUNKED_FROM_SYMMETRIC_PAIRS = 1 << 24
 
 def info_nce_loss(
     query: Tensor,
-    key: Tensor,
+    key: Tensor | None = None,
     queue: Tensor | None = None,
     *,
     temperature: Scalar = 0.2,
+    labels: Tensor | None = None,
+    positives: str = "mean",
     include_keys: bool = False,
     symmetric: bool = False,
     normalize: bool = False,
@@ -68,6 +70,17 @@ def info_nce_loss(
             samples through one online network, both with gradients; each of the 2N embeddings
             is a row whose candidates are the other 2N − 1 and whose positive is its sample's
             other view (NT-Xent for InfoNCE). No queue, no ``include_keys``, no crops.
+            With ``key`` omitted, ``query`` holds V views (V, N, D) (or one, (N, D)) of N
+            samples: each of the V·N embeddings is a row whose candidates are the other V·N − 1
+            and whose positives are its sample's other views (or, with ``labels``, every
+            candidate of its label).
+        labels: optional (N,) integer tensor, one label ≥ 0 per sample (shared by its views),
+            in the symmetric form or in-batch mode: a row's positives P are the candidates of its
+            label (SupCon). Not with a queue.
+        positives: where a row has several positives: "mean" (SupCon's L_out,
+            LSE(a) − mean_P a_p), "pooled" (L_in, LSE(a) − LSE_P(a)) or "pairs" (each (row,
+            positive) pair against the row's negatives only; "mean" averages over pairs). A row
+            with no positive counts for nothing: 0 in "none", left out of "mean".
         normalize: L2-normalise query, key and queue first.
         reduction: "mean" (default), "sum" or "none" (per-row losses, shape (N,) or (V, N);
             (2, N) in the symmetric form, row v holding view v's).
@@ -76,9 +89,28 @@ def info_nce_loss(
             as if one process held every batch.
         backend: "auto" (the fused kernels on CUDA when Triton is installed and they pass their
             first-use check, else chunked or reference, whichever is faster for the size),
-            "reference", "chunked" or "fused".
+            "reference", "chunked" or "fused". Several positives per row are computed by the
+            reference.
     """
-    check_options(temperature=temperature)
+    check_options(temperature=temperature, positives=positives)
+    if key is None or labels is not None:
+        if key is None and labels is None and symmetric and query.dim() == 3 and len(query) == 2:
+            key, query = query[1], query[0]  # two views: the one-positive form
+        else:
+            return _info_nce_positives(
+                query,
+                key,
+                queue,
+                temperature=temperature,
+                labels=labels,
+                positives=positives,
+                include_keys=include_keys,
+                symmetric=symmetric,
+                normalize=normalize,
+                reduction=reduction,
+                gather=gather,
+                backend=backend,
+            )
     return _loss(
         "info_nce",
         query,
@@ -233,6 +265,120 @@ def _loss(
     return reduce_losses(losses, reduction)
 
 
+def _info_nce_positives(
+    query,
+    key,
+    queue,
+    *,
+    temperature,
+    labels,
+    positives,
+    include_keys,
+    symmetric,
+    normalize,
+    reduction,
+    gather,
+    backend,
+) -> Tensor:
+    """InfoNCE with a set of positives per row (:func:`sce_loss.reference.info_nce_positives`):
+    V views in the symmetric form, or labels (symmetric or in-batch)."""
+    check_options(
+        include_keys=include_keys,
+        symmetric=symmetric,
+        normalize=normalize,
+        reduction=reduction,
+        gather=gather,
+        backend=backend,
+    )
+    if key is None and not symmetric:
+        raise ValueError("key may be omitted only in the symmetric form: pass symmetric=True")
+    if queue is not None or include_keys:
+        raise ValueError(
+            "several positives per row (labels, or V views) compare in-batch embeddings only: "
+            "pass no queue and include_keys=False"
+        )
+    if backend in ("chunked", "fused"):
+        raise ValueError(
+            f"backend={backend!r} does not compute several positives per row (labels, or V "
+            "views); use backend='auto' or 'reference'"
+        )
+    if key is None:
+        check_float_tensor("query", query)
+        if query.dim() not in (2, 3) or 0 in query.shape:
+            raise ValueError(
+                "with key omitted, query must be non-empty views (V, N, D) or one view (N, D), got "
+                f"shape {tuple(query.shape)}"
+            )
+        views = query if query.dim() == 3 else query[None]
+        check_finite(query=query)
+    else:
+        _check_tensors(query, key, None)
+        if symmetric:
+            _check_symmetric(query, None, False)
+        views = torch.stack([query, key]) if symmetric else query
+    crops, n, dim = views.shape if views.dim() == 3 else (1, *views.shape)
+    if len(views) == 1 and symmetric and labels is None:
+        raise ValueError("one view has no positive without labels: pass labels, or V ≥ 2 views")
+    if labels is not None:
+        _check_labels(labels, n, views.device)
+    tau = _hyper_parameter("temperature", temperature, views.device)
+    group = distributed.resolve_group(gather)
+    dtype = compute_dtype_of(views.dtype)
+    with autocast_disabled(views.device.type):
+        rows = views.reshape(-1, dim).to(dtype)
+        if normalize:
+            rows = F.normalize(rows, dim=-1)
+        if symmetric:
+            candidates, offset = distributed.gather_keys(rows, group, rows_per_sample=crops)
+            own = offset + torch.arange(len(rows), device=rows.device)
+            samples = offset // crops
+        else:
+            keys = key.to(dtype)
+            keys = F.normalize(keys, dim=-1) if normalize else keys
+            candidates, offset = distributed.gather_keys(keys, group)
+            own, samples = None, offset
+        if labels is None:
+            labels = samples + torch.arange(n, device=rows.device)
+        sample_labels = labels if group is None else distributed.all_gather_constant(labels, group)
+        row_labels = labels.repeat(crops)
+        candidate_labels = (
+            sample_labels.view(-1, n).repeat(1, crops).view(-1) if symmetric else (sample_labels)
+        )
+        losses, terms = reference.info_nce_positives(
+            rows,
+            candidates,
+            row_labels=row_labels,
+            candidate_labels=candidate_labels,
+            own=own,
+            temperature=tau,
+            positives=positives,
+        )
+    if reduction == "none":
+        one_set = query.dim() == 2 and (key is None or not symmetric)  # (N, D) in: (N,) out
+        return losses if one_set else losses.view(crops, n)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / terms.sum().clamp(min=1)
+
+
+def _check_labels(labels, n: int, device: torch.device) -> None:
+    if (
+        not isinstance(labels, Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or (labels.dtype == torch.bool)
+    ):
+        kind = f"a {labels.dtype} tensor" if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor, got {kind}")
+    if labels.shape != (n,) or labels.device != device:
+        raise ValueError(
+            f"labels must be ({n},) (one per sample) on {device}, got shape "
+            f"{tuple(labels.shape)} on {labels.device}"
+        )
+    if not tracing() and labels.device.type == "cpu" and n and int(labels.min()) < 0:
+        raise ValueError(f"labels must be ≥ 0, got {int(labels.min())}")
+
+
 def _check_symmetric(query: Tensor, queue: Tensor | None, include_keys: bool) -> None:
     """The symmetric form takes two (N, D) views and nothing else."""
     if query.dim() != 2:
@@ -373,6 +519,11 @@ def _check_has_negatives(bank: Tensor | None, queue: Tensor | None, symmetric: b
         )
 
 
+def check_positives(name: str, value) -> None:
+    if not isinstance(value, str) or value not in POSITIVES:
+        raise ValueError(f"{name} must be one of {POSITIVES}, got {value!r}")
+
+
 _CHECKS = SHARED_CHECKS | {
     "coeff": check_coeff,
     "temperature": check_temperature,
@@ -380,6 +531,7 @@ _CHECKS = SHARED_CHECKS | {
     "include_keys": check_bool,
     "symmetric": check_bool,
     "backend": check_backend,
+    "positives": check_positives,
 }
 
 

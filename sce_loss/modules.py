@@ -90,6 +90,8 @@ class InfoNCELoss(_QueryKeyLoss):
 
     Args:
         temperature: τ ≥ 1e-4, a float or a 0-d tensor (an ``nn.Parameter`` is learned).
+        positives: "mean", "pooled" or "pairs": the loss of a row with several positives
+            (labels passed to the call, or V ≥ 3 views), as :func:`sce_loss.info_nce_loss`.
         queue: a ``MemoryQueue`` to hold (saved in ``state_dict``), read when no queue is passed
             to the call; push the keys to it after the loss.
         include_keys: with a queue, every in-batch key is a candidate too.
@@ -103,10 +105,23 @@ class InfoNCELoss(_QueryKeyLoss):
 
     loss_fn = staticmethod(functional.info_nce_loss)
 
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        queue: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """The loss of ``query`` and ``key`` (omitted: ``query`` holds V views, symmetric form)
+        against ``queue`` or the held queue's keys, with optional per-sample ``labels``."""
+        return self.loss_fn(query, key, _keys(queue, self.queue), labels=labels, **self._options())
+
     def __init__(
         self,
         *,
         temperature: Scalar = 0.2,
+        positives: str = "mean",
         queue: MemoryQueue | None = None,
         include_keys: bool = False,
         symmetric: bool = False,
@@ -118,6 +133,7 @@ class InfoNCELoss(_QueryKeyLoss):
         super().__init__(
             queue,
             temperature=temperature,
+            positives=positives,
             include_keys=include_keys,
             symmetric=symmetric,
             normalize=normalize,

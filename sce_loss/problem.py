@@ -55,6 +55,18 @@ def own_columns(rows: int, offset: int, device) -> Tensor:
     return offset + (torch.arange(rows, device=device) + rows // 2) % rows
 
 
+POSITIVES = ("mean", "pooled", "pairs")
+
+
+def positive_mask(row_labels: Tensor, candidate_labels: Tensor, own: Tensor | None) -> Tensor:
+    """P(r) as a (rows, candidates) mask: the candidates with row r's label, less its ``own``
+    column (the row's own embedding, which is no candidate; None: none is)."""
+    mask = row_labels[:, None] == candidate_labels[None, :]
+    if own is not None:
+        mask[torch.arange(len(own), device=own.device), own] = False
+    return mask
+
+
 def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
     """The dtype the losses compute in: float64 for float64 inputs, float32 for every other."""
     return torch.float64 if dtype == torch.float64 else torch.float32

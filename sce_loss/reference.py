@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .problem import Problem, Scalar, constant, transformed
+from .problem import Problem, Scalar, constant, positive_mask, transformed
 
 
 @torch.library.custom_op("sce_loss::snapshot", mutates_args=())
@@ -189,3 +189,47 @@ def sce(
     log_p = _without(torch.log_softmax(logits, -1), excluded, 0.0)  # its target weight is 0
     coeff = constant(coeff)
     return -coeff * _gather_positive(log_p, pos) - (1 - coeff) * (target * log_p).sum(-1)
+
+
+def info_nce_positives(
+    rows: Tensor,
+    candidates: Tensor,
+    *,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor | None,
+    temperature: Scalar,
+    positives: str,
+) -> tuple[Tensor, Tensor]:
+    """InfoNCE of each row against ``candidates`` with a set of positives P(r) (the candidates
+    with the row's label, less its ``own`` column, which is no candidate at all); a = x·c / τ:
+
+      mean    loss_r = LSE_c(a) − (1/|P|)·Σ_{p∈P} a_p                (SupCon's L_out)
+      pooled  loss_r = LSE_c(a) − LSE_{p∈P}(a)                       (L_in)
+      pairs   loss_r = Σ_{p∈P} [log(e^{a_p} + Σ_{n∉P} e^{a_n}) − a_p]  (one term per pair)
+
+    Returns the per-row losses and their numbers of terms (|P| for "pairs", else 1), both 0 for a
+    row with no positive; a row with no negative gives 0 in "pairs"."""
+    logits = rows @ candidates.mT / temperature
+    positive = positive_mask(row_labels, candidate_labels, own)
+    negative = ~positive if own is None else ~positive & ~_column_mask(logits, own)
+    logits = _without(logits, own, float("-inf"))
+    counts = positive.sum(-1)
+    has_positive, has_negative = counts > 0, negative.any(-1)
+    lse = torch.logsumexp(logits, -1)
+    if positives == "mean":
+        losses = lse - logits.masked_fill(~positive, 0.0).sum(-1) / counts.clamp(min=1)
+    elif positives == "pooled":
+        # A row with no positive keeps its logits: a finite LSE, whose (masked) gradient is 0.
+        kept = positive | ~has_positive[:, None]
+        losses = lse - torch.logsumexp(logits.masked_fill(~kept, float("-inf")), -1)
+    else:
+        kept = negative | ~has_negative[:, None]  # as above, for a row with no negative
+        lse_negatives = torch.logsumexp(logits.masked_fill(~kept, float("-inf")), -1)
+        lse_negatives = torch.where(has_negative, lse_negatives, float("-inf"))
+        # log(e^{a_p} + e^{LSE_n}) − a_p = softplus(LSE_n − a_p): 0 for a row with no negative.
+        per_pair = torch.nn.functional.softplus(lse_negatives[:, None] - logits)
+        losses = per_pair.masked_fill(~positive, 0.0).sum(-1)
+    losses = torch.where(has_positive, losses, torch.zeros_like(losses))
+    terms = counts if positives == "pairs" else has_positive.to(counts.dtype)
+    return losses, terms

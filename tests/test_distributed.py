@@ -72,6 +72,7 @@ def _worker(rank, world, init_file, out_dir):
             results["symmetric", name, backend] = symmetric_loss_and_gradients(
                 name, z1[rows], z2[rows], gather=True, backend=backend
             )
+        results["positives"] = _positives_gathered(rank, world)
         results["compiled"] = _compiled_gather(rank, world)
         results["host reads"] = _host_reads_of_a_gathered_step(rank, world)
         queue = MemoryQueue(7, 2, dtype=torch.float64)
@@ -90,6 +91,45 @@ def _worker(rank, world, init_file, out_dir):
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+POSITIVES_CASES = [
+    (positives, labelled) for positives in ("mean", "pooled", "pairs") for labelled in (0, 1)
+]
+
+
+def positives_batch(world):
+    """Three views of every rank's samples and their labels (several per class), float64."""
+    n = N_PER_RANK * world
+    views = torch.nn.functional.normalize(
+        torch.randn(3, n, 6, generator=torch.Generator().manual_seed(40), dtype=torch.float64),
+        dim=-1,
+    )
+    return views, torch.arange(n) % 2
+
+
+def positives_sum_and_gradient(views, labels, positives, labelled, gather):
+    views = views.clone().requires_grad_()
+    loss = info_nce_loss(
+        views,
+        symmetric=True,
+        labels=labels if labelled else None,
+        positives=positives,
+        reduction="sum",
+        gather=gather,
+    )
+    loss.backward()
+    return loss.detach(), views.grad
+
+
+def _positives_gathered(rank, world):
+    """Several positives per row, gathered: each rank's summed losses and its views' gradients."""
+    views, labels = positives_batch(world)
+    rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    return {
+        case: positives_sum_and_gradient(views[:, rows], labels[rows], *case, gather=True)
+        for case in POSITIVES_CASES
+    }
 
 
 def _uneven_batches(rank):
@@ -214,6 +254,20 @@ def test_fused_ranks_match_one_fused_process(ranks, name, mode, crops):
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
         torch.testing.assert_close(rank_grad_query, world * grad_query[rows], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rank_grad_key, world * grad_key[rows], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("positives, labelled", POSITIVES_CASES)
+def test_several_positives_gathered_equal_one_process(ranks, positives, labelled):
+    """V = 3 views with or without labels: Σ_r L_r is the one process's summed loss, and each
+    rank's gradients are the one process's for its rows (labels gathered with the views)."""
+    world, results = ranks
+    views, labels = positives_batch(world)
+    loss, grad = positives_sum_and_gradient(views, labels, positives, labelled, gather=False)
+    per_rank = [r["positives"][positives, labelled] for r in results]
+    torch.testing.assert_close(sum(r[0] for r in per_rank), loss, rtol=1e-12, atol=1e-13)
+    for rank, (_, rank_grad) in enumerate(per_rank):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        torch.testing.assert_close(rank_grad, grad[:, rows], rtol=1e-10, atol=1e-12)
 
 
 def test_queues_are_identical_across_ranks_and_equal_one_process_pushing_every_batch(ranks):

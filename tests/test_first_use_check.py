@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 from conftest import HAS_FUSED, fused_reason
-from torch._dynamo.testing import CompileCounterWithBackend
 from test_fused import DEVICE, SCE, problem_of
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from sce_loss import fused, sce_loss
 from sce_loss.fused import first_use, kernels

@@ -1,0 +1,254 @@
+"""Several positives per row: V views in the symmetric form and labels (SupCon), against
+transcriptions of the peers' losses: the official SupContrast SupConLoss, solo-learn's
+simclr_loss_func with indexes, pytorch-metric-learning's NTXentLoss and SupConLoss with labels."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import unit
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_symmetric import metric_learning_ntxent, solo_learn_simclr
+
+from sce_loss import InfoNCELoss, info_nce_loss
+
+TAU = 0.1
+
+
+def supcontrast_supcon(features, labels=None, temperature=TAU, base_temperature=TAU):
+    """HobbitLong/SupContrast losses.py SupConLoss(contrast_mode="all"): features (bsz, n_views,
+    D) normalised; labels (bsz,) or None (SimCLR mode, mask = eye). Rows with no positive get 0
+    (mask_pos_pairs < 1e-6 → 1) and count in the mean."""
+    bsz, n_views = features.shape[:2]
+    if labels is None:
+        mask = torch.eye(bsz, dtype=features.dtype)
+    else:
+        mask = torch.eq(labels[:, None], labels[None, :]).to(features.dtype)
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True)[0].detach()
+    mask = mask.repeat(n_views, n_views)
+    logits_mask = torch.scatter(
+        torch.ones_like(mask), 1, torch.arange(bsz * n_views).view(-1, 1), 0
+    )
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mask_pos_pairs = mask.sum(1)
+    mask_pos_pairs = torch.where(mask_pos_pairs < 1e-6, 1, mask_pos_pairs)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask_pos_pairs
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    return loss.view(n_views, bsz).mean()
+
+
+def metric_learning_supcon(embeddings, labels, temperature=TAU):
+    """pytorch_metric_learning.losses.SupConLoss: cosine similarities / τ; per anchor the mean
+    over its positives (same label, not itself) of log softmax over the others; AvgNonZero."""
+    sims = F.normalize(embeddings, dim=-1) @ F.normalize(embeddings, dim=-1).T / temperature
+    eye = torch.eye(len(labels), dtype=torch.bool)
+    positive = (labels[:, None] == labels[None]) & ~eye
+    log_prob = sims - torch.logsumexp(sims.masked_fill(eye, float("-inf")), 1, keepdim=True)
+    losses = -(positive * log_prob).sum(1) / (positive.sum(1) + torch.finfo(sims.dtype).tiny)
+    nonzero = losses > 0
+    return losses[nonzero].mean() if nonzero.any() else losses.sum() * 0
+
+
+def views_of(v, n, d=8, seed=0):
+    return unit(v, n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("v", [2, 3, 4])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_mean_is_supcontrasts_supcon(v, with_labels):
+    views = views_of(v, 6, seed=v).requires_grad_()
+    labels = torch.tensor([0, 1, 0, 2, 1, 0]) if with_labels else None
+    got = info_nce_loss(views, symmetric=True, labels=labels, temperature=TAU)
+    want = supcontrast_supcon(views.transpose(0, 1), labels)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    (g,) = torch.autograd.grad(got, views)
+    (w,) = torch.autograd.grad(want, views)
+    torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("v", [2, 3])
+@pytest.mark.parametrize("class_indexes", [False, True])
+def test_pooled_is_solo_learns_simclr_with_indexes(v, class_indexes):
+    """solo-learn's multi-crop SimCLR (indexes repeated per crop) and SupCon-style class
+    indexes: z = [z_1; ...; z_V], normalised inside."""
+    views = (3 * views_of(v, 5, seed=10 + v)).requires_grad_()  # not unit: normalize=True
+    indexes = torch.tensor([4, 1, 4, 0, 1]) if class_indexes else torch.arange(5)
+    got = info_nce_loss(
+        views,
+        symmetric=True,
+        labels=indexes if class_indexes else None,
+        positives="pooled",
+        normalize=True,
+        temperature=TAU,
+    )
+    want = solo_learn_simclr(views.reshape(-1, 8), indexes.repeat(v), TAU)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    (g,) = torch.autograd.grad(got, views)
+    (w,) = torch.autograd.grad(want, views)
+    torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_pairs_and_mean_are_metric_learnings_ntxent_and_supcon_with_labels():
+    embeddings = (2 * unit(9, 8)).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 2])
+    for positives, peer in (("pairs", metric_learning_ntxent), ("mean", metric_learning_supcon)):
+        got = info_nce_loss(
+            embeddings,
+            symmetric=True,
+            labels=labels,
+            positives=positives,
+            normalize=True,
+            temperature=TAU,
+        )
+        want = peer(embeddings, labels, TAU)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+        (g,) = torch.autograd.grad(got, embeddings)
+        (w,) = torch.autograd.grad(want, embeddings)
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs"])
+def test_one_positive_per_row_is_todays_loss(positives):
+    z1, z2 = views_of(2, 7, seed=3)
+    distinct = torch.arange(7) * 3
+    for today, options in (
+        (info_nce_loss(z1, z2, symmetric=True), dict(symmetric=True)),  # NT-Xent
+        (info_nce_loss(z1, z2), {}),  # in-batch
+    ):
+        got = info_nce_loss(z1, z2, labels=distinct, positives=positives, **options)
+        torch.testing.assert_close(got, today, rtol=1e-13, atol=1e-14)
+    views = torch.stack([z1, z2])
+    got = info_nce_loss(views, symmetric=True, positives=positives, reduction="none")
+    today = info_nce_loss(z1, z2, symmetric=True, reduction="none")
+    torch.testing.assert_close(got, today, rtol=0, atol=0)  # routed to the one-positive form
+
+
+def test_in_batch_labels_make_every_same_label_key_a_positive():
+    query, key = views_of(2, 6, seed=4)
+    crops = torch.stack([query, query.flip(1)])
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    got = info_nce_loss(crops, key, labels=labels, temperature=TAU, reduction="none")
+    logits = crops @ key.T / TAU
+    positive = labels[:, None] == labels[None]
+    want = torch.logsumexp(logits, -1) - (logits * positive).sum(-1) / positive.sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs"])
+def test_rows_with_no_positive_count_for_nothing_and_never_give_nan(positives):
+    """One view and singleton labels: those rows give 0 and leave the mean; a batch with none
+    gives 0 with zero gradients (SupContrast#141 was a NaN here)."""
+    embeddings = unit(5, 8).requires_grad_()
+    labels = torch.tensor([0, 1, 0, 2, 3])  # rows 1, 3, 4 have no positive
+    per_row = info_nce_loss(
+        embeddings, symmetric=True, labels=labels, positives=positives, reduction="none"
+    )
+    assert per_row.shape == (5,) and torch.equal(per_row[[1, 3, 4]], torch.zeros(3))
+    mean = info_nce_loss(embeddings, symmetric=True, labels=labels, positives=positives)
+    torch.testing.assert_close(mean, per_row[[0, 2]].mean())
+    (grad,) = torch.autograd.grad(mean, embeddings)
+    assert torch.isfinite(grad).all()
+    none = info_nce_loss(embeddings, symmetric=True, labels=torch.arange(5), positives=positives)
+    (grad,) = torch.autograd.grad(none, embeddings)
+    assert none == 0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_a_row_with_no_negative():
+    """One class: "pairs" gives 0 (as PML), "mean" and "pooled" follow their formulas."""
+    views = views_of(2, 4, seed=5).requires_grad_()
+    labels = torch.zeros(4, dtype=torch.long)
+    pairs = info_nce_loss(views, symmetric=True, labels=labels, positives="pairs")
+    pooled = info_nce_loss(views, symmetric=True, labels=labels, positives="pooled")
+    (grad,) = torch.autograd.grad(pairs + pooled, views)
+    assert pairs == 0 and torch.isfinite(grad).all()
+    torch.testing.assert_close(pooled, torch.zeros(()).double(), rtol=0, atol=1e-15)
+    mean = info_nce_loss(views, symmetric=True, labels=labels, positives="mean", temperature=TAU)
+    torch.testing.assert_close(mean, supcontrast_supcon(views.transpose(0, 1), labels))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    v=st.integers(1, 3),
+    labels=st.lists(st.integers(0, 3), min_size=2, max_size=6),
+    positives=st.sampled_from(["mean", "pooled", "pairs"]),
+    seed=st.integers(0, 1000),
+)
+def test_gradcheck_and_permutation_equivariance(v, labels, positives, seed):
+    labels = torch.tensor(labels)
+    views = views_of(v, len(labels), d=4, seed=seed).requires_grad_()
+
+    def per_row(x):
+        return info_nce_loss(
+            x, symmetric=True, labels=labels, positives=positives, reduction="none"
+        )
+
+    torch.autograd.gradcheck(per_row, (views,))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    permuted = info_nce_loss(
+        views[:, order],
+        symmetric=True,
+        labels=labels[order],
+        positives=positives,
+        reduction="none",
+    )
+    torch.testing.assert_close(permuted, per_row(views).view(v, -1)[:, order].view(permuted.shape))
+
+
+def test_compiles_fullgraph_with_labels_and_a_learnable_temperature():
+    views = views_of(3, 6, seed=6).float()
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    temperature = torch.nn.Parameter(torch.tensor(TAU))
+    criterion = InfoNCELoss(temperature=temperature, symmetric=True, positives="pooled")
+    compiled = torch.compile(criterion, backend="aot_eager", fullgraph=True)
+    for fn in (compiled, criterion):
+        x = views.clone().requires_grad_()
+        loss = fn(x, labels=labels)
+        loss.backward()
+    torch.testing.assert_close(compiled(views, labels=labels), criterion(views, labels=labels))
+    assert temperature.grad is not None
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda v: info_nce_loss(v[0], symmetric=True), ValueError, "one view has no positive"),
+        (lambda v: info_nce_loss(v), ValueError, "key may be omitted only in the symmetric"),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, labels=torch.zeros(4)),
+            TypeError,
+            "labels must be an integer tensor, got a torch.float32 tensor",
+        ),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, labels=torch.zeros(3, dtype=torch.long)),
+            ValueError,
+            r"labels must be \(4,\) \(one per sample\)",
+        ),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, labels=torch.tensor([0, -1, 0, 1])),
+            ValueError,
+            "labels must be ≥ 0, got -1",
+        ),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, positives="all"),
+            ValueError,
+            r"positives must be one of \('mean', 'pooled', 'pairs'\), got 'all'",
+        ),
+        (
+            lambda v: info_nce_loss(v[0], v[1], v[2], labels=torch.arange(4)),
+            ValueError,
+            "compare in-batch embeddings only: pass no queue",
+        ),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, backend="chunked"),
+            ValueError,
+            "backend='chunked' does not compute several positives per row",
+        ),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(views_of(3, 4))
