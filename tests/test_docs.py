@@ -292,3 +292,56 @@ def test_each_module_documents_each_of_its_arguments(module):
     doc = inspect.getdoc(module)
     for name in inspect.signature(module).parameters:
         assert re.search(rf"^    {name}: \S", doc, re.M), (module.__name__, name)
+
+
+def _command(line: str) -> str:
+    """A shell line without its trailing comment."""
+    return re.sub(r"\s+#\s.*$", "", line).strip()
+
+
+def ci_script() -> tuple[set[str], list[str]]:
+    """.ci/run's commands, and its comment blocks (runs of comment lines, joined)."""
+    commands, comments, block = set(), [], []
+    for line in (ROOT / ".ci" / "run").read_text().splitlines():
+        if line.strip().startswith("#"):
+            block.append(line.strip().lstrip("#").strip())
+            continue
+        if block:
+            comments.append(" ".join(block))
+            block = []
+        if line.strip():
+            commands.add(_command(line))
+    return commands, comments
+
+
+def documented_commands() -> list:
+    """Each command of the README's set-up block, and each ``pip install`` line of the README
+    and the docs, in a code block or inline."""
+    found = []
+    readme = (ROOT / "README.md").read_text()
+    setup = BLOCK.search(readme, readme.index("## Set-up"))["code"]
+    found += [
+        ("README.md set-up", _command(line))
+        for line in setup.splitlines()
+        if not line.startswith("#")
+    ]
+    for path in DOCUMENTS:
+        text = path.read_text()
+        for match in BLOCK.finditer(text):
+            if match["language"] == "bash":
+                found += [
+                    (path.name, _command(line))
+                    for line in match["code"].splitlines()
+                    if line.startswith("pip install")
+                ]
+        found += [(path.name, span) for span in re.findall(r"`(pip install [^`]+)`", text)]
+    return [pytest.param(command, id=f"{where}: {command}") for where, command in found if command]
+
+
+@pytest.mark.parametrize("command", documented_commands())
+def test_ci_runs_each_documented_install_and_set_up_command_as_written(command):
+    """Copied from the docs, it is a line of .ci/run; or .ci/run says, next to it, why it cannot
+    run there."""
+    commands, comments = ci_script()
+    explained = [c for c in comments if command in c and re.search(r"(cannot|not) run here", c)]
+    assert command in commands or explained, command
