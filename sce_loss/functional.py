@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import chunked, distributed, fused, reference
+from . import chunked, chunked_positives, distributed, fused, reference
 from .arguments import (
     SHARED_CHECKS,
     autocast_disabled,
@@ -40,6 +40,11 @@ CHUNKED_FROM_PAIRS = 1 << 18
 # The symmetric (SimCLR) form streams from 2N = 4096 rows on (2N × 2N logits of 64 MiB each in
 # float32; benchmarks/results/simclr-cpu.md).
 CHUNKED_FROM_SYMMETRIC_PAIRS = 1 << 24
+# Several positives per row stream from 2^26 (row, candidate) pairs on: the reference's few
+# rows × candidates temporaries pass a GiB there. Measured on the 2-core CPU (SupCon, V = 2,
+# D = 128, float32, fwd+bwd): chunked 1.6× the reference's time at 4096 rows (2^24 pairs),
+# 0.73× at 16384 rows (2^28; benchmarks/results/supcon-cpu.md).
+CHUNKED_POSITIVES_FROM_PAIRS = 1 << 26
 
 
 def info_nce_loss(
@@ -297,10 +302,10 @@ def _info_nce_positives(
             "several positives per row (labels, or V views) compare in-batch embeddings only: "
             "pass no queue and include_keys=False"
         )
-    if backend in ("chunked", "fused"):
+    if backend == "fused":
         raise ValueError(
-            f"backend={backend!r} does not compute several positives per row (labels, or V "
-            "views); use backend='auto' or 'reference'"
+            "backend='fused' does not compute several positives per row (labels, or V views); "
+            "use backend='auto', 'chunked' or 'reference'"
         )
     if key is None:
         check_float_tensor("query", query)
@@ -344,7 +349,11 @@ def _info_nce_positives(
         candidate_labels = (
             sample_labels.view(-1, n).repeat(1, crops).view(-1) if symmetric else (sample_labels)
         )
-        losses, terms = reference.info_nce_positives(
+        streamed = backend == "chunked" or (
+            backend == "auto" and len(rows) * len(candidates) >= CHUNKED_POSITIVES_FROM_PAIRS
+        )
+        backend_module = chunked_positives if streamed and not transformed() else reference
+        losses, terms = backend_module.info_nce_positives(
             rows,
             candidates,
             row_labels=row_labels,

@@ -243,12 +243,192 @@ def test_compiles_fullgraph_with_labels_and_a_learnable_temperature():
             "compare in-batch embeddings only: pass no queue",
         ),
         (
-            lambda v: info_nce_loss(v, symmetric=True, backend="chunked"),
+            lambda v: info_nce_loss(v, symmetric=True, backend="fused"),
             ValueError,
-            "backend='chunked' does not compute several positives per row",
+            "backend='fused' does not compute several positives per row",
         ),
     ],
 )
 def test_bad_input_names_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call(views_of(3, 4))
+
+
+# -- the streaming backend -------------------------------------------------------------------------
+
+
+def all_outputs(backend, views, labels, positives, temperature, dtype=torch.float64, key=None):
+    """Per-row losses and the gradients of their weighted sum w.r.t. the views (and key) and τ."""
+    x = views.detach().to(dtype).requires_grad_()
+    k = None if key is None else key.detach().to(dtype).requires_grad_()
+    tau = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
+    per_row = info_nce_loss(
+        x,
+        k,
+        symmetric=key is None,
+        labels=labels,
+        positives=positives,
+        temperature=tau,
+        reduction="none",
+        backend=backend,
+    )
+    weights = torch.linspace(0.5, 1.5, per_row.numel(), dtype=per_row.dtype).view(per_row.shape)
+    inputs = (x, tau) if k is None else (x, k, tau)
+    return (per_row, *torch.autograd.grad((per_row * weights).sum(), inputs))
+
+
+LABELS = [None, torch.tensor([0, 1, 0, 2, 1, 3, 3]), torch.tensor([5, 1, 2, 3, 4, 0, 6])]
+
+
+@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs"])
+@pytest.mark.parametrize("v", [1, 2, 3])
+@pytest.mark.parametrize("labels", LABELS, ids=["views", "classes", "singletons"])
+def test_chunked_equals_the_reference_in_float64(positives, v, labels):
+    if v == 1 and labels is None:
+        pytest.skip("one view needs labels")
+    views = views_of(v, 7, seed=20 + v)
+    want = all_outputs("reference", views, labels, positives, 0.3)
+    got = all_outputs("chunked", views, labels, positives, 0.3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs"])
+def test_chunked_in_batch_labels_give_both_sides_their_gradients(positives):
+    query, key = views_of(2, 6, seed=30)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    want = all_outputs("reference", query, labels, positives, 0.2, key=key)
+    got = all_outputs("chunked", query, labels, positives, 0.2, key=key)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+@given(
+    chunk=st.integers(1, 9),
+    labels=st.lists(st.integers(0, 2), min_size=2, max_size=6),
+    positives=st.sampled_from(["mean", "pooled", "pairs"]),
+)
+def test_every_chunk_width_gives_the_same_statistics(chunk, labels, positives):
+    from sce_loss import chunked_positives, reference
+
+    labels = torch.tensor(labels)
+    rows = unit(2 * len(labels), 4, generator=torch.Generator().manual_seed(chunk))
+    options = dict(
+        row_labels=labels.repeat(2),
+        candidate_labels=labels.repeat(2),
+        own=torch.arange(len(rows)),
+        temperature=0.5,
+        positives=positives,
+    )
+    x = rows.clone().requires_grad_()
+    got, got_terms = chunked_positives.info_nce_positives(x, x, chunk_size=chunk, **options)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    y = rows.clone().requires_grad_()
+    want, want_terms = reference.info_nce_positives(y, y, **options)
+    (want_grad,) = torch.autograd.grad(want.sum(), y)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-13)
+    assert torch.equal(got_terms, want_terms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_low_precision_inputs_match_the_reference(dtype):
+    views, labels = views_of(3, 7, seed=40), LABELS[1]
+    want = all_outputs("reference", views, labels, "mean", 0.1, dtype=dtype)
+    got = all_outputs("chunked", views, labels, "mean", 0.1, dtype=dtype)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_second_order_and_torch_func_are_the_references():
+    views, labels = views_of(3, 5, d=4, seed=41), torch.tensor([0, 1, 0, 1, 1])
+
+    def loss(x, backend):
+        return info_nce_loss(x, symmetric=True, labels=labels, positives="pairs", backend=backend)
+
+    penalties = []
+    for backend in ("reference", "chunked"):
+        x = views.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(loss(x, backend), x, create_graph=True)
+        (second,) = torch.autograd.grad(grad.square().sum(), x)
+        penalties.append(second)
+    torch.testing.assert_close(penalties[1], penalties[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.func.grad(lambda x: loss(x, "chunked"))(views),
+        torch.func.grad(lambda x: loss(x, "reference"))(views),
+        rtol=1e-12,
+        atol=1e-14,
+    )
+
+
+def test_chunked_compiles_fullgraph_with_a_learnable_temperature():
+    views = views_of(3, 6, seed=42).float()
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    temperature = torch.nn.Parameter(torch.tensor(TAU))
+    criterion = InfoNCELoss(temperature=temperature, symmetric=True, backend="chunked")
+    compiled = torch.compile(criterion, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (compiled, criterion):
+        temperature.grad = None
+        x = views.clone().requires_grad_()
+        loss = fn(x, labels=labels)
+        loss.backward()
+        grads.append((loss.detach(), x.grad, temperature.grad))
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_the_streaming_ops_pass_opcheck():
+    from sce_loss import chunked_positives
+
+    x = unit(6, 4)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    own, tau = torch.arange(6), torch.tensor(0.5, dtype=torch.float64)
+    for positives in ("mean", "pooled", "pairs"):
+        options = dict(positives=positives, chunk=4)
+        stats = chunked_positives.positive_stats(x, x, tau, labels, labels, own, **options)
+        torch.library.opcheck(
+            chunked_positives.positive_stats,
+            (x, x, tau, labels, labels, own),
+            options,
+            test_utils=("test_schema", "test_faketensor"),
+        )
+        torch.library.opcheck(
+            chunked_positives.positive_gradients,
+            (
+                x,
+                x,
+                tau,
+                labels,
+                labels,
+                own,
+                torch.ones(6, dtype=torch.float64),
+                *stats[:3],
+                stats[4],
+                stats[5],
+            ),
+            options,
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+def test_auto_streams_from_the_documented_size(monkeypatch):
+    import sce_loss.functional as functional
+    from sce_loss import chunked_positives
+
+    calls = []
+    real = chunked_positives.info_nce_positives
+    monkeypatch.setattr(
+        chunked_positives, "info_nce_positives", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    views = views_of(2, 8, seed=50)
+    labels = torch.arange(8) % 3
+    info_nce_loss(views, symmetric=True, labels=labels)  # 16 × 16 pairs: the reference
+    assert not calls
+    monkeypatch.setattr(functional, "CHUNKED_POSITIVES_FROM_PAIRS", 16 * 16)
+    info_nce_loss(views, symmetric=True, labels=labels)
+    assert calls == [1]
+    # Not under a torch.func transform: there the reference serves.
+    torch.func.grad(lambda x: info_nce_loss(x, symmetric=True, labels=labels))(views)
+    assert calls == [1]

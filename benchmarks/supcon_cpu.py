@@ -1,0 +1,108 @@
+"""SupCon on this CPU: fwd+bwd time and extra peak memory of the chunked backend against the eager
+and the compiled reference, ``info_nce_loss(views, symmetric=True, labels=...)`` with V = 2 views
+of N = 8192 samples (16,384 rows), D = 128, float32, 100 classes, positives="mean".
+
+Each backend runs in a fresh process. Time: the best of a few fwd+bwd calls. Extra memory: the
+peak bytes of tensors allocated during one more fwd+bwd and alive at once (PyTorch's profiler:
+the inputs are not counted, the V·N × D gradients are).
+
+    python benchmarks/supcon_cpu.py           # as committed: results/supcon-cpu.md
+    python benchmarks/supcon_cpu.py --quick   # N = 128, to check the script: it writes to a
+        # temporary folder, never to results/
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from outputs import output
+from simclr_cpu import peak_allocated_mib
+
+BACKENDS = ("chunked", "reference", "compiled reference")
+
+
+def measure(backend: str, n: int, dim: int, classes: int, repeats: int) -> dict:
+    """Run in the child: fwd+bwd seconds (best of ``repeats``) and extra peak MiB."""
+    from sce_loss import info_nce_loss
+
+    g = torch.Generator().manual_seed(0)
+    views = torch.nn.functional.normalize(torch.randn(2, n, dim, generator=g), dim=-1)
+    labels = torch.randint(classes, (n,), generator=g)
+
+    def step(x, y):
+        chosen = "chunked" if backend == "chunked" else "reference"
+        return info_nce_loss(x, symmetric=True, labels=y, temperature=0.1, backend=chosen)
+
+    fn = torch.compile(step, dynamic=True) if backend == "compiled reference" else step
+    fn(views[:, :64].clone().requires_grad_(), labels[:64]).backward()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        x = views.clone().requires_grad_()
+        start = time.perf_counter()
+        fn(x, labels).backward()
+        times.append(time.perf_counter() - start)
+    x = views.clone().requires_grad_()
+    extra = peak_allocated_mib(lambda: fn(x, labels).backward())
+    return dict(backend=backend, seconds=min(times), extra_mib=extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=8192, help="samples (rows: 2N)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="N = 128, to check the script")
+    parser.add_argument("--out", type=Path, help="default: results/supcon-cpu.md")
+    parser.add_argument("--child", choices=BACKENDS)
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.repeats = 128, 1
+    sizes = ["--n", str(args.n), "--dim", str(args.dim), "--classes", str(args.classes)]
+    if args.child:
+        print(json.dumps(measure(args.child, args.n, args.dim, args.classes, args.repeats)))
+        return
+    out = output(parser, args.out, "supcon-cpu.md", check=args.quick)
+    results = []
+    for backend in BACKENDS:
+        command = [sys.executable, __file__, "--child", backend, *sizes]
+        done = subprocess.run(
+            [*command, "--repeats", str(args.repeats)], capture_output=True, text=True, check=True
+        )
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(results[-1], flush=True)
+    eager = next(r for r in results if r["backend"] == "reference")
+    lines = [
+        "# SupCon on the CPU",
+        "",
+        f"info_nce_loss(views, symmetric=True, labels), V = 2, N = {args.n} ({2 * args.n} rows), "
+        f"D = {args.dim}, float32, {args.classes} classes, positives='mean', fwd+bwd, best of "
+        f"{args.repeats}; extra memory = peak bytes of tensors allocated during one fwd+bwd and "
+        "alive at once (PyTorch profiler; the gradients included, the inputs not), each backend "
+        "in its own process.",
+        f"Machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
+        f"Command: `python benchmarks/supcon_cpu.py{' --quick' if args.quick else ''}`.",
+        "",
+        "| backend | time (s) | × eager reference | extra memory (MiB) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['backend']} | {r['seconds']:.2f} | {r['seconds'] / eager['seconds']:.2f} | "
+            f"{r['extra_mib']:.0f} |"
+        )
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

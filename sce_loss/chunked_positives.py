@@ -1,0 +1,301 @@
+"""InfoNCE with a set of positives per row, streamed: :func:`sce_loss.reference.info_nce_positives`
+without a rows × candidates tensor beyond one chunk, on any device.
+
+Each row r has logits a_rk = x_r·c_k / τ over the candidates c_k (less its own column, masked per
+chunk), and positives P(r): the candidates of its label. "mean" needs no per-chunk mask: Σ_P a,
+|P| and the gradients' −1_P/|P| part come from per-class sums of the candidates and of the rows.
+"pooled" and "pairs" recompute P per chunk from label ids (the row's label against the chunk's).
+The forward pass keeps per-row statistics only: the log-sum-exp over all candidates (LSE), over
+the positives (LSE_P), over the negatives (LSE_N), Σ_P a and |P|; "pairs" makes a second pass for
+Σ_p softplus(LSE_N − a_p) and G_N = Σ_p σ(LSE_N − a_p). The backward recomputes each chunk's
+logits and its weights W_rk = ∂loss_r/∂a_rk,
+
+  mean     W = softmax(a) − 1_P/|P|
+  pooled   W = softmax(a) − 1_P·softmax_P(a)
+  pairs    W = −1_P·σ(LSE_N − a) + 1_N·G_N·softmax_N(a)
+
+and from them dL/dx_r = Σ_k g_r W_rk c_k/τ, dL/dc_k = Σ_r g_r W_rk x_r/τ and
+dL/dτ = −Σ_r (x_r/τ)·dL/dx_r. The two chunk loops are custom ops (torch.compile runs them as they
+are). A differentiated backward (create_graph=True) recomputes through the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .chunked import CHUNK_ELEMENTS, MIN_CHUNK, ROW_BLOCK, _mask_columns
+from .problem import differentiating_backward
+
+NEG_INF = float("-inf")
+
+
+def info_nce_positives(
+    rows: Tensor,
+    candidates: Tensor,
+    *,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor | None,
+    temperature,
+    positives: str,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """As :func:`sce_loss.reference.info_nce_positives` (per-row losses and numbers of terms),
+    streamed over ``chunk_size`` candidates at a time."""
+    chunk = chunk_size or max(MIN_CHUNK, CHUNK_ELEMENTS // max(min(len(rows), ROW_BLOCK), 1))
+    tau = temperature if isinstance(temperature, Tensor) else None
+    own_columns = torch.full_like(row_labels, -1) if own is None else own
+    # 1·τ rather than torch.tensor(τ): a scheduled float stays symbolic under torch.compile.
+    constant = torch.ones((), dtype=rows.dtype, device=rows.device) * temperature
+    per_row, counts = _StreamingPositives.apply(
+        rows,
+        # An alias: rows and candidates are often one tensor (the symmetric form), which
+        # torch.compile cannot pass to two inputs of an autograd.Function.
+        candidates.view_as(candidates),
+        tau if tau is not None else constant,
+        row_labels,
+        candidate_labels,
+        own_columns,
+        positives,
+        chunk,
+        tau is None,
+    )
+    terms = counts if positives == "pairs" else (counts > 0).to(counts.dtype)
+    return per_row, terms
+
+
+class _StreamingPositives(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, c, tau, row_labels, candidate_labels, own, positives, chunk, tau_const):
+        tau_value = tau.to(x.dtype)
+        stats = positive_stats(
+            x, c, tau_value, row_labels, candidate_labels, own, positives=positives, chunk=chunk
+        )
+        lse, lse_p, lse_n, sum_p, count, g_n, loss = stats
+        ctx.save_for_backward(x, c, tau, row_labels, candidate_labels, own, *stats)
+        ctx.positives, ctx.chunk, ctx.tau_const = positives, chunk, tau_const
+        ctx.mark_non_differentiable(count)
+        return loss, count
+
+    @staticmethod
+    def backward(ctx, upstream, _):
+        x, c, tau, row_labels, candidate_labels, own, *stats = ctx.saved_tensors
+        need_x, need_c, need_tau = ctx.needs_input_grad[:3]
+        if differentiating_backward():
+            return _differentiable_backward(ctx, upstream)
+        grad_x, grad_c, grad_tau = positive_gradients(
+            x,
+            c,
+            tau.to(x.dtype),
+            row_labels,
+            candidate_labels,
+            own,
+            upstream.to(x.dtype),
+            *stats[:3],
+            stats[4],
+            stats[5],
+            positives=ctx.positives,
+            chunk=ctx.chunk,
+        )
+        return (
+            grad_x if need_x else None,
+            grad_c if need_c else None,
+            grad_tau.to(tau.dtype) if need_tau and not ctx.tau_const else None,
+            *(None,) * 6,
+        )
+
+
+def _differentiable_backward(ctx, upstream):
+    """The gradients as a differentiable graph, through the reference's losses."""
+    x, c, tau, row_labels, candidate_labels, own, *_ = ctx.saved_tensors
+    with torch.enable_grad():
+        # Aliases, so that rows and candidates (often one tensor) get their own partials.
+        x, c = x.view_as(x), c.view_as(c)
+        wanted = [t for t, need in zip((x, c, tau), ctx.needs_input_grad[:3]) if need]
+        per_row, _ = reference.info_nce_positives(
+            x,
+            c,
+            row_labels=row_labels,
+            candidate_labels=candidate_labels,
+            own=None if bool((own < 0).all()) else own,
+            temperature=tau,
+            positives=ctx.positives,
+        )
+        grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
+    return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), *(None,) * 6)
+
+
+def _class_ids(row_labels: Tensor, candidate_labels: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Labels as ids 0..C−1 shared by rows and candidates (for sums over a class), and C."""
+    ids = torch.unique(torch.cat([row_labels, candidate_labels]), return_inverse=True)[1]
+    return ids[: len(row_labels)], ids[len(row_labels) :], int(ids.max()) + 1
+
+
+def _positive_sums(c, row_ids, candidate_ids, classes, own) -> tuple[Tensor, Tensor]:
+    """Σ_{p∈P(r)} c_p and |P(r)| per row, from per-class sums (less the row's own column)."""
+    class_sum = c.new_zeros(classes, c.shape[1]).index_add_(0, candidate_ids, c)
+    class_count = torch.bincount(candidate_ids, minlength=classes)
+    has_own = own >= 0
+    own_rows = c[own.clamp(min=0)] * has_own[:, None]
+    return class_sum[row_ids] - own_rows, class_count[row_ids] - has_own.long()
+
+
+def _masked_logits(scaled, block, own, start):
+    """(x/τ)·blockᵀ with each row's own column (if in this chunk) at −inf: no candidate."""
+    logits = scaled @ block.T
+    _mask_columns(logits, (own - start)[:, None].masked_fill(own[:, None] < 0, -1))
+    return logits
+
+
+def _chunk_positives(row_labels, candidate_labels, own, start, width):
+    """P(r) within a chunk of columns: the candidates of the row's label, less its own column."""
+    positive = row_labels[:, None] == candidate_labels[None, start : start + width]
+    inside = (own >= start) & (own < start + width)
+    rows = inside.nonzero()[:, 0]
+    positive[rows, own[rows] - start] = False
+    return positive
+
+
+def _merge(m, l, logits):
+    """Running (max, Σ e^{a−max}) merged with this chunk's logits (−inf: left out)."""
+    new_m = torch.maximum(m, logits.amax(1))
+    safe = new_m.masked_fill(new_m == NEG_INF, 0.0)
+    l = l * torch.exp(m - safe) + torch.exp(logits - safe[:, None]).sum(1)
+    return new_m, l
+
+
+def _lse(m, l):
+    return torch.where(l > 0, m + torch.log(l), NEG_INF)
+
+
+@torch.library.custom_op("sce_loss::positive_stats", mutates_args=())
+def positive_stats(
+    x: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor,
+    *,
+    positives: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (LSE, LSE_P, LSE_N, Σ_P a, |P|, G_N, loss), chunk by chunk. "mean" needs only LSE
+    (Σ_P a and |P| come from per-class sums); "pooled" and "pairs" LSE_P and LSE_N, whose
+    log-add-exp is LSE."""
+    r = len(x)
+    row_ids, candidate_ids, classes = _class_ids(row_labels, candidate_labels)
+    sum_pc, count = _positive_sums(c, row_ids, candidate_ids, classes, own)
+    scaled = x / tau  # x/τ: logits = scaled·cᵀ
+    sum_p = (scaled * sum_pc).sum(1)
+    stats_p = [x.new_full((r,), NEG_INF), x.new_zeros(r)]
+    stats_n = [x.new_full((r,), NEG_INF), x.new_zeros(r)]
+    for start in range(0, len(c), chunk):
+        block = c[start : start + chunk]
+        logits = _masked_logits(scaled, block, own, start)
+        if positives == "mean":
+            stats_n = _merge(*stats_n, logits)  # every candidate: LSE
+            continue
+        positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+        stats_p = _merge(*stats_p, logits.masked_fill(~positive, NEG_INF))
+        stats_n = _merge(*stats_n, logits.masked_fill_(positive, NEG_INF))
+    if positives == "mean":
+        lse = _lse(*stats_n)
+        lse_p, lse_n = torch.full_like(lse, NEG_INF), torch.full_like(lse, NEG_INF)
+    else:
+        lse_p, lse_n = _lse(*stats_p), _lse(*stats_n)
+        lse = torch.logaddexp(lse_p, lse_n)
+    g_n = x.new_zeros(r)
+    if positives == "mean":
+        loss = lse - sum_p / count.clamp(min=1)
+    elif positives == "pooled":
+        loss = lse - lse_p
+    else:  # Σ_p softplus(LSE_N − a_p): a second pass over the positives
+        loss = x.new_zeros(r)
+        for start in range(0, len(c), chunk):
+            block = c[start : start + chunk]
+            positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+            gap = (lse_n[:, None] - scaled @ block.T).masked_fill_(~positive, NEG_INF)
+            loss = loss + torch.nn.functional.softplus(gap).sum(1)
+            g_n = g_n + torch.sigmoid(gap).sum(1)
+    loss = torch.where(count > 0, loss, torch.zeros_like(loss))
+    return lse, lse_p, lse_n, sum_p, count, g_n, loss
+
+
+@positive_stats.register_fake
+def _(x, c, tau, row_labels, candidate_labels, own, *, positives, chunk):
+    r = len(x)
+    return (
+        *(x.new_empty(r) for _ in range(4)),
+        torch.empty(r, dtype=torch.int64, device=x.device),
+        x.new_empty(r),
+        x.new_empty(r),
+    )
+
+
+@torch.library.custom_op("sce_loss::positive_gradients", mutates_args=())
+def positive_gradients(
+    x: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor,
+    upstream: Tensor,
+    lse: Tensor,
+    lse_p: Tensor,
+    lse_n: Tensor,
+    count: Tensor,
+    g_n: Tensor,
+    *,
+    positives: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dL/dx, dL/dc and dL/dτ of Σ_r upstream_r·loss_r, from each chunk's weights W (module
+    docstring) recomputed from the saved statistics; "mean"'s −1_P/|P| part from per-class
+    sums."""
+    g = torch.where(count > 0, upstream, torch.zeros_like(upstream))  # rows with no positive: 0
+    grad_x, grad_c = torch.zeros_like(x), torch.zeros_like(c)
+    scaled = x / tau  # x/τ: logits = scaled·cᵀ
+    if positives == "mean":
+        row_ids, candidate_ids, classes = _class_ids(row_labels, candidate_labels)
+        sum_pc, _ = _positive_sums(c, row_ids, candidate_ids, classes, own)
+        share = g / count.clamp(min=1)  # g_r/|P_r|
+        grad_x -= share[:, None] * sum_pc
+        # dc_k −= Σ_{r: k ∈ P(r)} g_r/|P_r|·x_r/τ: the rows' class sums, less each own column's.
+        pulled = (share[:, None] * scaled).to(c.dtype)
+        class_sum = c.new_zeros(classes, c.shape[1]).index_add_(0, row_ids, pulled)
+        grad_c -= class_sum[candidate_ids]
+        has_own = own >= 0
+        grad_c.index_add_(0, own[has_own], pulled[has_own])
+    for start in range(0, len(c), chunk):
+        block = c[start : start + chunk]
+        logits = _masked_logits(scaled, block, own, start)
+        weights = torch.exp(logits - lse[:, None])  # softmax: 0 at the own column
+        if positives == "pooled":
+            positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+            weights -= torch.exp(logits - _finite(lse_p)[:, None]).masked_fill_(~positive, 0.0)
+        elif positives == "pairs":
+            positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+            negatives = torch.exp(logits - _finite(lse_n)[:, None]).masked_fill_(positive, 0.0)
+            pairs = torch.sigmoid(lse_n[:, None] - logits).masked_fill_(~positive, 0.0)
+            weights = g_n[:, None] * negatives - pairs
+        weights *= g[:, None]
+        grad_x += weights @ block
+        grad_c[start : start + chunk] += weights.T @ scaled
+    grad_x /= tau
+    # a = x·c/τ, so dL/dτ = Σ W·(−a/τ) = −Σ_r (x_r/τ)·dL/dx_r.
+    return grad_x, grad_c, -(scaled * grad_x).sum()
+
+
+def _finite(lse: Tensor) -> Tensor:
+    """A log-sum-exp with −inf (a row with no positive, or no negative) as 0: its weights are
+    masked out anyway."""
+    return lse.masked_fill(lse == NEG_INF, 0.0)
+
+
+@positive_gradients.register_fake
+def _(x, c, tau, *_, positives, chunk):
+    return torch.empty_like(x), torch.empty_like(c), x.new_empty(())
