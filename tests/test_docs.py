@@ -83,6 +83,16 @@ def stand_ins() -> dict:
         queries=unit(2, n, d).requires_grad_(),
         keys=unit(2, n, d),
         views=unit(3, n, d).requires_grad_(),
+        labels=torch.arange(n) % 3,  # class labels, several samples each
+        q1=unit(n, d).requires_grad_(),  # MoCo v3: the online queries of views 1 and 2 ...
+        q2=unit(n, d).requires_grad_(),
+        k1=unit(n, d),  # ... and the momentum encoder's keys
+        k2=unit(n, d),
+        p1=unit(n, d).requires_grad_(),  # NNCLR: the predictor's outputs
+        p2=unit(n, d).requires_grad_(),
+        image_features=unit(n, d).requires_grad_(),  # CLIP: the towers' normalised outputs
+        text_features=unit(n, d).requires_grad_(),
+        logit_scale=torch.tensor(1 / 0.07).log().requires_grad_(),
         index=torch.randperm(n, generator=generator),  # the CutMix partners
         ratio=0.6,
         weak_key=unit(n, d),
