@@ -51,7 +51,7 @@ def measure(backend: str, n: int, dim: int, classes: int, repeats: int) -> dict:
     return dict(backend=backend, seconds=min(times), extra_mib=extra)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,14 +62,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 128, to check the script")
     parser.add_argument("--out", type=Path, help="default: results/supcon-cpu.md")
     parser.add_argument("--child", choices=BACKENDS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeats = 128, 1
+    if not args.child:
+        args.out = output(parser, args.out, "supcon-cpu.md", check=args.quick)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     sizes = ["--n", str(args.n), "--dim", str(args.dim), "--classes", str(args.classes)]
     if args.child:
         print(json.dumps(measure(args.child, args.n, args.dim, args.classes, args.repeats)))
         return
-    out = output(parser, args.out, "supcon-cpu.md", check=args.quick)
+    out = args.out
     results = []
     for backend in BACKENDS:
         command = [sys.executable, __file__, "--child", backend, *sizes]

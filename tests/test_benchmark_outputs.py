@@ -18,6 +18,7 @@ SCRIPTS = {
     "crossover_cpu": (["--quick"], "chunked-crossover-cpu.md"),
     "queue_throughput_cpu": (["--quick"], "chunked-queue-cpu.md"),
     "simclr_cpu": (["--quick"], "simclr-cpu.md"),
+    "supcon_cpu": (["--quick"], "supcon-cpu.md"),
     "report_chunked_cpu": (["--quick"], ""),
     "gpu": (["--smoke", "--device", "cpu"], ""),
 }
