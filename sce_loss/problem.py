@@ -67,6 +67,15 @@ def positive_mask(row_labels: Tensor, candidate_labels: Tensor, own: Tensor | No
     return mask
 
 
+def constant_while_tracing(fn):
+    """Mark ``fn`` as torch.compiler.assume_constant_result does (torch 2.6 to 2.13 set this
+    attribute, which tests/test_backend_choice.py checks): torch.compile calls it once while
+    tracing and takes its result as a constant, with no guard. The decorator itself would import
+    torch._dynamo, and with it Triton, when the package is imported."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
     """The dtype the losses compute in: float64 for float64 inputs, float32 for every other."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -96,3 +96,16 @@ def test_fused_runs_only_under_a_checked_triton(monkeypatch, version, checked):
     monkeypatch.setattr(fused, "TRITON_AVAILABLE", True)
     monkeypatch.setattr(fused, "TRITON_VERSION", version)
     assert (fused.triton_reason() is None) == checked
+
+
+def test_the_trace_time_constant_mark_is_torchs_own_and_importing_imports_no_dynamo():
+    """sce_loss.problem.constant_while_tracing sets what torch.compiler.assume_constant_result
+    sets, without importing torch._dynamo (and Triton) with the package."""
+    import subprocess
+    import sys
+
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    assert getattr(marked, "_dynamo_marked_constant", False) is True
+    script = "import sys, sce_loss; print('torch._dynamo' in sys.modules, 'triton' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "False"], result.stdout + result.stderr

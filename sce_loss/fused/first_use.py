@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..arguments import autocast_disabled
-from ..problem import DEFAULT_HYPER_PARAMETERS, Problem
+from ..problem import DEFAULT_HYPER_PARAMETERS, Problem, constant_while_tracing
 
 SKIP_VARIABLE = "SCE_LOSS_SKIP_FIRST_USE_CHECK"
 # Relative error bars against the float64 reference, by input kind (sce_loss.fused.plan.KINDS).
@@ -64,7 +64,7 @@ def verified(problem: Problem) -> bool:
     return _verdicts[key]
 
 
-@torch.compiler.assume_constant_result
+@constant_while_tracing
 def _no_failed_check(kind: tuple) -> bool:
     """Whether no check of this kind of call has failed. Read once when a graph is traced, as a
     constant: a graph that read ``_verdicts`` would guard on it and recompile each time an eager

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..problem import constant_while_tracing
+
 KINDS = ("fp32-ieee", "fp32-tf32", "bf16", "fp16")
 DTYPES = {
     "fp32-ieee": torch.float32,
@@ -144,7 +146,7 @@ def kind_of(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-@torch.compiler.assume_constant_result
+@constant_while_tracing
 def tf32_products() -> bool:
     """Whether float32 CUDA matmuls may use TF32, under either of PyTorch's switches.
 
