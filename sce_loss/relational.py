@@ -423,12 +423,12 @@ def interpolated_key(query: Tensor, key: Tensor, index: Tensor, ratio: Scalar) -
             f"index must hold rows of key, in [0, {len(key)}), got values in "
             f"[{int(index.min())}, {int(index.max())}]"
         )
-    ratio = traceable_scalar(ratio, query.device)
     if isinstance(ratio, Tensor) and ratio.dim() == 1:
         _check_ratio_rows(ratio, n, query)
         ratio = ratio.unsqueeze(-1)
     else:
         _check_range("ratio", ratio, high=1.0)
+        ratio = traceable_scalar(ratio, query.device)  # a NumPy number as a Python one
     compute = compute_dtype_of(query.dtype)
     mixed = ratio * query.to(compute) + (1 - ratio) * key.to(compute)[index]
     return F.normalize(mixed, dim=-1).to(query.dtype)

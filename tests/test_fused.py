@@ -309,6 +309,11 @@ print("ok")
         pytest.param(*case, marks=pytest.mark.slow)
         for case in (
             ("torch.backends.cuda.matmul.allow_tf32 = True", "fp32-tf32"),
+            (
+                "torch.backends.cuda.matmul.allow_tf32 = True; "
+                "torch.backends.cuda.matmul.fp32_precision = 'none'",
+                "fp32-tf32",
+            ),
             ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "fp32-ieee"),
             ("torch.backends.fp32_precision = 'tf32'", "fp32-tf32"),
             ("torch.backends.cuda.matmul.allow_tf32 = False", "fp32-ieee"),

@@ -633,6 +633,8 @@ INTERPOLATION_BAD = [
     (dict(ratio=-0.1), ValueError, r"ratio must be a finite number in \[0, 1\]"),
     (dict(ratio=float("nan")), ValueError, "ratio must be a finite number"),
     (dict(ratio="0.5"), TypeError, "ratio must be a float or a 0-d float tensor, got str"),
+    (dict(ratio=True), TypeError, "ratio must be a float or a 0-d float tensor, got bool"),
+    (dict(ratio=[0.5]), TypeError, "ratio must be a float or a 0-d float tensor, got list"),
     (
         dict(ratio=torch.ones(3)),
         TypeError,

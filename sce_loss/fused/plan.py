@@ -160,7 +160,10 @@ def tf32_products() -> bool:
     if precision == "none":
         precision = getattr(torch.backends, "fp32_precision", "none")
     if precision == "none":
-        return bool(matmul.allow_tf32)
+        try:
+            return bool(matmul.allow_tf32)
+        except RuntimeError:  # the legacy flag set, then the new switch set back to "none"
+            return torch.get_float32_matmul_precision() != "highest"
     return precision == "tf32"
 
 
