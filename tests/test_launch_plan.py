@@ -266,7 +266,9 @@ def test_row_groups_give_the_losses_and_gradients_of_the_reference(
         device="cpu",
         seed=3,
     )
-    got = first_use.evaluate(fused.losses, problem, need_grad=True)
-    want = first_use.evaluate(reference.losses, first_use.in_float64(problem), need_grad=True)
+    got = first_use.evaluate(fused.losses, problem, needed=(True, True, True))
+    want = first_use.evaluate(
+        reference.losses, first_use.in_float64(problem), needed=(True, True, True)
+    )
     for name, g, w in zip(("loss", "query grad", "key grad", "τ grad"), got, want):
         assert first_use.relative_error(g, w) <= first_use.TOLERANCES["fp32-ieee"], name
