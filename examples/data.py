@@ -1,10 +1,11 @@
 """Image datasets for the pretraining example, as uint8 tensors (N, 3, H, W) plus labels.
 
 Sources: a ``.npz`` in the format of the offline CIFAR-10 copies (raw arrays ``x_train``... or a
-JPEG pack ``train_jpeg``/``train_offsets``...), ``cifar10`` through torchvision (downloaded into
-``data_dir`` when online), an ImageFolder directory (with ``train``/``test`` or ``train``/``val``
-sub-folders, resized to 32×32), or scikit-learn's bundled digits (8×8, upsampled to 16×16), the
-default: embedded, no download.
+JPEG pack ``train_jpeg``/``train_offsets``...), ``cifar10`` (the JPEG pack ``cifar10-jpeg.npz`` in
+``data_dir`` if it is there, else torchvision's copy, downloaded into ``data_dir`` when online), an
+ImageFolder directory (with ``train``/``test`` or ``train``/``val`` sub-folders, resized to 32×32),
+or scikit-learn's bundled digits (8×8, upsampled to 16×16), the default: embedded, no download.
+``per_class`` keeps the first K training images of each class, in the dataset's own order.
 """
 
 from __future__ import annotations
@@ -30,59 +31,95 @@ class Dataset:
         return int(self.y_train.max()) + 1
 
 
-def load(data: str, data_dir: Path) -> Dataset:
-    """The dataset named by ``--data``."""
+CIFAR10_PACK = "cifar10-jpeg.npz"
+
+
+def load(data: str, data_dir: Path, per_class: int | None = None) -> Dataset:
+    """The dataset named by ``--data``; with ``per_class``, the first that many training images
+    of each class (the test split whole)."""
     if data == "cifar10":
+        if (Path(data_dir) / CIFAR10_PACK).is_file():
+            return _npz(Path(data_dir) / CIFAR10_PACK, per_class, name="cifar10")
         try:
             import torchvision  # noqa: F401
         except ImportError:
             raise ValueError(
-                "--data cifar10 downloads CIFAR-10 with torchvision, which is not installed: "
-                "pip install 'sce-loss[vision]', or pass a CIFAR-10 .npz file"
+                f"--data cifar10: no {CIFAR10_PACK} in --data-dir {data_dir}, and torchvision, "
+                "which downloads CIFAR-10, is not installed: pip install 'sce-loss[vision]', or "
+                "pass --data-dir the folder that holds the pack"
             ) from None
-        return _cifar10_torchvision(data_dir)
+        return _subset(_cifar10_torchvision(data_dir), per_class)
     if data == "digits":
-        return _digits()
+        return _subset(_digits(), per_class)
     path = Path(data)
     if path.suffix == ".npz":
         if not path.is_file():
             raise ValueError(f"--data {data}: file not found")
-        return _npz(path)
+        return _npz(path, per_class)
     if path.is_dir():
-        return _image_folder(path)
+        return _subset(_image_folder(path), per_class)
     raise ValueError(
         "--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory; "
         f"{data!r} is none of these"
     )
 
 
+def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """The indices of the first ``per_class`` images of each class, in ascending order."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    if counts.min() < per_class:
+        raise ValueError(
+            f"--per-class {per_class}: class {counts.argmin()} has only {counts.min()} "
+            "training images"
+        )
+    return np.sort(
+        np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(counts))])
+    )
+
+
+def _subset(dataset: Dataset, per_class: int | None) -> Dataset:
+    if per_class is not None:
+        keep = torch.from_numpy(first_per_class(dataset.y_train.numpy(), per_class))
+        dataset.x_train, dataset.y_train = dataset.x_train[keep], dataset.y_train[keep]
+    return dataset
+
+
 def _hwc_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The images ``index`` of a JPEG pack, decoded with Pillow, (len(index), H, W, 3)."""
     from PIL import Image
 
-    first = np.asarray(
-        Image.open(io.BytesIO(blob[offsets[0] : offsets[1]].tobytes())).convert("RGB")
-    )
-    out = np.empty((len(offsets) - 1, *first.shape), dtype=np.uint8)
-    for i in range(len(out)):
+    def decode(i):
         jpeg = io.BytesIO(blob[offsets[i] : offsets[i + 1]].tobytes())
-        out[i] = np.asarray(Image.open(jpeg).convert("RGB"))
+        return np.asarray(Image.open(jpeg).convert("RGB"))
+
+    first = decode(index[0])
+    out = np.empty((len(index), *first.shape), dtype=np.uint8)
+    for row, i in enumerate(index):
+        out[row] = decode(i)
     return out
 
 
-def _npz(path: Path) -> Dataset:
+def _npz(path: Path, per_class: int | None = None, name: str | None = None) -> Dataset:
     with np.load(path) as archive:
         if "x_train" in archive:
-            parts = archive["x_train"], archive["y_train"], archive["x_test"], archive["y_test"]
+            y_train = archive["y_train"]
+            keep = first_per_class(y_train, per_class) if per_class else slice(None)
+            parts = archive["x_train"][keep], y_train[keep], archive["x_test"], archive["y_test"]
         elif "train_jpeg" in archive:
+            y_train, y_test = archive["y_train"], archive["y_test"]
+            keep = first_per_class(y_train, per_class) if per_class else np.arange(len(y_train))
             parts = (
-                _decode_jpegs(archive["train_jpeg"], archive["train_offsets"]),
-                archive["y_train"],
-                _decode_jpegs(archive["test_jpeg"], archive["test_offsets"]),
-                archive["y_test"],
+                _decode_jpegs(archive["train_jpeg"], archive["train_offsets"], keep),
+                y_train[keep],
+                _decode_jpegs(
+                    archive["test_jpeg"], archive["test_offsets"], np.arange(len(y_test))
+                ),
+                y_test,
             )
         else:
             raise ValueError(
@@ -91,7 +128,7 @@ def _npz(path: Path) -> Dataset:
             )
     x_train, y_train, x_test, y_test = parts
     return Dataset(
-        path.name,
+        name or path.name,
         _hwc_to_tensor(x_train),
         torch.from_numpy(y_train.astype(np.int64)),
         _hwc_to_tensor(x_test),

@@ -1,5 +1,5 @@
-"""ResNet-18 with the CIFAR stem (3×3 convolution, stride 1, no max-pool), returning 512-d
-features."""
+"""ResNet-18 with the CIFAR stem (3×3 convolution, stride 1, no max-pool), returning 8 × width
+features (512 at the standard width of 64)."""
 
 import torch
 from torch import nn
@@ -24,15 +24,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    feature_dim = 512
+    """``width``: the stem's channels, doubled at each of the three downsampling stages."""
 
-    def __init__(self):
+    def __init__(self, width: int = 64):
         super().__init__()
+        self.feature_dim = 8 * width
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
-        layers, inputs = [], 64
-        for outputs, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers, inputs = [], width
+        for outputs, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             layers += [BasicBlock(inputs, outputs, stride), BasicBlock(outputs, outputs, 1)]
             inputs = outputs
         self.layers = nn.Sequential(*layers)
