@@ -1,9 +1,10 @@
-"""Evaluation of frozen features: the weighted kNN monitor of the MoCo CIFAR demo, and a linear
-probe."""
+"""Evaluation of frozen features: the weighted kNN monitor of the MoCo CIFAR demo, a linear probe
+on every training label, and a linear probe on a few labels per class."""
 
 from __future__ import annotations
 
 import augment
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -51,11 +52,14 @@ def linear_probe_top1(
     batch_size=1024,
     seed=0,
 ) -> float:
-    """Top-1 accuracy (percent) of a linear classifier trained on frozen, standardised features."""
+    """Top-1 accuracy (percent) of a linear classifier trained on frozen, standardised features,
+    from zero weights (the problem is convex), with batches in an order drawn from ``seed``."""
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
     generator = torch.Generator(device=train_x.device).manual_seed(seed)
     classifier = torch.nn.Linear(train_x.shape[1], classes).to(train_x.device)
+    for parameter in classifier.parameters():
+        torch.nn.init.zeros_(parameter)
     optimiser = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=5e-4)
     steps = epochs * -(-len(train_x) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
@@ -70,3 +74,30 @@ def linear_probe_top1(
             schedule.step()
     with torch.no_grad():
         return 100.0 * (classifier(test_x).argmax(1) == test_labels).float().mean().item()
+
+
+def few_label_probe_top1(
+    train_features, train_labels, test_features, test_labels, per_class=1, draws=20, seed=0
+) -> float:
+    """Mean top-1 accuracy (percent) over ``draws`` draws of ``per_class`` labelled training
+    images per class: an L2-regularised logistic regression (scikit-learn, C = 1) on frozen
+    features standardised with the statistics of the whole (unlabelled) training set. The draws
+    depend on ``seed`` and the labels only, so every network is probed on the same images."""
+    from sklearn.linear_model import LogisticRegression
+
+    train_x, test_x = (f.double().cpu().numpy() for f in (train_features, test_features))
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_y, test_y = train_labels.cpu().numpy(), test_labels.cpu().numpy()
+    generator = np.random.default_rng(seed)
+    accuracies = []
+    for _ in range(draws):
+        labelled = np.concatenate(
+            [
+                generator.choice(np.flatnonzero(train_y == c), per_class, replace=False)
+                for c in np.unique(train_y)
+            ]
+        )
+        classifier = LogisticRegression(max_iter=1000).fit(train_x[labelled], train_y[labelled])
+        accuracies.append((classifier.predict(test_x) == test_y).mean())
+    return 100.0 * float(np.mean(accuracies))

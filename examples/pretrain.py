@@ -5,16 +5,18 @@ NT-Xent), ReSSL, CACR or ReCo.
     python examples/pretrain.py --data cifar10 --loss infonce --out runs/moco
     python examples/pretrain.py --loss cacr --out runs/cacr       # or --loss reco
     torchrun --nproc_per_node=4 examples/pretrain.py --data cifar10 --out runs/sce4
-    python examples/pretrain.py --smoke --device cpu              # a 2-minute check, in runs/smoke
+    python examples/pretrain.py --smoke --device cpu              # a short check, in runs/smoke
 
 An online ResNet-18 (CIFAR stem) + projector 512-512(BN)-128 learns from a strong view; its EMA
 (the momentum encoder) embeds a weak view into the target keys; a MemoryQueue of past keys holds
 the negatives. CACR instead embeds two strong views with both encoders and attracts each online
 view to the other view's key (its official multi-view form); ReCo adds to MoCo v2 (key from a
 second strong view) a weak view whose keys fill a second queue, and a CutMix of the strong view
-with a permuted key view, whose target is the interpolated key. Evaluation: a weighted kNN monitor
-(k=200, t=0.1) and a final linear probe. Each epoch writes a checkpoint that ``--resume``
-continues from, plus summary.json and curves.png, under ``--out``.
+with a permuted key view, whose target is the interpolated key. Evaluation, on the untrained
+network before the first step and again at the end: a weighted kNN monitor (k=200, t=0.1, also
+every --knn-every epochs), a linear probe on one label per class and one on every label
+(docs/example.md says why). Each epoch writes a checkpoint that ``--resume`` continues from;
+summary.json and curves.png follow at the end, under ``--out``.
 
 Several processes (torchrun): each takes its shard of every global batch; the loss's queue is
 pushed with every rank's keys, so all ranks hold one queue; on GPUs batch norm is SyncBatchNorm in
@@ -47,7 +49,14 @@ import evaluate  # noqa: E402
 from resnet import ResNet18  # noqa: E402
 
 from sce_loss import MemoryQueue, info_nce_loss, ressl_loss, sce_loss  # noqa: E402
-from sce_loss.relational import cacr_loss, interpolated_key, reco_loss  # noqa: E402
+from sce_loss.functional import check_options  # noqa: E402
+from sce_loss.relational import (  # noqa: E402
+    cacr_loss,
+    check_cacr_options,
+    check_reco_options,
+    interpolated_key,
+    reco_loss,
+)
 
 # Per-loss hyper-parameters: SCE's CIFAR recipe, MoCo v2's, ReSSL's and ReCo's official values
 # (main_reco.py: τ = 0.2, τ_s = 0.1, τ_t = 0.04, λ₁ = λ₂ = 1); CACR's, below.
@@ -97,9 +106,56 @@ RECIPES = {
     "cifar": dict(epochs=200, batch_size=256, queue_size=4096),
     "digits": dict(epochs=20, batch_size=64, queue_size=1024),
 }
+DEFAULTS = dict(warmup_epochs=5, knn_every=10, probe_epochs=100)
+# --smoke: a short CPU check of every part; each value yields to its flag when given.
+SMOKE = dict(
+    epochs=2,
+    warmup_epochs=1,
+    batch_size=32,
+    queue_size=128,
+    steps_per_epoch=3,
+    knn_every=1,
+    probe_epochs=5,
+    train_subset=512,
+    test_subset=256,
+)
+# The reported evaluations, by their summary.json key (docs/example.md says why these three).
+METRIC_NAMES = {
+    "knn_top1": "kNN top-1",
+    "few_label_top1": "few-label probe",
+    "linear_top1": "linear probe",
+}
+LOSS_NAMES = {"sce": "SCE", "infonce": "InfoNCE", "ressl": "ReSSL", "cacr": "CACR", "reco": "ReCo"}
+FRAMEWORKS = {"moco": "MoCo", "simclr": "SimCLR"}
+LOSS_CHECKS = {"cacr": check_cacr_options, "reco": check_reco_options}
+RUN_FILES = ("checkpoint.pt", "checkpoint.tmp", "summary.json", "curves.png")
 
 
-def parse_args(argv=None):
+def _number(convert, accept, requirement: str):
+    """An argparse ``type``: ``convert`` the text, and refuse values that ``accept`` rejects."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, lambda v: v > 0, "a positive integer")
+COUNT = _number(int, lambda v: v >= 0, "an integer ≥ 0")
+SEED = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+VIEWS = _number(int, lambda v: v >= 2, "an integer ≥ 2")
+POSITIVE = _number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+NON_NEGATIVE = _number(float, lambda v: 0 <= v < math.inf, "a finite number ≥ 0")
+FRACTION = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -113,43 +169,60 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--views",
-        type=int,
+        type=VIEWS,
         default=2,
         help="CACR's views per image (the official CACR commands use 5)",
     )
+    p.add_argument("--width", type=POSITIVE_INT, default=64, help="ResNet-18's base channels")
     p.add_argument(
         "--data",
         default="digits",
         help="'digits' (scikit-learn's bundled digits: embedded, no download), 'cifar10' "
-        "(torchvision, downloaded into --data-dir), a .npz or an ImageFolder path",
+        f"({data.CIFAR10_PACK} in --data-dir, else torchvision's), a .npz or an ImageFolder path",
     )
     p.add_argument(
-        "--data-dir", type=Path, default=Path("data"), help="where torchvision keeps CIFAR-10"
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("SCE_LOSS_DATA_DIR", "data")),
+        help=f"where CIFAR-10 is: {data.CIFAR10_PACK} or torchvision's download (default "
+        "$SCE_LOSS_DATA_DIR, else data)",
+    )
+    p.add_argument(
+        "--per-class",
+        type=POSITIVE_INT,
+        default=None,
+        help="train on the first K training images of each class, in the dataset's order",
     )
     p.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="output folder (default runs/pretrain, with --smoke runs/smoke)",
+        help="output folder (default runs/pretrain, with --smoke runs/smoke); one that holds "
+        "files is refused without --resume or --overwrite",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds a run, deleting its checkpoint, summary and plot",
+    )
+    p.add_argument(
         "--no-checkpoint",
         action="store_true",
-        help="write no OUT/checkpoint.pt (about 139 MB for the ResNet-18, written every epoch)",
+        help="write no OUT/checkpoint.pt (about 139 MB at width 64, written every epoch)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="default 200 (20 on digits)")
-    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--epochs", type=COUNT, default=None, help="default 200 (20 on digits)")
+    p.add_argument("--warmup-epochs", type=COUNT, default=None, help="default 5")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="global batch, split over ranks; default 256 (64 on digits)",
     )
-    p.add_argument("--lr", type=float, default=0.06)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr", type=POSITIVE, default=0.06)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4)
     p.add_argument(
-        "--momentum", type=float, default=0.99, help="EMA momentum of the target encoder"
+        "--momentum", type=FRACTION, default=0.99, help="EMA momentum of the target encoder"
     )
     p.add_argument(
         "--momentum-schedule",
@@ -157,7 +230,9 @@ def parse_args(argv=None):
         default="constant",
         help="cosine: from --momentum to 1 over training",
     )
-    p.add_argument("--queue-size", type=int, default=None, help="default 4096 (1024 on digits)")
+    p.add_argument(
+        "--queue-size", type=POSITIVE_INT, default=None, help="default 4096 (1024 on digits)"
+    )
     for name, meaning in HYPER_PARAMETER_HELP.items():
         losses = [loss for loss, defaults in LOSS_DEFAULTS.items() if name in defaults]
         p.add_argument(
@@ -167,57 +242,138 @@ def parse_args(argv=None):
             help=f"{meaning}; default per loss ({', '.join(losses)})",
         )
     p.add_argument(
-        "--knn-every", type=int, default=10, help="kNN monitor every N epochs (and at the end)"
+        "--knn-every",
+        type=POSITIVE_INT,
+        default=None,
+        help="kNN monitor every N epochs (and at the end); default 10",
     )
-    p.add_argument("--knn-k", type=int, default=200)
-    p.add_argument("--knn-t", type=float, default=0.1)
-    p.add_argument("--probe-epochs", type=int, default=100)
-    p.add_argument("--train-subset", type=int, default=None, help="use the first N training images")
-    p.add_argument("--test-subset", type=int, default=None)
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap the steps of an epoch")
+    p.add_argument("--knn-k", type=POSITIVE_INT, default=200)
+    p.add_argument("--knn-t", type=POSITIVE, default=0.1)
+    p.add_argument(
+        "--probe-epochs",
+        type=POSITIVE_INT,
+        default=None,
+        help="epochs of the linear probe on every training label; default 100",
+    )
+    p.add_argument(
+        "--probe-labels",
+        type=POSITIVE_INT,
+        default=1,
+        help="labelled training images per class of the few-label probe",
+    )
+    p.add_argument(
+        "--probe-draws",
+        type=POSITIVE_INT,
+        default=20,
+        help="draws of those labelled images the few-label probe averages over",
+    )
+    p.add_argument(
+        "--train-subset", type=POSITIVE_INT, default=None, help="use the first N training images"
+    )
+    p.add_argument("--test-subset", type=POSITIVE_INT, default=None)
+    p.add_argument(
+        "--steps-per-epoch", type=POSITIVE_INT, default=None, help="cap the steps of an epoch"
+    )
     p.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
     p.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast (it is on for CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny preset for a CPU check: 2 epochs of 3 steps of 32 images on a subset",
+        help="tiny preset for a CPU check (2 epochs of 3 steps of 32 images on a 512-image "
+        "subset); a flag given beside it wins",
     )
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    """The checked arguments, defaults resolved: any bad value is refused here, before any data
+    is read or any model built."""
+    p = parser or build_parser()
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
     if args.framework == "simclr" and args.loss == "reco":
         p.error("--loss reco needs the momentum encoder and queues of --framework moco")
-    if args.views < 2:
-        p.error(f"--views must be at least 2, got {args.views}")
     if args.views != 2 and args.loss != "cacr":
         p.error("--views applies to --loss cacr")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite replaces it: give one")
+    if args.per_class and args.train_subset:
+        p.error("--per-class and --train-subset both choose the training images: give one")
     given = [name for name in HYPER_PARAMETER_HELP if getattr(args, name) is not None]
     foreign = [name for name in given if name not in LOSS_DEFAULTS[args.loss]]
     if foreign:
         p.error(f"--{foreign[0].replace('_', '-')} does not apply to --loss {args.loss}")
+    check = LOSS_CHECKS.get(args.loss, check_options)
+    for name in given:  # the library's own checks, each named by its flag
+        try:
+            check(**{name: getattr(args, name)})
+        except (ValueError, TypeError) as error:
+            p.error(f"argument --{name.replace('_', '-')}: {error}")
     args.hyper_parameters = LOSS_DEFAULTS[args.loss] | {name: getattr(args, name) for name in given}
-    if args.smoke:
-        args.epochs, args.warmup_epochs = args.epochs or 2, 1
-        args.batch_size, args.queue_size = 32, args.queue_size or 128
-        args.steps_per_epoch, args.knn_every, args.probe_epochs = 3, 1, 5
-        args.train_subset, args.test_subset = args.train_subset or 512, args.test_subset or 256
+    presets = [SMOKE] if args.smoke else []
+    presets += [RECIPES["digits" if args.data == "digits" else "cifar"], DEFAULTS]
+    for preset in presets:
+        for name, value in preset.items():
+            if getattr(args, name) is None and not (name == "train_subset" and args.per_class):
+                setattr(args, name, value)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        p.error(f"argument --batch-size: {args.batch_size} must be divisible by the {world} ranks")
     if args.out is None:
         args.out = Path("runs/smoke" if args.smoke else "runs/pretrain")
     return args
 
 
-class Encoder(nn.Module):
-    """ResNet-18 backbone and projector 512-512(BN)-128; returns L2-normalised embeddings."""
+def prepare_output(parser, args) -> None:
+    """Refuse an --out that holds files unless --resume (which needs its checkpoint) or
+    --overwrite (which deletes the previous run's files) says what to do with them."""
+    out = args.out
+    if out.exists() and not out.is_dir():
+        parser.error(f"argument --out: {out} is a file, not a folder")
+    if args.resume:
+        if not (out / "checkpoint.pt").is_file():
+            parser.error(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
+        return
+    if args.overwrite:
+        if int(os.environ.get("RANK", 0)) == 0:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        return
+    if out.is_dir() and any(out.iterdir()):
+        held = ", ".join(sorted(path.name for path in out.iterdir())[:5])
+        parser.error(
+            f"argument --out: {out} already holds files ({held}); pass --resume to continue its "
+            "run, --overwrite to start afresh there, or another --out"
+        )
 
-    def __init__(self, out_dim=128):
+
+def describe(results: dict, untrained: dict | None = None) -> str:
+    """'kNN top-1 83.8%, ...' for every ``*_top1`` result, each untrained figure beside it."""
+    parts = []
+    for key, name in METRIC_NAMES.items():
+        if key in results:
+            before = f" (untrained {untrained[key]:.1f}%)" if untrained else ""
+            parts.append(f"{name} {results[key]:.1f}%{before}")
+    return ", ".join(parts)
+
+
+class Encoder(nn.Module):
+    """ResNet-18 backbone (8 × width features) and projector to 512 (BN) then 128; returns
+    L2-normalised embeddings."""
+
+    def __init__(self, width=64, out_dim=128):
         super().__init__()
-        self.backbone = ResNet18()
+        self.backbone = ResNet18(width)
         self.projector = nn.Sequential(
-            nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, out_dim)
+            nn.Linear(self.backbone.feature_dim, 512, bias=False),
+            nn.BatchNorm1d(512),
+            nn.ReLU(),
+            nn.Linear(512, out_dim),
         )
 
     def forward(self, x):
@@ -239,7 +395,7 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         _seed_everything(args.seed + self.rank)
         self.amp = self.device.type == "cuda" and not args.no_amp
-        self.dataset = data.load(args.data, args.data_dir)
+        self.dataset = data.load(args.data, args.data_dir, args.per_class)
         ds = self.dataset
         if args.train_subset:
             ds.x_train, ds.y_train = (
@@ -248,12 +404,11 @@ class Run:
             )
         if args.test_subset:
             ds.x_test, ds.y_test = ds.x_test[: args.test_subset], ds.y_test[: args.test_subset]
-        for name, value in RECIPES["digits" if self.dataset.name == "digits" else "cifar"].items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-        if args.batch_size % self.world:
+        fewest = int(torch.bincount(ds.y_train).min())
+        if fewest < args.probe_labels:
             raise ValueError(
-                f"--batch-size {args.batch_size} must be divisible by the {self.world} ranks"
+                f"--probe-labels {args.probe_labels} is more than the {fewest} training images of "
+                "the smallest class"
             )
         self.images = self.dataset.x_train.to(self.device)  # uint8, augmented on the device
         self.steps_per_epoch = len(self.images) // args.batch_size
@@ -261,10 +416,11 @@ class Run:
             self.steps_per_epoch = min(self.steps_per_epoch, args.steps_per_epoch)
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"{len(self.images)} training images are fewer than one batch of {args.batch_size}"
+                f"--batch-size {args.batch_size} is more than the {len(self.images)} training "
+                f"images of --data {args.data}"
             )
 
-        online = Encoder().to(self.device, memory_format=torch.channels_last)
+        online = Encoder(args.width).to(self.device, memory_format=torch.channels_last)
         if self.world > 1 and self.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
         self.target = copy.deepcopy(online).requires_grad_(False)
@@ -300,6 +456,7 @@ class Run:
         self.order_generator = torch.Generator(device=self.device)
         self.augment_generator = torch.Generator(device=self.device)
         self.epoch, self.history, self.train_seconds = 0, [], 0.0
+        self.untrained = None  # the evaluation before the first step, kept by the checkpoint
         args.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             print(f"output folder: {args.out.resolve()}", flush=True)
@@ -332,10 +489,10 @@ class Run:
         self.order_generator.manual_seed(seed)
         self.augment_generator.manual_seed(seed * 1009 + self.rank + 1)
         order = torch.randperm(len(self.images), device=self.device, generator=self.order_generator)
-        bar = tqdm(
+        bar = tqdm(  # a progress bar on a terminal only; run() prints a line per epoch
             range(self.steps_per_epoch),
             desc=f"epoch {self.epoch + 1}/{self.args.epochs}",
-            disable=self.rank != 0,
+            disable=self.rank != 0 or not sys.stderr.isatty(),
             dynamic_ncols=True,
             mininterval=1.0,
         )
@@ -466,6 +623,9 @@ class Run:
             result["linear_top1"] = evaluate.linear_probe_top1(
                 train_f, train_y, test_f, test_y, ds.classes, self.args.probe_epochs
             )
+            result["few_label_top1"] = evaluate.few_label_probe_top1(
+                train_f, train_y, test_f, test_y, self.args.probe_labels, self.args.probe_draws
+            )
         return result
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -475,7 +635,9 @@ class Run:
             loss=self.args.loss,
             framework=self.args.framework,
             views=self.args.views,
+            width=self.args.width,
             data=self.dataset.name,
+            train_images=len(self.dataset.y_train),
             queue_size=self.args.queue_size,
         )
 
@@ -488,6 +650,7 @@ class Run:
             optimizer=self.optimizer.state_dict(),
             epoch=self.epoch,
             history=self.history,
+            untrained=self.untrained,
             train_seconds=self.train_seconds,
             args=vars(self.args),
             run=self._identity(),
@@ -504,8 +667,6 @@ class Run:
         os.replace(path.with_suffix(".tmp"), path)
 
     def _load(self, path: Path) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = state.get("run") or {name: state["args"][name] for name in ("loss", "queue_size")}
         here = self._identity()
@@ -534,6 +695,7 @@ class Run:
                 f"{' '.join(str(error).split())[:500]}"
             ) from None
         self.epoch, self.history = state["epoch"], state["history"]
+        self.untrained = state.get("untrained")
         self.train_seconds = state["train_seconds"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
         np.random.set_state(state["rng"]["numpy"])
@@ -546,9 +708,11 @@ class Run:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         args = self.args
-        if self.epoch == 0 and self.rank == 0:  # the random-initialisation baseline of the curve
-            self.history.append(dict(epoch=0, loss=None) | self.evaluate(probe=False))
-            print(f"epoch 0: kNN top-1 {self.history[0]['knn_top1']:.2f}%", flush=True)
+        if self.epoch == 0 and self.rank == 0:  # the untrained network, under the same protocol
+            self.untrained = self.evaluate(probe=True)
+            self.history.append(dict(epoch=0, loss=None, knn_top1=self.untrained["knn_top1"]))
+            print(f"untrained: {describe(self.untrained)}", flush=True)
+        start, first = time.perf_counter(), self.epoch
         while self.epoch < args.epochs:
             stats = self.train_epoch()
             self.epoch += 1
@@ -556,14 +720,18 @@ class Run:
             last = self.epoch == args.epochs
             if self.rank == 0 and (self.epoch % args.knn_every == 0 or last):
                 stats |= self.evaluate(probe=False)
+            self.history.append(dict(epoch=self.epoch) | stats)
+            if self.rank == 0:
+                per_epoch = (time.perf_counter() - start) / (self.epoch - first)
                 print(
-                    f"epoch {self.epoch}: loss {stats['loss']:.4f}, "
-                    f"kNN top-1 {stats['knn_top1']:.2f}%",
+                    f"epoch {self.epoch}/{args.epochs}: loss {stats['loss']:.4f}, "
+                    f"{stats['images_per_s']:.0f} img/s"
+                    + (f", kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else "")
+                    + f", ETA {_duration(per_epoch * (args.epochs - self.epoch))}",
                     flush=True,
                 )
-            self.history.append(dict(epoch=self.epoch) | stats)
-            if self.rank == 0 and not args.no_checkpoint:
-                self._save(args.out / "checkpoint.pt")
+                if not args.no_checkpoint:
+                    self._save(args.out / "checkpoint.pt")
             if self.world > 1:
                 dist.barrier()
         summary = self.summary()
@@ -574,30 +742,48 @@ class Run:
                 args.out / "curves.png",
                 f"{args.loss} ({args.framework}) on {self.dataset.name}",
             )
-            print(json.dumps(summary, indent=1), flush=True)
-            print(
-                "wrote "
-                + ", ".join(
-                    str(args.out / name)
-                    for name in ("checkpoint.pt", "summary.json", "curves.png")
-                    if name != "checkpoint.pt" or not args.no_checkpoint
-                ),
-                flush=True,
-            )
+            print(self.closing_sentence(summary), flush=True)
         return summary
+
+    def closing_sentence(self, summary: dict) -> str:
+        """What was trained, on what, with what results beside the untrained network's, and
+        where the files are."""
+        args, ds = self.args, self.dataset
+        hyper = ", ".join(f"{name}={value:g}" for name, value in self.hyper.items())
+        data_ = f"{ds.name} ({len(ds.y_train):,} training images, {len(ds.y_test):,} test images)"
+        files = [name for name in RUN_FILES if (args.out / name).is_file()]
+        if self.epoch:
+            done = (
+                f"Trained a ResNet-18 (width {args.width}) {FRAMEWORKS[args.framework]}-style "
+                f"with {LOSS_NAMES[args.loss]} ({hyper}) for {self.epoch} "
+                f"epoch{'' if self.epoch == 1 else 's'} on {data_}: "
+                f"{describe(summary, summary['untrained'])}"
+            )
+        else:
+            done = (
+                f"Evaluated an untrained ResNet-18 (width {args.width}) on {data_}: "
+                f"{describe(summary)}"
+            )
+        return f"{done}. Files in {args.out}: {', '.join(files)}."
 
     def summary(self) -> dict:
         result = dict(
             loss=self.args.loss,
             framework=self.args.framework,
             views=self.args.views,
+            width=self.args.width,
             hyper_parameters=self.hyper,
             data=self.dataset.name,
+            per_class=self.args.per_class,
+            train_images=len(self.dataset.y_train),
+            test_images=len(self.dataset.y_test),
             epochs=self.epoch,
             batch_size=self.args.batch_size,
             queue_size=self.args.queue_size if self.args.framework == "moco" else None,
             world_size=self.world,
             seed=self.args.seed,
+            probe_labels=self.args.probe_labels,
+            probe_draws=self.args.probe_draws,
             final_train_loss=self.history[-1]["loss"] if self.history else None,
             wall_s=round(self.train_seconds, 1),
             images_per_s=round(
@@ -616,29 +802,68 @@ class Run:
         )
         if self.world > 1:
             result["queue_identical_across_ranks"] = _identical_across_ranks(self.queue.keys)
-        if self.rank == 0:
-            result |= self.evaluate(probe=True)
+        if self.rank == 0:  # after no epoch, the network is the untrained one
+            result |= self.evaluate(probe=True) if self.epoch else self.untrained
+            result["untrained"] = self.untrained
+            result["history"] = self.history
         return result
 
 
 def plot_curves(history, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(history, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves_figure(history, title: str):
+    """Training loss (left axis) and kNN top-1 (right axis, epoch 0 the untrained network) per
+    epoch, each axis coloured as its line, with a legend and whole-epoch ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, loss_axis = plt.subplots(figsize=(7, 4))
-    trained = [h for h in history if h["loss"] is not None]
-    loss_axis.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], color="tab:blue")
-    loss_axis.set(xlabel="epoch", ylabel="training loss", title=title)
+    loss_axis.set(xlabel="epoch", title=title)
+    epochs = [h["epoch"] for h in history]
+    loss_axis.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    lines = []
+    trained = [(h["epoch"], h["loss"]) for h in history if h["loss"] is not None]
+    if trained:
+        lines += loss_axis.plot(*zip(*trained), color="tab:blue", label="training loss")
+    _colour_axis(loss_axis, "training loss", "tab:blue")
     knn = [(h["epoch"], h["knn_top1"]) for h in history if "knn_top1" in h]
     if knn:
         accuracy_axis = loss_axis.twinx()
-        accuracy_axis.plot(*zip(*knn), "o-", color="tab:orange")
-        accuracy_axis.set_ylabel("kNN top-1 (%)", color="tab:orange")
+        label = "kNN top-1 (epoch 0: untrained)"
+        lines += accuracy_axis.plot(*zip(*knn), "o-", color="tab:orange", label=label)
+        _colour_axis(accuracy_axis, "kNN top-1 (%)", "tab:orange")
+    if lines:
+        # below the axes, where no curve runs
+        loss_axis.legend(
+            handles=lines, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False
+        )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _colour_axis(axis, label: str, colour: str) -> None:
+    axis.set_ylabel(label, color=colour)
+    axis.tick_params(axis="y", colors=colour)
+
+
+def _duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s' or '1 h 02 min'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _local_rank() -> int:
@@ -665,7 +890,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    prepare_output(parser, args)
     try:
         return Run(args).run()
     finally:
@@ -676,5 +903,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:
+    except ValueError as error:
         sys.exit(f"error: {error}")

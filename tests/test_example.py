@@ -2,12 +2,16 @@
 every bad input; the slow tier adds the smoke runs of CACR, ReCo and the SimCLR framework and two
 processes under torchrun."""
 
+import importlib.util
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +23,12 @@ SMALL = Path(
 )
 DATA = str(SMALL) if SMALL.is_file() else "digits"
 pytest.importorskip("tqdm", reason="the example needs its extra: pip install '.[examples]'")
+sys.path.insert(0, str(ROOT / "examples"))
+import data  # noqa: E402
+import pretrain as example  # noqa: E402
+import study_table  # noqa: E402
+
+sys.path.pop(0)
 OFFICIAL = {
     "cacr": dict(
         attraction_temperature=1.0,
@@ -64,13 +74,337 @@ def smoke_run(tmp_path_factory):
     return cwd / "runs" / "smoke", result
 
 
+# -- the command line: every value is checked when parsed, before data or model --------------------
+
+
+def refusal(capsys, *argv):
+    """parse_args' message for refused ``argv``: argparse's usage error (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        example.parse_args(list(argv))
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+        (["--batch-size", "-5"], "argument --batch-size: must be a positive integer, got '-5'"),
+        (["--batch-size", "1.5"], "argument --batch-size: must be a positive integer, got '1.5'"),
+        (["--epochs", "-1"], "argument --epochs: must be an integer ≥ 0, got '-1'"),
+        (["--warmup-epochs", "-2"], "argument --warmup-epochs: must be an integer ≥ 0, got '-2'"),
+        (["--queue-size", "0"], "argument --queue-size: must be a positive integer, got '0'"),
+        (["--width", "0"], "argument --width: must be a positive integer, got '0'"),
+        (["--per-class", "0"], "argument --per-class: must be a positive integer, got '0'"),
+        (["--views", "1", "--loss", "cacr"], "argument --views: must be an integer ≥ 2, got '1'"),
+        (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+        (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+        (["--weight-decay=-1e-4"], "argument --weight-decay: must be a finite number ≥ 0"),
+        (["--momentum", "1.5"], "argument --momentum: must be a number in [0, 1], got '1.5'"),
+        (["--knn-every", "0"], "argument --knn-every: must be a positive integer, got '0'"),
+        (["--knn-k", "0"], "argument --knn-k: must be a positive integer, got '0'"),
+        (["--knn-t", "-0.1"], "argument --knn-t: must be a finite number > 0, got '-0.1'"),
+        (["--probe-epochs", "0"], "argument --probe-epochs: must be a positive integer"),
+        (["--train-subset", "0"], "argument --train-subset: must be a positive integer"),
+        (["--steps-per-epoch", "0"], "argument --steps-per-epoch: must be a positive integer"),
+        (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**32), got '-1'"),
+        # the loss hyper-parameters, through the library's own checks
+        (["--temperature", "0"], "argument --temperature: temperature must be a finite number"),
+        (["--coeff", "1.5"], "argument --coeff: coeff must be in [0, 1], got 1.5"),
+        (["--target-temperature", "nan"], "argument --target-temperature: target_temperature"),
+        (
+            ["--loss", "cacr", "--repulsion-weight", "-1"],
+            "argument --repulsion-weight: repulsion_weight must be a finite number ≥ 0",
+        ),
+        (
+            ["--loss", "reco", "--relation-temperature", "0"],
+            "argument --relation-temperature: relation_temperature must be a finite number",
+        ),
+        (["--loss", "infonce", "--coeff", "0.3"], "--coeff does not apply to --loss infonce"),
+        (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite"),
+        (["--per-class", "5", "--train-subset", "9"], "--per-class and --train-subset both"),
+        (["--framework", "simclr", "--loss", "reco"], "--loss reco needs the momentum encoder"),
+        (["--views", "3"], "--views applies to --loss cacr"),
+    ],
+)
+def test_bad_values_are_refused_when_parsed_naming_the_flag(capsys, argv, message):
+    assert message in refusal(capsys, *argv)
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_when_parsed(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    message = "argument --batch-size: 64 must be divisible by the 3 ranks"
+    assert message in refusal(capsys, "--batch-size", "64")
+    assert message in refusal(capsys)  # the digits default, 64
+
+
+def test_a_refused_command_reads_no_data_and_builds_no_model(capsys, monkeypatch, tmp_path):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reached past the checks")
+
+    monkeypatch.setattr(example, "Run", must_not_run)
+    monkeypatch.setattr(example.data, "load", must_not_run)
+    for argv in (["--batch-size", "0"], ["--temperature", "0"], ["--resume"]):
+        with pytest.raises(SystemExit) as exit_:
+            example.main([*argv, "--out", str(tmp_path / "out")])
+        assert exit_.value.code == 2
+    assert "--resume: no checkpoint at" in capsys.readouterr().err
+
+
+def test_smoke_honours_the_flags_it_is_given():
+    preset = example.parse_args(["--smoke"])
+    assert {name: getattr(preset, name) for name in example.SMOKE} == example.SMOKE
+    given = dict(
+        epochs=4,
+        warmup_epochs=2,
+        batch_size=16,
+        queue_size=64,
+        steps_per_epoch=5,
+        knn_every=2,
+        probe_epochs=7,
+        train_subset=300,
+        test_subset=100,
+    )
+    assert set(given) == set(example.SMOKE)
+    argv = [f"--{name.replace('_', '-')}={value}" for name, value in given.items()]
+    args = example.parse_args(["--smoke", *argv])
+    assert {name: getattr(args, name) for name in given} == given
+    # --per-class chooses the training images in place of the preset's subset
+    assert example.parse_args(["--smoke", "--per-class", "20"]).train_subset is None
+
+
+def test_the_defaults_follow_the_data():
+    digits, cifar = example.parse_args([]), example.parse_args(["--data", "cifar10"])
+    assert (digits.epochs, digits.batch_size, digits.queue_size) == (20, 64, 1024)
+    assert (cifar.epochs, cifar.batch_size, cifar.queue_size) == (200, 256, 4096)
+    for args in (digits, cifar):
+        assert (args.warmup_epochs, args.knn_every, args.probe_epochs) == (5, 10, 100)
+        assert args.width == 64 and args.out == Path("runs/pretrain")
+
+
+def stub_run(monkeypatch):
+    """Replace the run itself; returns the list of the arguments it was started with."""
+    started = []
+
+    class Run:
+        def __init__(self, args):
+            started.append(args)
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(example, "Run", Run)
+    return started
+
+
+def test_an_output_folder_that_holds_files_is_refused_without_resume_or_overwrite(
+    capsys, monkeypatch, tmp_path
+):
+    started = stub_run(monkeypatch)
+    for name in ("summary.json", "curves.png", "checkpoint.pt", "notes.txt"):
+        (tmp_path / name).write_text("previous run")
+    with pytest.raises(SystemExit) as exit_:
+        example.main(["--out", str(tmp_path)])
+    assert exit_.value.code == 2 and not started
+    assert (
+        f"argument --out: {tmp_path} already holds files (checkpoint.pt, curves.png, notes.txt, "
+        "summary.json); pass --resume to continue its run, --overwrite to start afresh there"
+    ) in capsys.readouterr().err
+    example.main(["--out", str(tmp_path), "--resume"])  # the checkpoint is there
+    assert len(started) == 1 and (tmp_path / "summary.json").is_file()
+    example.main(["--out", str(tmp_path), "--overwrite"])  # the run's own files go
+    assert len(started) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    (tmp_path / "notes.txt").unlink()
+    example.main(["--out", str(tmp_path)])  # an empty folder is fine
+    assert len(started) == 3
+
+
+def test_an_output_path_that_is_a_file_is_refused(capsys, monkeypatch, tmp_path):
+    stub_run(monkeypatch)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        example.main(["--out", str(tmp_path / "file"), "--overwrite"])
+    assert f"argument --out: {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_width_sets_the_base_channels():
+    for width in (64, 16):
+        encoder = example.Encoder(width)
+        convolutions = [m for m in encoder.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convolutions[0].out_channels == width and convolutions[-1].out_channels == 8 * width
+        assert encoder.backbone.feature_dim == 8 * width
+        assert encoder(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
+
+
+# -- data, evaluation, the study's scripts ------------------------------------------------------
+
+
+def test_per_class_keeps_the_first_images_of_each_class_in_order():
+    labels = np.array([2, 0, 0, 1, 2, 2, 1, 0, 1, 2])
+    assert data.first_per_class(labels, 2).tolist() == [0, 1, 2, 3, 4, 6]
+    assert data.first_per_class(labels, 3).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match="--per-class 4: class 0 has only 3 training images"):
+        data.first_per_class(labels, 4)
+
+
+def jpeg_pack(path, train_labels, test_labels):
+    """A JPEG pack in the offline CIFAR-10 copy's format; image i is uniformly grey level i."""
+    from PIL import Image
+
+    parts = {}
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        blobs = []
+        for i in range(len(labels)):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (10 * i,) * 3).save(buffer, "JPEG", quality=95)
+            blobs.append(np.frombuffer(buffer.getvalue(), np.uint8))
+        parts[f"{split}_jpeg"] = np.concatenate(blobs)
+        parts[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs])
+        parts[f"y_{split}"] = np.array(labels, np.uint8)
+    np.savez(path, **parts)
+
+
+def test_cifar10_reads_the_jpeg_pack_in_data_dir_and_keeps_the_first_per_class(tmp_path):
+    jpeg_pack(tmp_path / data.CIFAR10_PACK, [1, 0, 1, 1, 0, 0, 1], [0, 1, 1])
+    dataset = data.load("cifar10", tmp_path, per_class=2)
+    assert dataset.name == "cifar10"
+    assert dataset.y_train.tolist() == [1, 0, 1, 0]  # images 0, 1, 2 and 4, in that order
+    grey = dataset.x_train.float().mean((1, 2, 3))
+    assert torch.allclose(grey, torch.tensor([0.0, 10.0, 20.0, 40.0]), atol=2)
+    assert dataset.x_train.shape == (4, 3, 8, 8) and dataset.x_train.dtype == torch.uint8
+    assert dataset.y_test.tolist() == [0, 1, 1] and len(dataset.x_test) == 3  # the whole test set
+    assert len(data.load("cifar10", tmp_path).y_train) == 7
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="checks a set-up without it"
+)
+def test_cifar10_without_the_pack_or_torchvision_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match=f"no {data.CIFAR10_PACK} in --data-dir {tmp_path}"):
+        data.load("cifar10", tmp_path)
+
+
+def test_the_few_label_probe_tells_separable_features_from_noise():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat(30)
+    noise = torch.randn(300, 32, generator=generator)
+    separable = noise[:, :10] * 0.1 + torch.nn.functional.one_hot(labels, 10).float()
+    test = slice(200, None)
+    probe = example.evaluate.few_label_probe_top1
+
+    def top1(features, per_class=3):
+        return probe(features[:200], labels[:200], features[test], labels[test], per_class, 5)
+
+    assert top1(separable) == 100.0
+    assert top1(noise) < 30.0  # chance is 10
+    assert top1(noise) == top1(noise)  # the same draws every time
+
+
+def test_the_study_script_runs_each_run_once_resuming_an_interrupted_one(tmp_path):
+    """examples/study.sh with a stand-in for python that logs its arguments and finishes the run:
+    a finished run is skipped, an interrupted one resumed, and every command is one the example
+    accepts, with the study's settings."""
+    results, log = tmp_path / "results", tmp_path / "calls"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >>{log}\n'
+        "while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && out=$2; shift; done\n"
+        'mkdir -p "$out" && echo {} >"$out/summary.json"\n'
+    )
+    stand_in.chmod(0o755)
+    finished, interrupted = (
+        results / f"cifar10-{loss}-w16-k1000-seed0" for loss in ("sce", "infonce")
+    )
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}")
+    interrupted.mkdir()
+    (interrupted / "checkpoint.pt").write_text("")
+    env = os.environ | dict(PYTHON=str(stand_in), RESULTS=str(results), SEEDS="0 1")
+    result = subprocess.run(
+        ["bash", str(ROOT / "examples" / "study.sh")], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"finished, skipped: {finished}" in result.stdout
+    calls = [line.split() for line in log.read_text().splitlines()]
+    runs = [(call[call.index("--loss") + 1], call[call.index("--seed") + 1]) for call in calls]
+    assert runs == [
+        ("infonce", "0"),
+        ("ressl", "0"),
+        ("sce", "1"),
+        ("infonce", "1"),
+        ("ressl", "1"),
+    ]
+    assert ["--resume" in call for call in calls] == [True, False, False, False, False]
+    hyper = dict(
+        sce=dict(coeff=0.5, temperature=0.1, target_temperature=0.05),
+        infonce=dict(temperature=0.2),
+        ressl=dict(temperature=0.1, target_temperature=0.04),
+    )
+    for call, (loss, seed) in zip(calls, runs):
+        assert call[0] == "examples/pretrain.py"
+        args = example.parse_args(call[1:])
+        assert (args.data, args.per_class, args.width, args.epochs) == ("cifar10", 1000, 16, 25)
+        assert (args.knn_every, args.seed, args.hyper_parameters) == (5, int(seed), hyper[loss])
+        assert args.out == results / f"cifar10-{loss}-w16-k1000-seed{seed}"
+        command = (args.out / "command.txt").read_text()
+        assert command.startswith("python examples/pretrain.py --data cifar10")
+        assert "--resume" not in command
+
+
+def fake_summary(loss, seed, knn, linear, untrained, curve, wall):
+    return dict(
+        loss=loss,
+        seed=seed,
+        epochs=curve[-1][0],
+        knn_top1=knn,
+        linear_top1=linear,
+        untrained=dict(knn_top1=untrained, linear_top1=untrained + 1),
+        history=[dict(epoch=e, loss=None, knn_top1=k) for e, k in curve],
+        wall_s=wall,
+    )
+
+
+def test_the_study_table_gives_mean_and_spread_over_seeds_beside_the_untrained(tmp_path):
+    runs = [
+        fake_summary("sce", 0, 60.0, 70.0, 30.0, [(0, 30.0), (5, 50.0), (10, 60.0)], 100.0),
+        fake_summary("sce", 1, 62.0, 72.0, 32.0, [(0, 32.0), (5, 52.0), (10, 62.0)], 110.0),
+        fake_summary("sce", 2, 64.0, 74.0, 34.0, [(0, 34.0), (5, 54.0), (10, 64.0)], 120.0),
+        fake_summary("infonce", 0, 55.0, 65.0, 30.0, [(0, 30.0), (5, 45.0), (10, 55.0)], 90.0),
+    ]
+    for summary in runs:
+        folder = tmp_path / f"cifar10-{summary['loss']}-w16-k1000-seed{summary['seed']}"
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "cifar10-ressl-w16-k1000-seed0").mkdir()  # unfinished: no summary, left out
+    study_table.main(["--results", str(tmp_path)])
+    assert (tmp_path / "cifar10-w16-k1000-study.md").read_text().splitlines() == [
+        "| loss | seeds | epochs | kNN top-1 | kNN top-1, untrained | linear probe | linear probe, "
+        "untrained | training time per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| infonce | 0 | 10 | 55.0 | 30.0 | 65.0 | 31.0 | 90 s |",
+        "| sce | 0, 1, 2 | 10 | 62.0 ± 2.0 | 32.0 ± 2.0 | 72.0 ± 2.0 | 33.0 ± 2.0 | 110 s |",
+    ]
+    assert (tmp_path / "cifar10-w16-k1000-study-knn.png").stat().st_size > 1000
+
+
 def test_smoke_run_writes_a_sane_summary_checkpoint_and_plot(smoke_run):
     out, _ = smoke_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["loss"] == "sce" and summary["epochs"] == 2 and summary["device"] == "cpu"
-    assert summary["data"] == Path(DATA).name
-    for metric in ("knn_top1", "linear_top1"):
-        assert 0.0 <= summary[metric] <= 100.0
+    assert summary["data"] == Path(DATA).name and summary["width"] == 64
+    assert summary["train_images"] == 512 and summary["test_images"] == 256
+    metrics = sorted(example.METRIC_NAMES)
+    assert sorted(k for k in summary if k.endswith("_top1")) == metrics
+    assert sorted(summary["untrained"]) == metrics  # measured before the first step
+    for value in [summary[k] for k in metrics] + list(summary["untrained"].values()):
+        assert 0.0 <= value <= 100.0
+    assert summary["history"][0] == dict(
+        epoch=0, loss=None, knn_top1=summary["untrained"]["knn_top1"]
+    )
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+    assert summary["history"][-1]["knn_top1"] == summary["knn_top1"]
     assert summary["wall_s"] > 0 and summary["images_per_s"] > 0 and summary["torch"]
     assert summary["final_train_loss"] > 0
     assert (out / "checkpoint.pt").is_file() and (out / "curves.png").stat().st_size > 1000
@@ -78,16 +412,55 @@ def test_smoke_run_writes_a_sane_summary_checkpoint_and_plot(smoke_run):
 
 def test_smoke_runs_have_their_own_folder_and_say_where_they_wrote(smoke_run):
     """--smoke never writes into the main run's default folder (runs/pretrain), and the script
-    names its output folder at the start and its files at the end."""
+    names its output folder at the start and, in its closing sentence, its files."""
     out, result = smoke_run
     assert not (out.parent / "pretrain").exists()
     assert f"output folder: {out}" in result.stdout
     assert result.stdout.rstrip().endswith(
-        ", ".join(
-            str(Path("runs/smoke") / name)
-            for name in ("checkpoint.pt", "summary.json", "curves.png")
-        )
+        "Files in runs/smoke: checkpoint.pt, summary.json, curves.png."
     )
+
+
+def test_the_job_ends_with_a_sentence_of_what_it_trained_and_found(smoke_run):
+    out, result = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    results = ", ".join(
+        f"{name} {summary[key]:.1f}% (untrained {summary['untrained'][key]:.1f}%)"
+        for key, name in example.METRIC_NAMES.items()
+    )
+    assert result.stdout.rstrip().splitlines()[-1] == (
+        "Trained a ResNet-18 (width 64) MoCo-style with SCE (coeff=0.5, temperature=0.1, "
+        f"target_temperature=0.05) for 2 epochs on {Path(DATA).name} (512 training images, 256 "
+        f"test images): {results}. Files in runs/smoke: checkpoint.pt, summary.json, curves.png."
+    )
+
+
+def test_without_a_terminal_each_epoch_is_one_line_and_there_is_no_progress_bar(smoke_run):
+    _, result = smoke_run
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2, result.stdout
+    for epoch, line in enumerate(lines, 1):
+        assert re.fullmatch(
+            rf"epoch {epoch}/2: loss \d+\.\d{{4}}, \d+ img/s, kNN top-1 \d+\.\d%, ETA \d+ s",
+            line,
+        ), line
+    assert "\r" not in result.stderr and "it/s" not in result.stderr
+
+
+def test_the_plot_has_a_legend_coloured_axes_and_whole_epochs():
+    history = [dict(epoch=0, loss=None, knn_top1=50.0)]
+    history += [dict(epoch=e, loss=5.0 - e / 10, knn_top1=50.0 + e) for e in (1, 2)]
+    figure = example.curves_figure(history, "title")
+    figure.canvas.draw()
+    loss_axis, knn_axis = figure.axes
+    legend = [text.get_text() for text in loss_axis.get_legend().get_texts()]
+    assert legend == ["training loss", "kNN top-1 (epoch 0: untrained)"]
+    for axis in (loss_axis, knn_axis):
+        (line,) = axis.get_lines()
+        assert axis.yaxis.label.get_color() == line.get_color()
+        assert {label.get_color() for label in axis.get_yticklabels()} == {line.get_color()}
+    ticks = [t for t in loss_axis.get_xticks() if 0 <= t <= 2]
+    assert ticks == [0, 1, 2]  # not 0, 0.25, 0.5...
 
 
 @pytest.mark.slow
@@ -115,11 +488,15 @@ def test_resume_continues_the_same_run(smoke_run, tmp_path):
     result = pretrain("--out", str(resumed), "--resume", "--epochs", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "after epoch 2" in result.stdout
-    assert "epoch 1/3" not in result.stderr and "epoch 3/3" in result.stderr
+    assert "epoch 1/3" not in result.stdout and "epoch 3/3: loss" in result.stdout
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["epochs"] == 3
     first = json.loads((out / "summary.json").read_text())
     assert summary["wall_s"] > first["wall_s"]  # the first two epochs' time is carried over
+    # the untrained figures come from the checkpoint, not from the trained network
+    assert "untrained:" not in result.stdout
+    assert summary["untrained"] == first["untrained"]
+    assert summary["history"][:3] == first["history"]
 
 
 def test_resume_of_another_runs_checkpoint_names_it_and_what_differs(smoke_run, tmp_path):
