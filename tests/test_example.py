@@ -590,3 +590,99 @@ def test_two_processes_under_torchrun_end_with_identical_queues(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["queue_identical_across_ranks"] is True
+
+
+# -- the documented results are the committed ones ----------------------------------------------
+
+RESULTS = ROOT / "examples" / "results"
+LOSS_OF_ROW = {"SCE": "sce", "InfoNCE": "infonce", "ReSSL": "ressl", "CACR": "cacr", "ReCo": "reco"}
+
+
+def committed(folder):
+    return json.loads((RESULTS / folder / "summary.json").read_text())
+
+
+def table(document, header):
+    """The rows (lists of cells) of the Markdown table under ``header`` in ``document``."""
+    lines = (ROOT / document).read_text().splitlines()
+    start = lines.index(header) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    assert rows, header
+    return rows
+
+
+def value(cell):
+    """A cell's number, and whether it carries the mark of a run before the untrained baseline."""
+    return cell.rstrip(" †"), cell.endswith("†")
+
+
+UNTRAINED_HEADER = (
+    "| untrained ResNet-18 | kNN top-1 | one-label linear probe | linear probe on every label |"
+)
+
+
+def test_the_readme_untrained_table_is_the_committed_untrained_runs():
+    runs = [committed(f"digits-untrained-seed{seed}") for seed in (0, 1, 2)]
+    for seed, run in enumerate(runs):
+        assert (run["seed"], run["epochs"], run["loss"], run["width"]) == (seed, 0, "sce", 64)
+        assert {k: run[k] for k in run["untrained"]} == run["untrained"]  # no step: the same
+        assert run["probe_labels"] == 1 and run["probe_draws"] == 20
+    (row,) = table("README.md", UNTRAINED_HEADER)
+    assert row[0] == "seeds 0 / 1 / 2"
+    for cell, key in zip(row[1:], ("knn_top1", "few_label_top1", "linear_top1")):
+        assert cell == " / ".join(f"{run['untrained'][key]:.1f}" for run in runs)
+
+
+LOSSES_HEADER = "| loss | MoCo: kNN | MoCo: linear | SimCLR: kNN | SimCLR: linear |"
+
+
+def test_the_readme_losses_table_is_the_committed_runs():
+    """Each cell is its run's figure; † marks exactly the runs without an untrained baseline."""
+    rows = table("README.md", LOSSES_HEADER)
+    assert [LOSS_OF_ROW[row[0].split()[0]] for row in rows] == list(LOSS_OF_ROW.values())
+    for row in rows:
+        loss = LOSS_OF_ROW[row[0].split()[0]]
+        folders = [f"digits-{loss}-cpu", f"digits-simclr-{loss}-cpu"]
+        for folder, cells in zip(folders, (row[1:3], row[3:5])):
+            if loss == "reco" and "simclr" in folder:
+                assert cells == ["—", "—"]  # ReCo needs the momentum encoder
+                continue
+            run = committed(folder)
+            for cell, key in zip(cells, ("knn_top1", "linear_top1")):
+                number, before_baseline = value(cell)
+                assert number == f"{run[key]:.1f}", (folder, cell)
+                assert before_baseline == ("untrained" not in run), (folder, cell)
+
+
+def test_every_committed_digits_run_has_its_command_summary_and_plot():
+    folders = sorted(p for p in RESULTS.iterdir() if p.name.startswith("digits-"))
+    names = {p.name for p in folders}
+    assert {f"digits-{loss}-cpu" for loss in LOSS_OF_ROW.values()} <= names
+    assert {f"digits-untrained-seed{seed}" for seed in (0, 1, 2)} <= names
+    for folder in folders:
+        assert sorted(p.name for p in folder.iterdir() if p.name != "checkpoint.pt") == [
+            "command.txt",
+            "curves.png",
+            "summary.json",
+        ]
+        summary = json.loads((folder / "summary.json").read_text())
+        command = (folder / "command.txt").read_text()
+        assert summary["data"] == "digits" and "the digits fallback" not in command
+        assert "neither in data" not in summary.get("data_note", "")
+        if "untrained" in summary:  # the runs since the untrained baseline: the main job's keys
+            assert summary["width"] == 64
+            assert sorted(summary["untrained"]) == sorted(example.METRIC_NAMES)
+            words = command.split("#")[0].split()
+            assert words[:2] == ["python", "examples/pretrain.py"]
+            args = example.parse_args(words[2:])
+            assert (args.loss, args.framework, args.seed, args.epochs) == (
+                summary["loss"],
+                summary["framework"],
+                summary["seed"],
+                summary["epochs"],
+            )
+            assert args.out == Path("examples/results") / folder.name
