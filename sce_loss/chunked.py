@@ -18,6 +18,10 @@ x·O_a/τ and x·O_b/τ, so here they come from the D-vectors. Then, as in ``fin
     dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b) / τ
     dL/dτ_r = −(U_a/l_a − λ·a_pos − (1−λ)·U_b/l_b) / τ  =  −(x_r/τ)·dL/dx_r
 
+At small τ the logits are large (1.4e4 in base 2 at τ = 1e-4) and round by 1e-3, so the loss is
+summed from terms in which they cancel exactly: log l_a + λ·(m_a − a_pos) + (1−λ)·x_r·(c_max −
+O_b/l_b)/τ, with a_pos read from the product m_a comes from and c_max the candidate of m_a.
+
 The target is a constant and the queue gets no gradient, so the forward pass yields the gradients
 and the backward scales them by the upstream gradient. A key bank that needs a gradient gets it
 from a second chunked pass over the bank only, as in ``key_gradient_kernel``:
@@ -170,7 +174,7 @@ class _StreamingLoss(torch.autograd.Function):
         # that the row's maximum comes from, so that LSE_a − a_pos is not below 0 by rounding.
         queue_positive = bank is None and online_has_pos
         a_pos2 = row_dots(exponents[:r], c_pos) if bank is None else None
-        m, l, o, picked = stream_states(
+        m, l, o, picked, argmax = stream_states(
             exponents,
             bank,
             queue,
@@ -184,15 +188,22 @@ class _StreamingLoss(torch.autograd.Function):
         if bank is not None:
             a_pos2 = picked
 
-        # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as (LSE_a − a_pos) + (1−λ)·(a_pos −
-        # U_b/l_b) so that large logits cancel before they are rounded.
-        loss = (m[:r] - a_pos2 + l[:r].log2()) * LN_2
+        # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as log l_a + λ·(m_a − a_pos) +
+        # (1−λ)·x_r·(c_max − O_b/l_b)/τ, c_max the candidate of the row's maximum m_a, so that
+        # large logits cancel before they are rounded: m_a − a_pos from one product, and where
+        # the target is sharp on c_max, c_max − O_b/l_b is exactly 0.
+        loss = l[:r].log2()
+        if online_has_pos:
+            loss = loss + coeff * (m[:r] - a_pos2)
         means = o.div_(l[len(l) - len(o) :, None])  # O/l: the distributions' mean candidates
         target_mean = c_pos  # InfoNCE's (λ = 1); SCE's λ·c_pos + (1−λ)·O_b/l_b, ReSSL's O_b/l_b
         if need_target:
             mean_b = means[-n:] if views == 1 else means[-n:].repeat(views, 1)
-            loss = loss + (1 - coeff) * LN_2 * (a_pos2 - row_dots(exponents[:r], mean_b))
+            c_max = candidates_at(argmax[:r], bank, queue, c_pos, dtype=exponents.dtype)
+            # Σ_k w_k (m_a − a_k) ≥ 0: a negative value is rounding, and 0 is nearer the truth.
+            loss = loss + (1 - coeff) * row_dots(exponents[:r], c_max.sub_(mean_b)).clamp_(min=0)
             target_mean = mean_b.mul_(1 - coeff).add_(coeff * c_pos)  # in place: O is spent
+        loss = loss * LN_2
         grad = dtau = key_weight = None
         if need_grad:  # dL/dx_r = (O_a/l_a − target_mean) / τ
             grad = means[:r] - target_mean
@@ -200,9 +211,10 @@ class _StreamingLoss(torch.autograd.Function):
         if need_grad:
             grad.div_(temperature)
             dtau = -LN_2 * row_dots(exponents[:r], grad)
-        if ctx.needs_input_grad[1] and online_has_pos:  # queue mode (key is None with a bank)
-            # dL/dk_r = (p_pos − λ)·x_r/τ, with p_pos = 2^{a_pos·log2 e − m_a}/l_a: exactly 1/l_a
-            # when the positive is the row's maximum, so p_pos − 1 keeps its digits.
+        if online_has_pos and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            # The weight of row r's positive in dL/dk: p_pos − λ, with p_pos = 2^{a_pos·log2 e −
+            # m_a}/l_a exactly 1/l_a when the positive is the row's maximum (a_pos and m_a come
+            # from one product), so p_pos − 1 keeps its digits.
             key_weight = torch.exp2(a_pos2 - m[:r]) / l[:r] - coeff
         tau = temperature if isinstance(temperature, Tensor) else None
         ctx.save_for_backward(
@@ -224,7 +236,7 @@ class _StreamingLoss(torch.autograd.Function):
         grad_x = grad_key = grad_bank = grad_tau = None
         if ctx.needs_input_grad[0]:
             grad_x = upstream[:, None] * grad
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # queue mode (with a bank, the key is one of its rows)
             # Queue mode: the key is an online candidate only as its own row's positive, and
             # not at all for ReSSL (whose key then gets zeros).
             scaled_x = exponents[: len(upstream)] * LN_2  # x/τ
@@ -237,7 +249,8 @@ class _StreamingLoss(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bank = bank_gradient(
                 exponents,
-                m + l.log2(),
+                m,
+                l,
                 upstream,
                 bank,
                 masked=masked,
@@ -246,6 +259,7 @@ class _StreamingLoss(torch.autograd.Function):
                 coeff=ctx.coeff,
                 need_target=needs_target(stream.loss),
                 chunk_size=stream.chunk_size,
+                positive_weight=key_weight,
             )
         if tau is not None:
             grad_tau = (upstream * dtau).sum()
@@ -259,6 +273,21 @@ def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, *, need_
     exponents[: len(x)].mul_(LOG2_E / temperature)
     exponents[len(x) :].mul_(LOG2_E / target_temperature)
     return exponents
+
+
+def candidates_at(columns: Tensor, bank, queue, first: Tensor, *, dtype) -> Tensor:
+    """The candidate vectors at ``columns`` of [bank; queue] (−1: row r's ``first`` column, queue
+    mode's positive), (rows, D), a new tensor in ``dtype``."""
+    out = first.to(dtype, copy=True)
+    start = 0
+    for candidates in (bank, queue):
+        if candidates is None:
+            continue
+        inside = (columns >= start) & (columns < start + len(candidates))
+        index = (columns - start).clamp(0, len(candidates) - 1)
+        out = torch.where(inside[:, None], candidates[index].to(dtype), out)
+        start += len(candidates)
+    return out
 
 
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
@@ -333,19 +362,21 @@ def stream_states(
     *,
     chunk_size: int,
     vectors_from: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The running states (m, l, O) of the rows of ``exponents`` (base-2 logits z =
     exponents·c) after every candidate, [bank; queue], a chunk at a time, without each row's
     ``masked`` bank columns: the loop of ``partial_stats_kernel``. O is kept for the rows from
     ``vectors_from`` on. With ``first_logits`` the first rows start from one column already seen:
     logit ``first_logits``, vector ``first_column`` (queue mode's positive). Also returns, for the
     first rows, the logit at bank column ``picked_columns[r]`` (before masking), as the chunk's
-    product computed it (empty without ``picked_columns``)."""
+    product computed it (empty without ``picked_columns``), and for every row the column of
+    [bank; queue] its maximum m is at (−1: the first column)."""
     rows, dim = exponents.shape
     m = exponents.new_full((rows,), float("-inf"))
     l = exponents.new_zeros(rows)
     o = exponents.new_zeros(rows - vectors_from, dim)
     picked = exponents.new_zeros(0 if picked_columns is None else len(picked_columns))
+    argmax = torch.full((rows,), -1, dtype=torch.long, device=exponents.device)
     if first_logits is not None:
         m[: len(first_logits)], l[: len(first_logits)] = first_logits, 1.0
     if first_column is not None:
@@ -358,6 +389,7 @@ def stream_states(
         )  # the rows of the block that keep O
         picks = slice(min(block.start, len(picked)), min(block.stop, len(picked)))
         for candidates, in_bank in ((bank, True), (queue, False)):
+            offset = 0 if in_bank or bank is None else len(bank)  # of the first column
             for start in range(0, 0 if candidates is None else len(candidates), chunk_size):
                 c = candidates[start : start + chunk_size].to(exponents.dtype)
                 logits = _logits(exponents[block], c, buffer)
@@ -365,8 +397,10 @@ def stream_states(
                     if picked_columns is not None:
                         _pick(picked[picks], logits, picked_columns[picks] - start)
                     _mask_columns(logits, masked[block] - start)
-                _online_update_(m[block], l[block], o[vectors], logits, c)
-    return m, l, o, picked
+                _online_update_(
+                    m[block], l[block], o[vectors], argmax[block], logits, c, offset + start
+                )
+    return m, l, o, picked, argmax
 
 
 def _logits(exponents: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
@@ -394,6 +428,7 @@ def _(
         exponents.new_empty(rows),
         exponents.new_empty(rows - vectors_from, dim),
         exponents.new_empty(0 if picked_columns is None else len(picked_columns)),
+        exponents.new_empty(rows, dtype=torch.long),
     )
 
 
@@ -406,12 +441,17 @@ def _pick(picked: Tensor, logits: Tensor, columns: Tensor) -> None:
     picked.copy_(torch.where(inside, values, picked))
 
 
-def _online_update_(m: Tensor, l: Tensor, o: Tensor, logits: Tensor, c: Tensor) -> None:
+def _online_update_(
+    m: Tensor, l: Tensor, o: Tensor, argmax: Tensor, logits: Tensor, c: Tensor, column: int
+) -> None:
     """One chunk of columns into the running (max, Σ2^z, Σ2^z·c) states of base-2 logits z, in
     place, as the kernels' ``_online_update``: m' = max(m, max_k z_k),
     l' = l·2^{m−m'} + Σ_k 2^{z_k−m'}, O' = O·2^{m−m'} + Σ_k 2^{z_k−m'}·c_k. ``o`` holds the last
-    len(o) rows' O; ``logits`` becomes 2^{z−m'}."""
-    new_m = torch.maximum(m, logits.amax(1))
+    len(o) rows' O; ``argmax`` the column of m (this chunk's first being ``column``); ``logits``
+    becomes 2^{z−m'}."""
+    chunk_m, chunk_argmax = logits.max(1)
+    argmax.copy_(torch.where(chunk_m > m, chunk_argmax + column, argmax))
+    new_m = torch.maximum(m, chunk_m)
     safe_m = new_m.masked_fill(new_m == float("-inf"), 0.0)  # rows with no column yet
     alpha = torch.exp2(m - safe_m)
     p = logits.sub_(safe_m[:, None]).exp2_()
@@ -432,88 +472,127 @@ def _mask_columns(logits: Tensor, columns: Tensor) -> None:
 
 
 def bank_gradient(
-    exponents, lse2, upstream, bank, *, masked, views, offset, coeff, need_target, chunk_size
+    exponents,
+    maxima,
+    sums,
+    upstream,
+    bank,
+    *,
+    masked,
+    views,
+    offset,
+    coeff,
+    need_target,
+    chunk_size,
+    positive_weight=None,
 ) -> Tensor:
     """dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ for the bank's columns, with P_rk = e^{a_rk − LSE_a}
-    and w_rk = λ·[k = pos] + (1−λ)·e^{b_rk − LSE_b} (k ≠ pos), from each row's log-sum-exp in
-    base 2, ``lse2`` = LSE·log2 e (the forward's m + log2 l). The target rows are shared by the
-    crops: Σ_r w_rk g_r x_r = Σ_i w_ik x̄_i with x̄_i = Σ_v g_vi x_vi (with one crop, x̄_i = g_i x_i,
-    and the two weightings of the same rows are summed before one product)."""
-    r, dim = len(upstream), exponents.shape[1]
-    n = r // views
+    and w_rk = λ·[k = pos] + (1−λ)·e^{b_rk − LSE_b} (k ≠ pos), as 2^{z − m}/l from each row's
+    base-2 ``maxima`` m and ``sums`` l, the forward's (their sum m + log2 l = LSE·log2 e would be
+    rounded to the ulp of m, 1e-4 at τ = 1e-3, and P by as much). ``positive_weight``, required
+    for InfoNCE and SCE (whose online rows have the positive), is the weight at each online row's
+    positive column: the forward's P_r,pos − λ, from the product the row's maximum came from. The
+    weights P − w of a chunk are summed before its product, as the reference's softmax − target
+    is: where P and w both round to 1, their difference is 0, not the rounding of x/τ (large at
+    small τ) minus itself."""
+    r = len(upstream)
     online = upstream * LN_2  # x_r/τ = exponents_r·ln 2: row r's weight on exponents_r
-    target_rhs = None
-    if not need_target:
-        weights = online
-    elif views == 1:
-        weights = torch.cat([online, -(1 - coeff) * online])
-    else:
-        target_rhs = (exponents[:r] * online[:, None]).view(views, n, dim).sum(0)  # x̄_i / τ
-        weights = torch.cat([online, (-(1 - coeff)) * torch.ones_like(online[:n])])
-    # P and w are 2^{z − lse2}.
-    grad = bank_products(
+    return bank_products(
         exponents,
-        lse2,
-        weights,
-        target_rhs,
+        maxima,
+        sums.reciprocal(),
+        online,
+        -(1 - coeff) * online if need_target else None,
+        None if positive_weight is None else positive_weight * online,
         bank,
-        masked,
+        masked[:r] if positive_weight is None else _with_positive(masked[:r], offset, views),
+        masked[r:],
         chunk_size=chunk_size,
-        online_rows=r,
+        views=views,
+        offset=offset,
     )
-    for v in range(views):  # the positive's target weight λ: −λ·x̄_i at column offset + i
-        crop = slice(v * n, (v + 1) * n)
-        grad[offset : offset + n].addcmul_(exponents[crop], (-coeff * online[crop])[:, None])
-    return grad
+
+
+def _with_positive(masked: Tensor, offset: int, views: int) -> Tensor:
+    """The online rows' masked columns with each row's positive column added, (R, 3)."""
+    rows = len(masked)
+    positive = positive_columns(rows, rows // views, offset, masked.device)
+    return torch.cat([masked, positive[:, None]], 1)
+
+
+def _put(weights: Tensor, values: Tensor, columns: Tensor) -> None:
+    """weights[r, columns[r]] = values[r] where that column lies in this chunk, in place."""
+    width = weights.shape[1]
+    inside = ((columns >= 0) & (columns < width))[:, None]
+    index = columns.clamp(0, width - 1)[:, None]
+    weights.scatter_(1, index, torch.where(inside, values[:, None], weights.gather(1, index)))
 
 
 @torch.library.custom_op("sce_loss::chunked_bank_products", mutates_args=())
 def bank_products(
     exponents: Tensor,
-    shift: Tensor,
-    weights: Tensor,
-    target_rhs: Tensor | None,
+    maxima: Tensor,
+    inverse_sums: Tensor,
+    online_weights: Tensor,
+    target_weights: Tensor | None,
+    positive_weights: Tensor | None,
     bank: Tensor,
-    masked: Tensor,
+    online_masked: Tensor,
+    target_masked: Tensor,
     *,
     chunk_size: int,
-    online_rows: int,
+    views: int,
+    offset: int,
 ) -> Tensor:
-    """Σ_r 2^{z_rk − shift_r}·weights_r·v_r for each bank column k, z = exponents·c_k as in the
-    forward pass (``masked`` columns left out), a chunk of columns at a time:
-    ``key_gradient_kernel``'s loop. v_r is the exponents row r for the first ``online_rows``
-    rows, and for the target rows after them ``target_rhs``'s rows, or (``target_rhs`` None) the
-    online rows again, row for row."""
-    rows, r = len(exponents), online_rows
-    paired = rows > r and target_rhs is None  # target row r + i weighs online row i's vector
-    block_rows = ROW_BLOCK // 2 if paired else ROW_BLOCK
+    """Σ_r W_rk·x_r for each bank column k, a chunk of columns at a time (``key_gradient_kernel``'s
+    loop), x_r the first R = len(online_weights) rows of ``exponents`` and, with z = exponents·c_k
+    computed in the forward's row blocks (so bit for bit the forward's logits) and
+    p = 2^{z − maxima}·inverse_sums (``*_masked`` columns left out):
+    W_rk = online_weights_r·p_rk + target_weights_r·p_(R + r mod N),k, and at row r's positive
+    column offset + (r mod N) the given ``positive_weights_r`` instead (None: no such column)."""
+    r = len(online_weights)
+    n = r // views
+    rows = len(exponents)
     grad = exponents.new_zeros(bank.shape)
-    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * chunk_size)  # one chunk's logits
-
-    def weighted_probabilities(block: slice, c: Tensor, start: int, into: Tensor) -> Tensor:
-        logits = _logits(exponents[block], c, into)
-        _mask_columns(logits, masked[block] - start)
-        return logits.sub_(shift[block, None]).exp2_().mul_(weights[block, None])
-
+    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * chunk_size)  # one block's logits
+    weights = exponents.new_empty(r * chunk_size)  # W of one chunk
     for start in range(0, len(bank), chunk_size):
         c = bank[start : start + chunk_size]
-        out = grad[start : start + len(c)]
-        for first in range(0, r, block_rows):  # the online rows (with their target rows)
-            block = slice(first, min(first + block_rows, r))
-            p = weighted_probabilities(block, c, start, buffer)
-            if paired:
-                size = block.stop - block.start
-                target = slice(r + block.start, r + block.stop)
-                p += weighted_probabilities(target, c, start, buffer[size * len(c) :])
-            out.addmm_(p.T, exponents[block])
-        if not paired:  # the target rows, if any, weigh target_rhs's rows
-            for first in range(r, rows, block_rows):
-                block = slice(first, min(first + block_rows, rows))
-                p = weighted_probabilities(block, c, start, buffer)
-                out.addmm_(p.T, target_rhs[block.start - r : block.stop - r])
+        w = weights[: r * len(c)].view(r, len(c))
+        for first in range(0, rows, ROW_BLOCK):  # the forward's row blocks
+            block = slice(first, min(first + ROW_BLOCK, rows))
+            p = _logits(exponents[block], c, buffer)
+            online = slice(block.start, min(block.stop, r))
+            targets = slice(max(block.start, r), block.stop)
+            size = max(online.stop - online.start, 0)
+            if size:
+                _mask_columns(p[:size], online_masked[online] - start)
+            if targets.start < targets.stop:
+                _mask_columns(p[size:], target_masked[targets.start - r : targets.stop - r] - start)
+            p.sub_(maxima[block, None]).exp2_().mul_(inverse_sums[block, None])
+            if size:
+                w[online] = p[:size] * online_weights[online, None]
+            if targets.start < targets.stop:  # the targets of samples i: every crop's row of i
+                samples = slice(targets.start - r, targets.stop - r)
+                for v in range(views):
+                    crop = slice(v * n + samples.start, v * n + samples.stop)
+                    w[crop].addcmul_(p[size:], target_weights[crop, None])
+        if positive_weights is not None:
+            _put(w, positive_weights, positive_columns(r, n, offset, w.device) - start)
+        grad[start : start + len(c)].addmm_(w.T, exponents[:r])
     return grad
 
 
 @bank_products.register_fake
-def _(exponents, shift, weights, target_rhs, bank, *_, **__):
+def _(
+    exponents,
+    maxima,
+    inverse_sums,
+    online_weights,
+    target_weights,
+    positive_weights,
+    bank,
+    *_,
+    **__,
+):
     return exponents.new_empty(bank.shape)

@@ -370,24 +370,28 @@ def test_chunk_loops_pass_opcheck():
             options,
             test_utils=("test_schema", "test_faketensor"),
         )
-    shift, weights = torch.ones(len(exponents)), torch.rand(len(exponents))
-    online, target_rhs = views * n, exponents[:n]
-    for rows, target_rhs_or_none, online_rows in (
-        (len(exponents), target_rhs, online),
-        (2 * n, None, n),
-        (online, None, online),
+    maxima, inverse_sums = torch.ones(len(exponents)), torch.rand(len(exponents))
+    weights = torch.rand(views * n)
+    online = views * n
+    for rows, target_weights, positive_weights in (
+        (len(exponents), -weights, weights),
+        (len(exponents), -weights, None),
+        (online, None, weights),
     ):
         torch.library.opcheck(
             chunked.bank_products,
             (
                 exponents[:rows],
-                shift[:rows],
-                weights[:rows],
-                target_rhs_or_none,
+                maxima[:rows],
+                inverse_sums[:rows],
+                weights,
+                target_weights,
+                positive_weights,
                 bank,
-                masked[:rows],
+                masked[:online],
+                masked[online:rows],
             ),
-            dict(chunk_size=4, online_rows=online_rows),
+            dict(chunk_size=4, views=views, offset=n),
             test_utils=("test_schema", "test_faketensor"),
         )
 

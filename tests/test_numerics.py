@@ -65,45 +65,70 @@ def test_duplicated_embeddings_give_the_uniform_answer():
 
 
 SMALL_TEMPERATURES = [1e-4, 3e-4, 1e-3, 1e-2, 0.1]
+EPS32 = torch.finfo(torch.float32).eps
 
 
-def float32_error_bar(fn, backend, mode, temperature, *, seed):
-    """(‖backend − float64‖, its bar) over the per-row losses of float32 inputs whose positives
-    are their rows' largest logits. The bar: 3× the float32 reference's own error against
-    float64 (another summation order rounds differently, by as much again), plus 8 float32 ulps
-    of each loss (a reference that rounds to exactly 0 leaves that much room)."""
+def float32_errors_and_bars(fn, backend, mode, temperature, *, seed, same=False):
+    """{output: (‖backend − float64‖, its bar)} for the per-row losses and the query's and key's
+    gradients (of a weighted sum of the losses, both inputs online) of float32 inputs whose
+    positives are their rows' largest logits; with ``same``, the key is the query itself. The
+    bar: 3× the float32 reference's own error against float64 (another summation order rounds
+    differently, by as much again), plus 8 float32 ulps of each output (a reference that rounds
+    to exactly 0 leaves that much room)."""
     g = torch.Generator().manual_seed(seed)
     query = unit(48, 16, generator=g)
-    key = torch.nn.functional.normalize(query + 0.1 * unit(48, 16, generator=g), dim=-1)
-    queue = None if mode == "in-batch" else unit(200, 16, generator=g)
+    noise = unit(48, 16, generator=g)
+    key = query.clone() if same else torch.nn.functional.normalize(query + 0.1 * noise, dim=-1)
+    queue = None if mode in ("in-batch", "symmetric") else unit(200, 16, generator=g)
     options = dict(temperature=temperature, reduction="none")
     if fn is not info_nce_loss:
         options["target_temperature"] = 0.05
     options |= dict(symmetric=True) if mode == "symmetric" else {}
     options |= dict(include_keys=True) if mode == "queue+keys" else {}
-    queue = None if mode == "symmetric" else queue
 
-    def losses(dtype, backend):
-        low = [None if x is None else x.to(dtype) for x in (query, key, queue)]
-        return fn(*low, backend=backend, **options).double()
+    def outputs(dtype, backend):
+        q, k = (x.to(dtype).requires_grad_() for x in (query, key))
+        losses = fn(q, k, None if queue is None else queue.to(dtype), backend=backend, **options)
+        weights = torch.linspace(0.5, 1.5, losses.numel(), dtype=losses.dtype).view_as(losses)
+        grads = torch.autograd.grad((losses * weights).sum(), (q, k), allow_unused=True)
+        grads = [torch.zeros_like(x) if d is None else d for x, d in zip((q, k), grads)]
+        return dict(zip(("losses", "query", "key"), (t.double() for t in (losses, *grads))))
 
-    exact = losses(torch.float64, "reference")
-    own = (losses(torch.float32, "reference") - exact).norm()
-    slack = 8 * torch.finfo(torch.float32).eps * (exact.abs() + 1).norm()
-    return (losses(torch.float32, backend) - exact).norm(), 3 * own + slack
+    exact, own, got = (
+        outputs(*args)
+        for args in (
+            (torch.float64, "reference"),
+            (torch.float32, "reference"),
+            (torch.float32, backend),
+        )
+    )
+    return {
+        name: (
+            (got[name] - exact[name]).norm(),
+            3 * (own[name] - exact[name]).norm()
+            + 8 * EPS32 * ((exact[name].abs() + 1) if name == "losses" else exact[name]).norm(),
+        )
+        for name in exact
+    }
 
 
 @pytest.mark.parametrize("fn", LOSSES)
 @pytest.mark.parametrize("temperature", SMALL_TEMPERATURES)
 @pytest.mark.parametrize("mode", ["in-batch", "queue", "queue+keys", "symmetric"])
+@pytest.mark.parametrize("same", [False, True], ids=["key-near-query", "key-is-query"])
 def test_chunked_float32_errs_no_more_than_the_float32_reference_at_small_temperatures(
-    fn, temperature, mode
+    fn, temperature, mode, same
 ):
     """At τ = 1e-4 the base-2 logits reach 1.4e4, whose float32 rounding (1e-3) once made chunked
     in-batch InfoNCE negative (−1.4e-3) where the reference gives 0: its positive's logit came
-    from another product than the row's maximum."""
-    error, bar = float32_error_bar(fn, "chunked", mode, temperature, seed=3)
-    assert error <= bar, (error, bar)
+    from another product than the row's maximum. The key's gradient once summed P·x/τ and −x/τ
+    at the positive after their products (their roundings, of x/τ, left over), and recomputed P
+    from LSE = m + log l rounded to the ulp of m; ReSSL's loss once cancelled a_pos against
+    U_b/l_b."""
+    for name, (error, bar) in float32_errors_and_bars(
+        fn, "chunked", mode, temperature, seed=3, same=same
+    ).items():
+        assert error <= bar, (name, error, bar)
     if fn is info_nce_loss:
         got = fn(
             *make_inputs("in-batch", n=8, d=4, dtype=torch.float32)[:2],
@@ -112,6 +137,26 @@ def test_chunked_float32_errs_no_more_than_the_float32_reference_at_small_temper
             reduction="none",
         )
         assert (got >= 0).all()
+
+
+@pytest.mark.parametrize("fn", LOSSES)
+@pytest.mark.parametrize("mode", ["in-batch", "queue", "symmetric"])
+def test_chunked_losses_are_never_negative_at_the_smallest_temperatures(fn, mode):
+    """Every loss here is a cross-entropy, ≥ 0: rounding at τ = τ_m = 1e-4 must not push it
+    below (the target term Σ_k w_k (m − a_k) once rounded to −7e-4)."""
+    g = torch.Generator().manual_seed(5)
+    query = unit(64, 8, generator=g, dtype=torch.float32)
+    queue = None if mode != "queue" else unit(256, 8, generator=g, dtype=torch.float32)
+    options = {} if fn is info_nce_loss else dict(target_temperature=1e-4)
+    options |= dict(symmetric=True) if mode == "symmetric" else {}
+    for key in (
+        query,
+        torch.nn.functional.normalize(query + 1e-3 * torch.randn_like(query), dim=-1),
+    ):
+        losses = fn(
+            query, key, queue, temperature=1e-4, reduction="none", backend="chunked", **options
+        )
+        assert (losses >= 0).all(), losses.min()
 
 
 @needs_fused
@@ -123,5 +168,7 @@ def test_chunked_float32_errs_no_more_than_the_float32_reference_at_small_temper
 def test_fused_float32_errs_no_more_than_the_float32_reference_at_small_temperatures(
     fn, temperature, mode
 ):
-    error, bar = float32_error_bar(fn, "fused", mode, temperature, seed=3)
-    assert error <= bar, (error, bar)
+    for name, (error, bar) in float32_errors_and_bars(
+        fn, "fused", mode, temperature, seed=3
+    ).items():
+        assert error <= bar, (name, error, bar)

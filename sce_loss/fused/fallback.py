@@ -47,7 +47,7 @@ def streaming_forward(
     queue_positive = bank is None and online_has_pos
     # With a bank, a_pos comes from the product the row's maximum comes from (chunked.py).
     a_pos2 = chunked.row_dots(exponents[:rows], c_pos) if bank is None else None
-    m, l, o, picked = chunked.stream_states(
+    m, l, o, picked, _ = chunked.stream_states(
         exponents,
         None if bank is None else bank.float(),
         queue,
@@ -111,9 +111,15 @@ def streaming_bank_gradient(
         symmetric=False,
         device=query.device,
     )
+    positive_weight = None
+    if online_has_pos:  # P_r,pos − λ, the positive's logit recomputed here
+        c_pos = bank.float()[offset : offset + n].repeat(rows // n, 1)
+        a_pos = chunked.row_dots(exponents[:rows], c_pos) * LN_2
+        positive_weight = torch.exp(a_pos - lse_a) - coeff
     grad = chunked.bank_gradient(
         exponents,
         lse * LOG2_E,
+        torch.ones_like(lse),
         upstream.float(),
         bank.float(),
         masked=masked,
@@ -122,5 +128,6 @@ def streaming_bank_gradient(
         coeff=coeff,
         need_target=need_target,
         chunk_size=chunked.chunk_columns(len(exponents)),
+        positive_weight=positive_weight,
     )
     return grad.to(bank.dtype)
