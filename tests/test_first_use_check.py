@@ -256,10 +256,10 @@ def test_a_compiled_auto_step_survives_a_failed_launch(monkeypatch):
 
 
 class WrongOutput:
-    """The real kernel, its output argument ``index`` then off by 10 %."""
+    """The real kernel, its output argument ``output`` then off by 10 %."""
 
-    def __init__(self, kernel, index):
-        self.kernel, self.index = kernel, index
+    def __init__(self, kernel, output):
+        self.kernel, self.index = kernel, kernel.arg_names.index(output)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -270,18 +270,18 @@ class WrongOutput:
 
 
 @pytest.mark.parametrize(
-    "which, kernel, index, name",
+    "which, kernel, output, name",
     [
-        ("key", "key_gradient_kernel", 6, "key gradient"),  # online keys, a frozen query tower
-        ("temperature", "finalize_kernel", 6, "τ gradient"),  # a learnable τ alone
+        ("key", "key_gradient_kernel", "GRAD_BANK", "key gradient"),  # online keys, frozen query
+        ("temperature", "finalize_kernel", "DTAU", "τ gradient"),  # a learnable τ alone
     ],
 )
 def test_a_call_needing_only_one_gradient_checks_that_gradient(
-    which, kernel, index, name, monkeypatch
+    which, kernel, output, name, monkeypatch
 ):
     """A call whose query needs no gradient still computes the key's or τ's: the check runs
     that kernel, and its wrong output is refused."""
-    monkeypatch.setattr(kernels, kernel, WrongOutput(getattr(kernels, kernel), index))
+    monkeypatch.setattr(kernels, kernel, WrongOutput(getattr(kernels, kernel), output))
     problem = problem_of("sce", "queue+keys", **SCE)
     if which == "key":
         problem.key.requires_grad_()

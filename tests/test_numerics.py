@@ -160,15 +160,19 @@ def test_chunked_losses_are_never_negative_at_the_smallest_temperatures(fn, mode
 
 
 @needs_fused
-@pytest.mark.parametrize("fn", [info_nce_loss, sce_loss])
+@pytest.mark.parametrize("fn", LOSSES)
 @pytest.mark.parametrize(
-    "temperature", [1e-4] + [pytest.param(t, marks=pytest.mark.slow) for t in (1e-3, 1e-2, 0.1)]
+    "temperature",
+    [1e-3] + [pytest.param(t, marks=pytest.mark.slow) for t in (1e-4, 3e-4, 1e-2, 0.1)],
 )
 @pytest.mark.parametrize("mode", ["in-batch", "queue", "queue+keys"])
+@pytest.mark.parametrize("same", [False, True], ids=["key-near-query", "key-is-query"])
 def test_fused_float32_errs_no_more_than_the_float32_reference_at_small_temperatures(
-    fn, temperature, mode
+    fn, temperature, mode, same
 ):
+    """The key pass once recomputed P from LSE = m + log l, rounded to the ulp of m: ReSSL's key
+    gradient erred 3.3× the float32 reference's own error at τ = 1e-3."""
     for name, (error, bar) in float32_errors_and_bars(
-        fn, "fused", mode, temperature, seed=3
+        fn, "fused", mode, temperature, seed=3, same=same
     ).items():
         assert error <= bar, (name, error, bar)

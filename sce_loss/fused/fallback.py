@@ -1,7 +1,8 @@
 """The fused ops' outputs computed by the chunked backend's streaming loop: what a custom op of
 ``backend="auto"`` computes when its kernels fail to launch (inside a compiled graph, where the
 first-use check cannot run first). Same inputs and outputs as the kernels, in float32:
-LSE_a = ln Σ_k e^{a_k} over the online candidates, LSE_b = ln Σ_{k≠pos} e^{b_k}."""
+LSE_a = ln Σ_k e^{a_k} over the online candidates, LSE_b = ln Σ_{k≠pos} e^{b_k}, each (2, R) as
+its two terms (m, log l)."""
 
 from __future__ import annotations
 
@@ -59,25 +60,25 @@ def streaming_forward(
     )
     if bank is not None:
         a_pos2 = picked
-    lse = (m + l.log2()) * LN_2
+    lse = torch.stack([m * LN_2, l.log()])  # (m, log l) in base e
     means = o / l[:, None]
     u_a = chunked.row_dots(exponents[:rows], means[:rows]) * LN_2  # Σ_k P_k a_k
     a_pos = a_pos2 * LN_2
-    target_mean, u_target, lse_b = c_pos, a_pos, torch.zeros_like(a_pos)
+    target_mean, u_target, lse_b = c_pos, a_pos, a_pos.new_zeros(2, rows)
     if need_target:
         mean_b = means[rows:].repeat(views, 1)
         u_b = chunked.row_dots(exponents[:rows], mean_b) * LN_2
         target_mean = coeff * c_pos + (1 - coeff) * mean_b
         u_target = coeff * a_pos + (1 - coeff) * u_b
-        lse_b = lse[rows:].repeat(views)
-    loss = lse[:rows] - u_target
+        lse_b = lse[:, rows:].repeat(1, views)
+    loss = lse[:, :rows].sum(0) - u_target
     dtau = -(u_a - u_target) / temperature
     grad = (
         (means[:rows] - target_mean) / temperature
         if need_grad
         else query.new_empty((0, dim), dtype=torch.float32)
     )
-    return loss, grad, dtau, lse[:rows].contiguous(), lse_b
+    return loss, grad, dtau, lse[:, :rows].contiguous(), lse_b
 
 
 def streaming_bank_gradient(
@@ -101,7 +102,7 @@ def streaming_bank_gradient(
     exponents = chunked.base2_rows(
         query.float(), key.float(), temperature, target_temperature, need_target=need_target
     )
-    lse = torch.cat([lse_a, lse_b[:n]]) if need_target else lse_a
+    lse = torch.cat([lse_a, lse_b[:, :n]], 1) if need_target else lse_a  # (m, log l), base e
     masked = chunked.masked_columns(
         n,
         views=rows // n,
@@ -115,11 +116,11 @@ def streaming_bank_gradient(
     if online_has_pos:  # P_r,pos − λ, the positive's logit recomputed here
         c_pos = bank.float()[offset : offset + n].repeat(rows // n, 1)
         a_pos = chunked.row_dots(exponents[:rows], c_pos) * LN_2
-        positive_weight = torch.exp(a_pos - lse_a) - coeff
+        positive_weight = torch.exp((a_pos - lse_a[0]) - lse_a[1]) - coeff
     grad = chunked.bank_gradient(
         exponents,
-        lse * LOG2_E,
-        torch.ones_like(lse),
+        lse[0] * LOG2_E,
+        lse[1].exp(),
         upstream.float(),
         bank.float(),
         masked=masked,

@@ -17,8 +17,9 @@ writes, with λ the target's weight on the positive,
     dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b) / τ
     dL/dτ_r = −(u_a/l_a − λ·a_pos − (1−λ)·u_b/l_b) / τ
 
-and LSE_a, LSE_b for the key pass. ``key_gradient_kernel`` is that key pass: column-parallel over a
-key bank, dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ with P and w recomputed from LSE_a and LSE_b.
+and, for the key pass, LSE_a and LSE_b as their two terms, the maxima m and log l (their float32
+sum rounds to the ulp of m). ``key_gradient_kernel`` is that key pass: column-parallel over a key
+bank, dL/dc_k = Σ_r g_r (P_rk − w_rk) x_r / τ with P = e^{(a − m_a) − log l_a} and w recomputed.
 No N×M tensor is ever stored. λ, τ and τ_m are read from 0-d float32 tensors (COEFF, TAU, TAU_M),
 so a new value never recompiles anything.
 """
@@ -193,8 +194,10 @@ def finalize_kernel(
     LOSS,
     GRAD,
     DTAU,
-    LSE_A,
-    LSE_B,
+    MAX_A,
+    LOG_SUM_A,
+    MAX_B,
+    LOG_SUM_B,
     COEFF,
     TAU,
     R,
@@ -267,8 +270,12 @@ def finalize_kernel(
     target_u = a_pos * 0.0
     if NEED_TARGET:
         target_u = u_b / l_b
-        tl.store(LSE_B + rows, m_b + tl.log(l_b), mask=row_ok)
-    tl.store(LSE_A + rows, lse_a, mask=row_ok)
+        tl.store(MAX_B + rows, m_b, mask=row_ok)
+        tl.store(LOG_SUM_B + rows, tl.log(l_b), mask=row_ok)
+    # LSE as its two terms (m, log l): their float32 sum is rounded to the ulp of m (1e-4 at
+    # τ = 1e-3), and a probability e^{a − LSE} recomputed from it by as much.
+    tl.store(MAX_A + rows, m_a, mask=row_ok)
+    tl.store(LOG_SUM_A + rows, tl.log(l_a), mask=row_ok)
     tl.store(LOSS + rows, lse_a - coeff * a_pos - (1.0 - coeff) * target_u, mask=row_ok)
     tl.store(
         DTAU + rows, -(u_a / l_a - coeff * a_pos - (1.0 - coeff) * target_u) * inv_tau, mask=row_ok
@@ -286,8 +293,10 @@ def key_gradient_kernel(
     K,
     BANK,
     UPSTREAM,
-    LSE_A,
-    LSE_B,
+    MAX_A,
+    LOG_SUM_A,
+    MAX_B,
+    LOG_SUM_B,
     GRAD_BANK,
     COEFF,
     TAU,
@@ -330,20 +339,22 @@ def key_gradient_kernel(
         row_tile_ok = row_ok[:, None] & dim_ok[None, :]
         x = tl.load(X + rows[:, None] * D + dims[None, :], mask=row_tile_ok, other=0.0)
         g = tl.load(UPSTREAM + rows, mask=row_ok, other=0.0)
-        lse_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
         is_pos = cols[None, :] == (key_rows + POS_OFFSET)[:, None]
         valid = row_ok[:, None] & col_ok[None, :]
-        a = _dot(x, ct, PRECISION, UPCAST) * inv_tau
+        max_a = tl.load(MAX_A + rows, mask=row_ok, other=0.0)
+        log_sum_a = tl.load(LOG_SUM_A + rows, mask=row_ok, other=0.0)
+        a = _dot(x, ct, PRECISION, UPCAST) * inv_tau - max_a[:, None]  # a − m_a
         online_ok = valid if ONLINE_HAS_POS else valid & ~is_pos
-        weight = tl.where(online_ok, tl.exp(a - lse_a[:, None]), 0.0)
+        weight = tl.where(online_ok, tl.exp(a - log_sum_a[:, None]), 0.0)
         weight -= tl.where(is_pos & valid, coeff, 0.0)
         if NEED_TARGET:
             k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_tile_ok, other=0.0).to(
                 x_dtype
             )
-            lse_b = tl.load(LSE_B + rows, mask=row_ok, other=0.0)
-            b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
-            weight -= (1.0 - coeff) * tl.where(valid & ~is_pos, tl.exp(b - lse_b[:, None]), 0.0)
+            max_b = tl.load(MAX_B + rows, mask=row_ok, other=0.0)
+            log_sum_b = tl.load(LOG_SUM_B + rows, mask=row_ok, other=0.0)
+            b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m - max_b[:, None]  # b − m_b
+            weight -= (1.0 - coeff) * tl.where(valid & ~is_pos, tl.exp(b - log_sum_b[:, None]), 0.0)
         weight *= g[:, None] * inv_tau
         grad += _dot(tl.trans(weight).to(x.dtype), x, PRECISION, UPCAST)
     out = GRAD_BANK + (split * NUM_BANK + cols[:, None]) * D + dims[None, :]

@@ -71,7 +71,8 @@ def fused_forward(
     need_grad: bool,
     fallback: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-row loss, dL/dquery (R×D, if need_grad), dL/dτ per row, LSE_a and LSE_b.
+    """Per-row loss, dL/dquery (R×D, if need_grad), dL/dτ per row, LSE_a and LSE_b (2×R: each
+    row's LSE as its two terms, the maximum m and log Σ e^{logit − m}, whose sum rounds).
 
     ``query`` is (R, D), row r's key is ``key[r % N]``; the candidates are ``bank`` (positive at
     offset + r % N) then ``queue`` (read in its own dtype, rounded to the query's for the
@@ -126,9 +127,8 @@ def _launch_forward(
         if extra_pos
         else torch.empty(0, device=device)
     )
-    loss, dtau, lse_a, lse_b = (
-        torch.empty(rows, device=device, dtype=torch.float32) for _ in range(4)
-    )
+    loss, dtau = (torch.empty(rows, device=device, dtype=torch.float32) for _ in range(2))
+    lse_a, lse_b = (torch.empty(2, rows, device=device, dtype=torch.float32) for _ in range(2))
     grad = torch.empty((rows, dim) if need_grad else (0, dim), device=device, dtype=torch.float32)
     for group in launches.groups:
         start, stop, group_rows, total = group.start, group.stop, group.rows, group.total_splits
@@ -183,8 +183,10 @@ def _launch_forward(
             loss[start:stop],
             grad[start:stop],
             dtau[start:stop],
-            lse_a[start:stop],
-            lse_b[start:stop],
+            lse_a[0, start:stop],
+            lse_a[1, start:stop],
+            lse_b[0, start:stop],
+            lse_b[1, start:stop],
             coeff,
             temperature,
             group_rows,
@@ -206,7 +208,8 @@ def _(query, key, bank, queue, coeff, temperature, target_temperature, *, need_g
     rows, dim = query.shape
     row = query.new_empty(rows, dtype=torch.float32)
     grad = query.new_empty((rows, dim) if need_grad else (0, dim), dtype=torch.float32)
-    return row, grad, torch.empty_like(row), torch.empty_like(row), torch.empty_like(row)
+    lse = query.new_empty((2, rows), dtype=torch.float32)
+    return row, grad, torch.empty_like(row), lse, torch.empty_like(lse)
 
 
 _NOTED: set[str] = set()
@@ -289,8 +292,10 @@ def _launch_bank_gradient(
         key,
         bank,
         upstream.float().contiguous(),
-        lse_a,
-        lse_b,
+        lse_a[0],
+        lse_a[1],
+        lse_b[0],
+        lse_b[1],
         grad,
         coeff,
         temperature,
@@ -374,7 +379,8 @@ def _backward(ctx, upstream, *_):
         # Queue mode: the key is a candidate only as its own row's positive, (p_pos − λ) x / τ;
         # ReSSL leaves the positive out of the online softmax, so its key gradient is zero.
         if online_has_pos:
-            p_pos = torch.exp(_queue_mode_positive_logits(query, key, temperature) - lse_a)
+            a_pos = _queue_mode_positive_logits(query, key, temperature)
+            p_pos = torch.exp((a_pos - lse_a[0]) - lse_a[1])
             per_row = (upstream * (p_pos - coeff) / temperature)[:, None] * query.float()
             grad_key = per_row.view(-1, *key.shape).sum(0).to(key.dtype)
         else:
