@@ -7,10 +7,11 @@ the keys of rank s is Σ_r ∂L_r/∂(block s): the backward reduce-scatters (su
 own block of) the gradient of the gathered tensor, moving 1/W of it per rank.
 
 The collectives are PyTorch's functional ones, so a compiled step traces through them. Every rank
-must hold the same number of keys. For CPU tensors (gloo) that is checked on every eager call, since
-an uneven gather would abort the process: one 8-byte all-gather of the sizes, read on the host,
-which costs no device synchronisation. On a GPU the check would synchronise the device each step,
-so there it runs only under ``TORCH_DISTRIBUTED_DEBUG=DETAIL``; it never runs while compiling.
+must hold the same number of keys, of the same D and dtype. For CPU tensors (gloo) that is checked
+on every eager call, since an uneven gather would abort the process: one 40-byte all-gather of the
+shapes, read on the host, which costs no device synchronisation. On a GPU the check would
+synchronise the device each step, so there it runs only under ``TORCH_DISTRIBUTED_DEBUG=DETAIL``;
+it never runs while compiling.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ def resolve_group(gather):
     """The process group meant by ``gather`` (False, True or a group); None for one process."""
     if isinstance(gather, np.bool_):
         gather = bool(gather)
-    if gather is False or gather is None:
+    if gather is False:
         return None
     if not (gather is True or isinstance(gather, dist.ProcessGroup)):
+        # None too: torch.distributed reads group=None as the default group, so it is no "no".
         raise TypeError(
-            "gather must be a bool or a torch.distributed.ProcessGroup, got "
-            f"{type(gather).__name__}"
+            "gather must be a bool or a torch.distributed.ProcessGroup (True: the default "
+            f"group), got {type(gather).__name__}"
         )
     if not (dist.is_available() and dist.is_initialized()):
         return None
@@ -81,19 +83,53 @@ def all_gather_constant(tensor: Tensor, group) -> Tensor:
     return _gather(tensor.detach().contiguous(), 0, group)
 
 
+_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.bool,
+)
+
+
 def _check_equal_batches(tensor: Tensor, group, *, rows_per_sample: int = 1) -> None:
-    """Refuse ranks holding different numbers of rows, naming each rank's number of samples: for
-    CPU tensors always, else under TORCH_DISTRIBUTED_DEBUG=DETAIL (module docstring)."""
+    """Refuse ranks holding tensors the gather cannot join (another number of samples, views, D
+    or dtype), naming each rank's: for CPU tensors always, else under
+    TORCH_DISTRIBUTED_DEBUG=DETAIL (module docstring)."""
     if torch.compiler.is_compiling():
         return
     if tensor.device.type != "cpu" and dist.get_debug_level() != dist.DebugLevel.DETAIL:
         return
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, size, group=group)
-    samples = [int(s) // rows_per_sample for s in sizes]
-    if len(set(samples)) != 1:
+    dtype = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else len(_DTYPES)
+    # (samples, views, D): a (B, V, D) tensor is B samples of V views; a (rows, D) one holds
+    # rows_per_sample rows (views) per sample.
+    if tensor.dim() == 3:
+        samples, views, dim = tensor.shape
+    else:
+        samples, views = tensor.shape[0] // rows_per_sample, rows_per_sample
+        dim = tensor.shape[1] if tensor.dim() == 2 else 0
+    shape = [samples, views, dim, tensor.shape[0] % rows_per_sample, dtype]
+    mine = torch.tensor(shape, device=tensor.device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    shapes = [tuple(int(v) for v in s) for s in every]
+    if len(set(shapes)) != 1:
         raise ValueError(
-            "every rank must hold the same number of samples to gather them, got "
-            + ", ".join(f"{n} on rank {rank}" for rank, n in enumerate(samples))
+            "every rank must hold the same number of samples, views, dimensions and dtype to "
+            "gather them, got "
+            + "; ".join(f"{_described(shape)} on rank {rank}" for rank, shape in enumerate(shapes))
         )
+
+
+def _described(shape: tuple[int, ...]) -> str:
+    """'3 samples × 2 views of D = 8, float32' from a rank's ``_check_equal_batches`` shape."""
+    samples, views, dim, _, dtype = shape
+    text = f"{samples} samples" + (f" × {views} views" if views > 1 else "")
+    text += f" of D = {dim}" if dim else ""
+    return text + (
+        f", {str(_DTYPES[dtype]).removeprefix('torch.')}"
+        if dtype < len(_DTYPES)
+        else ", another dtype"
+    )

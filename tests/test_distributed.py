@@ -133,13 +133,36 @@ def _positives_gathered(rank, world):
 
 
 def _uneven_batches(rank):
-    """The error of each gathering call when rank r holds N + r samples (CPU tensors: checked
-    without TORCH_DISTRIBUTED_DEBUG), or None where a call raised none."""
+    """{mismatch: {call: error}}: the error of each gathering call when rank r holds N + r
+    samples, or D = 2 + r dimensions, or (rank 1) float32 among float64, or (symmetric form)
+    2 + r views, with CPU tensors (checked without TORCH_DISTRIBUTED_DEBUG); None where a call
+    raised none."""
+
+    def unit(n, d, dtype=torch.float64):
+        return torch.nn.functional.normalize(torch.randn(n, d, dtype=dtype), dim=1)
+
+    batches = {
+        "samples": unit(N_PER_RANK + rank, 2),
+        "dim": unit(N_PER_RANK, 2 + rank),
+        "dtype": unit(N_PER_RANK, 2, torch.float32 if rank == 1 else torch.float64),
+    }
+    errors = {
+        mismatch: {name: _error_of(call) for name, call in _gathering_calls(x).items()}
+        for mismatch, x in batches.items()
+    }
+    views = torch.stack([unit(N_PER_RANK, 2) for _ in range(2 + rank)])
+    errors["views"] = {
+        "symmetric, V views": _error_of(lambda: info_nce_loss(views, symmetric=True, gather=True))
+    }
+    return errors
+
+
+def _gathering_calls(x):
+    """Every gathering call on the batch x, by name."""
     from sce_loss import cacr_loss
 
-    queue = MemoryQueue(7, 2, dtype=torch.float64)
-    x = torch.nn.functional.normalize(torch.randn(N_PER_RANK + rank, 2, dtype=torch.float64), dim=1)
-    calls = {
+    queue = MemoryQueue(7, x.shape[1], dtype=x.dtype)
+    return {
         "push": lambda: queue.push(x),
         "in-batch": lambda: sce_loss(x, x, gather=True),
         "include_keys": lambda: sce_loss(x, x, queue.keys, include_keys=True, gather=True),
@@ -147,14 +170,14 @@ def _uneven_batches(rank):
         "cacr": lambda: cacr_loss(x, x, gather=True),
         "cacr one encoder": lambda: cacr_loss(torch.stack([x, x]), gather=True),
     }
-    errors = {}
-    for name, call in calls.items():
-        try:
-            call()
-            errors[name] = None
-        except ValueError as error:
-            errors[name] = str(error)
-    return errors
+
+
+def _error_of(call):
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _compiled_gather(rank, world):
@@ -297,15 +320,34 @@ def test_a_partly_filled_queue_is_identical_across_ranks(ranks):
 
 
 def test_uneven_batches_are_refused_on_every_rank_naming_each_ranks_samples(ranks):
-    """A Python error on every rank, not gloo's abort, counting samples (not the 2N rows of the
-    symmetric form)."""
+    """A Python error on every rank, not gloo's abort, naming what each rank holds: samples
+    (not the 2N rows of the symmetric form, nor the V·N of V views), D and dtype."""
     world, results = ranks
-    sizes = ", ".join(f"{N_PER_RANK + r} on rank {r}" for r in range(world))
+
+    def held(rank, samples=N_PER_RANK, views=None, dim=2, dtype="float64"):
+        return f"{samples} samples{f' × {views} views' if views else ''} of D = {dim}, {dtype}"
+
+    wanted = {
+        "samples": [held(r, samples=N_PER_RANK + r) for r in range(world)],
+        "dim": [held(r, dim=2 + r) for r in range(world)],
+        "dtype": [held(r, dtype="float32" if r == 1 else "float64") for r in range(world)],
+        "views": [held(r, views=2 + r) for r in range(world)],
+    }
     for r in results:
-        for name, error in r["uneven"].items():
-            assert error == (
-                f"every rank must hold the same number of samples to gather them, got {sizes}"
-            ), name
+        for mismatch, errors in r["uneven"].items():
+            for name, error in errors.items():
+                # The symmetric form and one-encoder CACR gather both views of each sample.
+                ranks_held = [
+                    text.replace(" samples of", " samples × 2 views of")
+                    if name in ("symmetric", "cacr one encoder")
+                    else text
+                    for text in wanted[mismatch]
+                ]
+                assert error == (
+                    "every rank must hold the same number of samples, views, dimensions and "
+                    "dtype to gather them, got "
+                    + "; ".join(f"{text} on rank {rank}" for rank, text in enumerate(ranks_held))
+                ), (mismatch, name)
 
 
 def test_a_gathered_step_compiles_and_reads_only_the_cpu_sizes_on_the_host(ranks):

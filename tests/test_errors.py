@@ -78,6 +78,7 @@ BAD = [
     (dict(normalize="no"), TypeError, "normalize must be a bool, got str"),
     (dict(backend="triton"), ValueError, "backend must be one of .* got 'triton'"),
     (dict(gather="yes"), TypeError, "gather must be a bool or a torch.distributed.ProcessGroup"),
+    (dict(gather=None), TypeError, r"gather must be .* \(True: the default group\), got NoneType"),
 ]
 TARGETED = [
     (dict(target_temperature=1e-39), ValueError, "target_temperature must be a finite number ≥"),
