@@ -405,6 +405,22 @@ def test_numpy_hyper_parameters_compile_fullgraph_at_most_twice(case):
     assert counter.frame_count <= 2, counter.frame_count
 
 
+def test_a_schedule_switching_from_python_to_numpy_numbers_compiles_once_more():
+    """As docs/usage.md says: dynamo guards on the type of the value passed, so the first NumPy
+    number after Python ones compiles again, and no later value of either kind does."""
+    query, key, queue, _ = inputs("queue", seed=9)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(
+        lambda q, k, c, t: sce_loss(q, k, c, temperature=t), backend=counter, fullgraph=True
+    )
+    counts = []
+    for value in [0.1, 0.11, 0.12, *np.linspace(0.13, 0.16, 4)]:
+        compiled(query, key, queue, value)
+        counts.append(counter.frame_count)
+    assert counts[1] == counts[2] < counts[3] == counts[-1], counts
+
+
 def test_numpy_numbers_and_bools_are_taken_eagerly_where_pythons_are():
     query, key, queue, _ = inputs("queue", seed=10)
     want = sce_loss(query, key, queue, include_keys=True, normalize=False, temperature=0.1)
