@@ -620,21 +620,28 @@ def value(cell):
     return cell.rstrip(" †"), cell.endswith("†")
 
 
-UNTRAINED_HEADER = (
-    "| untrained ResNet-18 | kNN top-1 | one-label linear probe | linear probe on every label |"
+MAIN_JOB_HEADER = (
+    "| main job (SCE, MoCo), seed | kNN top-1: trained (untrained) | one-label linear probe "
+    "| linear probe on every label |"
 )
 
 
-def test_the_readme_untrained_table_is_the_committed_untrained_runs():
-    runs = [committed(f"digits-untrained-seed{seed}") for seed in (0, 1, 2)]
-    for seed, run in enumerate(runs):
-        assert (run["seed"], run["epochs"], run["loss"], run["width"]) == (seed, 0, "sce", 64)
-        assert {k: run[k] for k in run["untrained"]} == run["untrained"]  # no step: the same
+def test_the_readme_main_job_table_is_the_committed_seeds_and_their_untrained_networks():
+    """Each cell: the trained run's figure, then its untrained network's, which is also the
+    committed --epochs 0 run of the same seed."""
+    rows = table("README.md", MAIN_JOB_HEADER)
+    assert [row[0] for row in rows] == ["0", "1", "2"]
+    for seed, row in enumerate(rows):
+        run, untrained = committed(f"digits-sce-cpu-seed{seed}"), committed(
+            f"digits-untrained-seed{seed}"
+        )
+        assert (run["seed"], run["epochs"], run["loss"], run["width"]) == (seed, 20, "sce", 64)
+        assert (untrained["seed"], untrained["epochs"], untrained["width"]) == (seed, 0, 64)
+        assert run["untrained"] == untrained["untrained"]
+        assert {k: untrained[k] for k in untrained["untrained"]} == untrained["untrained"]
         assert run["probe_labels"] == 1 and run["probe_draws"] == 20
-    (row,) = table("README.md", UNTRAINED_HEADER)
-    assert row[0] == "seeds 0 / 1 / 2"
-    for cell, key in zip(row[1:], ("knn_top1", "few_label_top1", "linear_top1")):
-        assert cell == " / ".join(f"{run['untrained'][key]:.1f}" for run in runs)
+        for cell, key in zip(row[1:], ("knn_top1", "few_label_top1", "linear_top1")):
+            assert cell == f"{run[key]:.1f} ({run['untrained'][key]:.1f})", (seed, key)
 
 
 LOSSES_HEADER = "| loss | MoCo: kNN | MoCo: linear | SimCLR: kNN | SimCLR: linear |"
