@@ -94,7 +94,9 @@ def all_finite(x: Tensor) -> bool:
 def check_temperature(name: str, value) -> None:
     number = scalar_value(name, value)
     # Compared in float32, so that a float32 tensor holding 1e-4 passes as the float 1e-4 does.
-    if number is not None and not (math.isfinite(number) and number >= _MIN_TEMPERATURE_FLOAT32):
+    # Comparisons only (NaN fails them): a float traced symbolically by torch.compile takes
+    # them as a guard on its range, not on its value, where math.isfinite cannot be traced.
+    if number is not None and not _MIN_TEMPERATURE_FLOAT32 <= number < math.inf:
         raise ValueError(f"{name} must be a finite number ≥ {MIN_TEMPERATURE}, got {number}")
 
 
@@ -106,8 +108,10 @@ def check_coeff(name: str, value) -> None:
 
 def scalar_value(name: str, value) -> float | None:
     """The value of a real number or 0-d float tensor, None when it cannot be read for free (a
-    device tensor, or while compiling or under a torch.func transform); a TypeError for anything
-    else, in every mode (types and shapes are known without reading a value)."""
+    device tensor, a tensor or a NumPy number while compiling, a tensor under a torch.func
+    transform); a TypeError for anything else, in every mode (types and shapes are known without
+    reading a value). A Python number is always read: under torch.compile a comparison of it is
+    a guard on its range, so a schedule does not recompile for it."""
     if isinstance(value, Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(
@@ -120,7 +124,7 @@ def scalar_value(name: str, value) -> float | None:
     value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a 0-d float tensor, got {type(value).__name__}")
-    return None if tracing() else float(value)
+    return float(value)
 
 
 def check_bool(name: str, value) -> None:
@@ -163,7 +167,8 @@ SHARED_CHECKS = {"normalize": check_bool, "reduction": check_reduction, "gather"
 
 def check_by_name(checks: dict, **options) -> None:
     """Check keyword arguments by name with ``checks`` (name → check(name, value)): values of
-    hyper-parameters where they are free to read (floats, CPU tensors), not while tracing."""
+    hyper-parameters where they are free to read (Python numbers always; CPU tensors and NumPy
+    numbers in eager mode)."""
     for name, value in options.items():
         checks[name](name, value)
 

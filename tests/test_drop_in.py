@@ -27,7 +27,7 @@ from sce_loss import (
     ressl_loss,
     sce_loss,
 )
-from sce_loss.problem import DEFAULT_HYPER_PARAMETERS
+from sce_loss.problem import DEFAULT_HYPER_PARAMETERS, TORCH_VERSION
 
 BACKENDS = ["reference", "chunked"] + (["fused"] if HAS_FUSED else [])
 LOSSES = {
@@ -419,6 +419,31 @@ def test_a_schedule_switching_from_python_to_numpy_numbers_compiles_once_more():
         compiled(query, key, queue, value)
         counts.append(counter.frame_count)
     assert counts[1] == counts[2] < counts[3] == counts[-1], counts
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_a_bad_python_number_is_refused_under_compile_too(fullgraph):
+    """A Python number is checked while tracing (it once computed a loss at τ = −1), also when a
+    schedule has made it symbolic: with fullgraph the compile error carries the message (not on
+    torch 2.6, docs/compatibility.md), else the call raises it."""
+    query, key, queue, _ = inputs("queue", seed=9)
+    for name, good, bad, message in (
+        ("temperature", 0.1, -1.0, "temperature must be a finite number ≥ 0.0001, got -1.0"),
+        ("temperature", 0.1, float("nan"), "temperature must be a finite number"),
+        ("coeff", 0.5, 1.5, r"coeff must be in \[0, 1\], got 1.5"),
+    ):
+        if fullgraph and TORCH_VERSION < (2, 13):
+            message = "Observed exception"
+        for schedule in ([bad], [good, good + 0.01, bad]):
+            torch._dynamo.reset()
+            compiled = torch.compile(
+                lambda q, k, c, value, name=name: sce_loss(q, k, c, **{name: value}),
+                fullgraph=fullgraph,
+            )
+            for value in schedule[:-1]:
+                compiled(query, key, queue, value)
+            with pytest.raises(Exception, match=message):
+                compiled(query, key, queue, schedule[-1])
 
 
 def test_numpy_numbers_and_bools_are_taken_eagerly_where_pythons_are():

@@ -632,8 +632,9 @@ def test_the_readme_main_job_table_is_the_committed_seeds_and_their_untrained_ne
     rows = table("README.md", MAIN_JOB_HEADER)
     assert [row[0] for row in rows] == ["0", "1", "2"]
     for seed, row in enumerate(rows):
-        run, untrained = committed(f"digits-sce-cpu-seed{seed}"), committed(
-            f"digits-untrained-seed{seed}"
+        run, untrained = (
+            committed(f"digits-sce-cpu-seed{seed}"),
+            committed(f"digits-untrained-seed{seed}"),
         )
         assert (run["seed"], run["epochs"], run["loss"], run["width"]) == (seed, 20, "sce", 64)
         assert (untrained["seed"], untrained["epochs"], untrained["width"]) == (seed, 0, 64)
