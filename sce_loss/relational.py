@@ -495,7 +495,8 @@ def _check_non_negative(name: str, value) -> None:
 def _check_range(name: str, value, high: float) -> None:
     """A float or 0-d tensor in [0, high] (its value is checked where it is free to read)."""
     number = scalar_value(name, value)
-    if number is not None and not (math.isfinite(number) and 0 <= number <= high):
+    # Comparisons only, as arguments.check_temperature: NaN and ±inf fail them.
+    if number is not None and not (0 <= number <= high and number < math.inf):
         interval = "≥ 0" if high == float("inf") else f"in [0, {high:g}]"
         raise ValueError(f"{name} must be a finite number {interval}, got {number}")
 
