@@ -3,16 +3,18 @@ without a rows × candidates tensor beyond one chunk, on any device.
 
 Each row r has logits a_rk = x_r·c_k / τ over the candidates c_k (less its own column, masked per
 chunk), and positives P(r): the candidates of its label. "mean" needs no per-chunk mask: Σ_P a,
-|P| and the gradients' −1_P/|P| part come from per-class sums of the candidates and of the rows.
-"pooled" and "pairs" recompute P per chunk from label ids (the row's label against the chunk's).
+|P| and the gradients' −1_P/|P| part come from per-class sums of the candidates and of the rows
+(so do "decoupled"'s, scaled by the row's weight w). "pooled", "pairs" and "decoupled" recompute P
+per chunk from label ids (the row's label against the chunk's).
 The forward pass keeps per-row statistics only: the log-sum-exp over all candidates (LSE), over
 the positives (LSE_P), over the negatives (LSE_N), Σ_P a and |P|; "pairs" makes a second pass for
 Σ_p softplus(LSE_N − a_p) and G_N = Σ_p σ(LSE_N − a_p). The backward recomputes each chunk's
 logits and its weights W_rk = ∂loss_r/∂a_rk,
 
-  mean     W = softmax(a) − 1_P/|P|
-  pooled   W = softmax(a) − 1_P·softmax_P(a)
-  pairs    W = −1_P·σ(LSE_N − a) + 1_N·G_N·softmax_N(a)
+  mean       W = softmax(a) − 1_P/|P|
+  pooled     W = softmax(a) − 1_P·softmax_P(a)
+  pairs      W = −1_P·σ(LSE_N − a) + 1_N·G_N·softmax_N(a)
+  decoupled  W = 1_N·softmax_N(a) − w·1_P/|P|
 
 and from them dL/dx_r = Σ_k g_r W_rk c_k/τ, dL/dc_k = Σ_r g_r W_rk x_r/τ and
 dL/dτ = −Σ_r (x_r/τ)·dL/dx_r. The two chunk loops are custom ops (torch.compile runs them as they
@@ -40,6 +42,7 @@ def info_nce_positives(
     own: Tensor | None,
     temperature,
     positives: str,
+    positive_weight: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """As :func:`sce_loss.reference.info_nce_positives` (per-row losses and numbers of terms),
@@ -49,6 +52,7 @@ def info_nce_positives(
     own_columns = torch.full_like(row_labels, -1) if own is None else own
     # 1·τ rather than torch.tensor(τ): a scheduled float stays symbolic under torch.compile.
     constant = torch.ones((), dtype=rows.dtype, device=rows.device) * temperature
+    weight = torch.ones_like(rows[:, 0]) if positive_weight is None else positive_weight
     per_row, counts = _StreamingPositives.apply(
         rows,
         # An alias: rows and candidates are often one tensor (the symmetric form), which
@@ -58,6 +62,7 @@ def info_nce_positives(
         row_labels,
         candidate_labels,
         own_columns,
+        weight,
         positives,
         chunk,
         tau is None,
@@ -68,20 +73,30 @@ def info_nce_positives(
 
 class _StreamingPositives(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, c, tau, row_labels, candidate_labels, own, positives, chunk, tau_const):
+    def forward(
+        ctx, x, c, tau, row_labels, candidate_labels, own, weight, positives, chunk, tau_const
+    ):
         tau_value = tau.to(x.dtype)
         stats = positive_stats(
-            x, c, tau_value, row_labels, candidate_labels, own, positives=positives, chunk=chunk
+            x,
+            c,
+            tau_value,
+            row_labels,
+            candidate_labels,
+            own,
+            weight,
+            positives=positives,
+            chunk=chunk,
         )
         lse, lse_p, lse_n, sum_p, count, g_n, loss = stats
-        ctx.save_for_backward(x, c, tau, row_labels, candidate_labels, own, *stats)
+        ctx.save_for_backward(x, c, tau, row_labels, candidate_labels, own, weight, *stats)
         ctx.positives, ctx.chunk, ctx.tau_const = positives, chunk, tau_const
         ctx.mark_non_differentiable(count)
         return loss, count
 
     @staticmethod
     def backward(ctx, upstream, _):
-        x, c, tau, row_labels, candidate_labels, own, *stats = ctx.saved_tensors
+        x, c, tau, row_labels, candidate_labels, own, weight, *stats = ctx.saved_tensors
         need_x, need_c, need_tau = ctx.needs_input_grad[:3]
         if differentiating_backward():
             return _differentiable_backward(ctx, upstream)
@@ -92,6 +107,7 @@ class _StreamingPositives(torch.autograd.Function):
             row_labels,
             candidate_labels,
             own,
+            weight,
             upstream.to(x.dtype),
             *stats[:3],
             stats[4],
@@ -103,13 +119,13 @@ class _StreamingPositives(torch.autograd.Function):
             grad_x if need_x else None,
             grad_c if need_c else None,
             grad_tau.to(tau.dtype) if need_tau and not ctx.tau_const else None,
-            *(None,) * 6,
+            *(None,) * 7,
         )
 
 
 def _differentiable_backward(ctx, upstream):
     """The gradients as a differentiable graph, through the reference's losses."""
-    x, c, tau, row_labels, candidate_labels, own, *_ = ctx.saved_tensors
+    x, c, tau, row_labels, candidate_labels, own, weight, *_ = ctx.saved_tensors
     with torch.enable_grad():
         # Aliases, so that rows and candidates (often one tensor) get their own partials.
         x, c = x.view_as(x), c.view_as(c)
@@ -122,9 +138,10 @@ def _differentiable_backward(ctx, upstream):
             own=None if bool((own < 0).all()) else own,
             temperature=tau,
             positives=ctx.positives,
+            positive_weight=weight,
         )
         grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
-    return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), *(None,) * 6)
+    return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), *(None,) * 7)
 
 
 def _class_ids(row_labels: Tensor, candidate_labels: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -178,13 +195,14 @@ def positive_stats(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    weight: Tensor,
     *,
     positives: str,
     chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row (LSE, LSE_P, LSE_N, Σ_P a, |P|, G_N, loss), chunk by chunk. "mean" needs only LSE
     (Σ_P a and |P| come from per-class sums); "pooled" and "pairs" LSE_P and LSE_N, whose
-    log-add-exp is LSE."""
+    log-add-exp is LSE; "decoupled" LSE_N, and its rows' ``weight`` w."""
     r = len(x)
     row_ids, candidate_ids, classes = _class_ids(row_labels, candidate_labels)
     sum_pc, count = _positive_sums(c, row_ids, candidate_ids, classes, own)
@@ -199,7 +217,8 @@ def positive_stats(
             stats_n = _merge(*stats_n, logits)  # every candidate: LSE
             continue
         positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
-        stats_p = _merge(*stats_p, logits.masked_fill(~positive, NEG_INF))
+        if positives != "decoupled":  # which needs the negatives' only
+            stats_p = _merge(*stats_p, logits.masked_fill(~positive, NEG_INF))
         stats_n = _merge(*stats_n, logits.masked_fill_(positive, NEG_INF))
     if positives == "mean":
         lse = _lse(*stats_n)
@@ -212,6 +231,8 @@ def positive_stats(
         loss = lse - sum_p / count.clamp(min=1)
     elif positives == "pooled":
         loss = lse - lse_p
+    elif positives == "decoupled":  # 0 for a row with no negative
+        loss = torch.where(lse_n > NEG_INF, lse_n - weight * sum_p / count.clamp(min=1), 0.0)
     else:  # Σ_p softplus(LSE_N − a_p): a second pass over the positives
         loss = x.new_zeros(r)
         for start in range(0, len(c), chunk):
@@ -225,7 +246,7 @@ def positive_stats(
 
 
 @positive_stats.register_fake
-def _(x, c, tau, row_labels, candidate_labels, own, *, positives, chunk):
+def _(x, c, tau, row_labels, candidate_labels, own, weight, *, positives, chunk):
     r = len(x)
     return (
         *(x.new_empty(r) for _ in range(4)),
@@ -243,6 +264,7 @@ def positive_gradients(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    weight: Tensor,
     upstream: Tensor,
     lse: Tensor,
     lse_p: Tensor,
@@ -257,12 +279,16 @@ def positive_gradients(
     docstring) recomputed from the saved statistics; "mean"'s −1_P/|P| part from per-class
     sums."""
     g = torch.where(count > 0, upstream, torch.zeros_like(upstream))  # rows with no positive: 0
+    if positives == "decoupled":  # rows with no negative: 0
+        g = torch.where(lse_n > NEG_INF, g, torch.zeros_like(g))
     grad_x, grad_c = torch.zeros_like(x), torch.zeros_like(c)
     scaled = x / tau  # x/τ: logits = scaled·cᵀ
-    if positives == "mean":
+    if positives in ("mean", "decoupled"):
         row_ids, candidate_ids, classes = _class_ids(row_labels, candidate_labels)
         sum_pc, _ = _positive_sums(c, row_ids, candidate_ids, classes, own)
-        share = g / count.clamp(min=1)  # g_r/|P_r|
+        share = g / count.clamp(min=1)  # g_r/|P_r| (times w_r, decoupled)
+        if positives == "decoupled":
+            share = share * weight
         grad_x -= share[:, None] * sum_pc
         # dc_k −= Σ_{r: k ∈ P(r)} g_r/|P_r|·x_r/τ: the rows' class sums, less each own column's.
         pulled = (share[:, None] * scaled).to(c.dtype)
@@ -274,7 +300,10 @@ def positive_gradients(
         block = c[start : start + chunk]
         logits = _masked_logits(scaled, block, own, start)
         weights = torch.exp(logits - lse[:, None])  # softmax: 0 at the own column
-        if positives == "pooled":
+        if positives == "decoupled":
+            positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+            weights = torch.exp(logits - _finite(lse_n)[:, None]).masked_fill_(positive, 0.0)
+        elif positives == "pooled":
             positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
             weights -= torch.exp(logits - _finite(lse_p)[:, None]).masked_fill_(~positive, 0.0)
         elif positives == "pairs":

@@ -55,6 +55,8 @@ def info_nce_loss(
     temperature: Scalar = 0.2,
     labels: Tensor | None = None,
     positives: str = "mean",
+    decoupled: bool = False,
+    weight_sigma: Scalar | None = None,
     include_keys: bool = False,
     symmetric: bool = False,
     normalize: bool = False,
@@ -86,6 +88,11 @@ def info_nce_loss(
             LSE(a) − mean_P a_p), "pooled" (L_in, LSE(a) − LSE_P(a)) or "pairs" (each (row,
             positive) pair against the row's negatives only; "mean" averages over pairs). A row
             with no positive counts for nothing: 0 in "none", left out of "mean".
+        decoupled: DCL: the positives leave the denominator, loss_r = LSE_{n∉P}(a) −
+            mean_P a_p (0 for a row with no negative). In-batch or symmetric, no queue.
+        weight_sigma: σ > 0, DCLW (with ``decoupled``, one positive per row): the positive
+            term is weighted by w_r = 2 − R·softmax_r(e_r·e_pos(r)/σ) over the R rows of the
+            view (every rank's with ``gather``), without gradient.
         normalize: L2-normalise query, key and queue first.
         reduction: "mean" (default), "sum" or "none" (per-row losses, shape (N,) or (V, N);
             (2, N) in the symmetric form, row v holding view v's).
@@ -97,9 +104,22 @@ def info_nce_loss(
             "reference", "chunked" or "fused". Several positives per row are computed by the
             reference.
     """
-    check_options(temperature=temperature, positives=positives)
-    if key is None or labels is not None:
-        if key is None and labels is None and symmetric and query.dim() == 3 and len(query) == 2:
+    check_options(
+        temperature=temperature,
+        positives=positives,
+        decoupled=decoupled,
+        weight_sigma=weight_sigma,
+    )
+    if weight_sigma is not None and not decoupled:
+        raise ValueError("weight_sigma weighs DCL's positive term: pass decoupled=True too")
+    if decoupled and positives != "mean":
+        raise ValueError(
+            "decoupled=True averages a row's positives: positives must be 'mean', got "
+            f"{positives!r}"
+        )
+    if key is None or labels is not None or decoupled:
+        two_views = symmetric and query.dim() == 3 and len(query) == 2
+        if key is None and labels is None and not decoupled and two_views:
             key, query = query[1], query[0]  # two views: the one-positive form
         else:
             return _info_nce_positives(
@@ -108,7 +128,8 @@ def info_nce_loss(
                 queue,
                 temperature=temperature,
                 labels=labels,
-                positives=positives,
+                positives="decoupled" if decoupled else positives,
+                weight_sigma=weight_sigma,
                 include_keys=include_keys,
                 symmetric=symmetric,
                 normalize=normalize,
@@ -278,6 +299,7 @@ def _info_nce_positives(
     temperature,
     labels,
     positives,
+    weight_sigma,
     include_keys,
     symmetric,
     normalize,
@@ -286,7 +308,7 @@ def _info_nce_positives(
     backend,
 ) -> Tensor:
     """InfoNCE with a set of positives per row (:func:`sce_loss.reference.info_nce_positives`):
-    V views in the symmetric form, or labels (symmetric or in-batch)."""
+    V views in the symmetric form, or labels (symmetric or in-batch); and DCL."""
     check_options(
         include_keys=include_keys,
         symmetric=symmetric,
@@ -297,15 +319,16 @@ def _info_nce_positives(
     )
     if key is None and not symmetric:
         raise ValueError("key may be omitted only in the symmetric form: pass symmetric=True")
+    decoupled = positives == "decoupled"
+    what = "decoupled=True" if decoupled else "several positives per row (labels, or V views)"
     if queue is not None or include_keys:
         raise ValueError(
-            "several positives per row (labels, or V views) compare in-batch embeddings only: "
-            "pass no queue and include_keys=False"
+            f"{what} {'compares' if decoupled else 'compare'} in-batch embeddings only: pass no "
+            "queue and include_keys=False"
         )
     if backend == "fused":
         raise ValueError(
-            "backend='fused' does not compute several positives per row (labels, or V views); "
-            "use backend='auto', 'chunked' or 'reference'"
+            f"backend='fused' does not compute {what}; use backend='auto', 'chunked' or 'reference'"
         )
     if key is None:
         check_float_tensor("query", query)
@@ -326,6 +349,11 @@ def _info_nce_positives(
         raise ValueError("one view has no positive without labels: pass labels, or V ≥ 2 views")
     if labels is not None:
         _check_labels(labels, n, views.device)
+    if weight_sigma is not None and (labels is not None or (symmetric and crops != 2)):
+        raise ValueError(
+            "weight_sigma (DCLW) weighs each row's one positive: pass no labels, and two views "
+            f"in the symmetric form (got {'labels' if labels is not None else f'{crops} views'})"
+        )
     tau = _hyper_parameter("temperature", temperature, views.device)
     group = distributed.resolve_group(gather)
     dtype = compute_dtype_of(views.dtype)
@@ -349,6 +377,10 @@ def _info_nce_positives(
         candidate_labels = (
             sample_labels.view(-1, n).repeat(1, crops).view(-1) if symmetric else (sample_labels)
         )
+        weight = None
+        if weight_sigma is not None:
+            positive_rows = rows.view(crops, n, dim).flip(0) if symmetric else keys[None]
+            weight = dclw_weights(rows.view(crops, n, dim), positive_rows, weight_sigma, group)
         streamed = backend == "chunked" or (
             backend == "auto" and len(rows) * len(candidates) >= CHUNKED_POSITIVES_FROM_PAIRS
         )
@@ -361,6 +393,7 @@ def _info_nce_positives(
             own=own,
             temperature=tau,
             positives=positives,
+            positive_weight=weight,
         )
     if reduction == "none":
         one_set = query.dim() == 2 and (key is None or not symmetric)  # (N, D) in: (N,) out
@@ -368,6 +401,21 @@ def _info_nce_positives(
     if reduction == "sum":
         return losses.sum()
     return losses.sum() / terms.sum().clamp(min=1)
+
+
+def dclw_weights(rows: Tensor, positives: Tensor, sigma, group) -> Tensor:
+    """DCLW's weights w_(v,i) = 2 − R·softmax_i(e_(v,i)·p_(v,i)/σ), (V·N,), without gradient:
+    the softmax over the R samples of each view (every rank's under ``group``), p the rows'
+    positives (broadcast against ``rows``, (V, N, D))."""
+    with torch.no_grad():
+        similarity = (rows * positives).sum(-1) / sigma  # (V, N)
+        if group is not None:
+            local = similarity.shape[1]
+            every = distributed.all_gather_constant(similarity.T.contiguous(), group).T
+            offset = distributed.dist.get_rank(group) * local
+            weights = 2 - every.shape[1] * every.softmax(1)
+            return weights[:, offset : offset + local].reshape(-1)
+        return (2 - similarity.shape[1] * similarity.softmax(1)).reshape(-1)
 
 
 def _check_labels(labels, n: int, device: torch.device) -> None:
@@ -528,6 +576,12 @@ def _check_has_negatives(bank: Tensor | None, queue: Tensor | None, symmetric: b
         )
 
 
+def check_weight_sigma(name: str, value) -> None:
+    """None (DCL) or σ as a temperature (DCLW)."""
+    if value is not None:
+        check_temperature(name, value)
+
+
 def check_positives(name: str, value) -> None:
     if not isinstance(value, str) or value not in POSITIVES:
         raise ValueError(f"{name} must be one of {POSITIVES}, got {value!r}")
@@ -539,6 +593,8 @@ _CHECKS = SHARED_CHECKS | {
     "target_temperature": check_temperature,
     "include_keys": check_bool,
     "symmetric": check_bool,
+    "decoupled": check_bool,
+    "weight_sigma": check_weight_sigma,
     "backend": check_backend,
     "positives": check_positives,
 }

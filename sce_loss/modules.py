@@ -92,6 +92,8 @@ class InfoNCELoss(_QueryKeyLoss):
         temperature: τ ≥ 1e-4, a float or a 0-d tensor (an ``nn.Parameter`` is learned).
         positives: "mean", "pooled" or "pairs": the loss of a row with several positives
             (labels passed to the call, or V ≥ 3 views), as :func:`sce_loss.info_nce_loss`.
+        decoupled: DCL (the positives leave the denominator); in-batch or symmetric.
+        weight_sigma: σ of DCLW's weights (with ``decoupled``), or None.
         queue: a ``MemoryQueue`` to hold (saved in ``state_dict``), read when no queue is passed
             to the call; push the keys to it after the loss.
         include_keys: with a queue, every in-batch key is a candidate too.
@@ -122,6 +124,8 @@ class InfoNCELoss(_QueryKeyLoss):
         *,
         temperature: Scalar = 0.2,
         positives: str = "mean",
+        decoupled: bool = False,
+        weight_sigma: Scalar | None = None,
         queue: MemoryQueue | None = None,
         include_keys: bool = False,
         symmetric: bool = False,
@@ -134,6 +138,8 @@ class InfoNCELoss(_QueryKeyLoss):
             queue,
             temperature=temperature,
             positives=positives,
+            decoupled=decoupled,
+            weight_sigma=weight_sigma,
             include_keys=include_keys,
             symmetric=symmetric,
             normalize=normalize,

@@ -200,16 +200,19 @@ def info_nce_positives(
     own: Tensor | None,
     temperature: Scalar,
     positives: str,
+    positive_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """InfoNCE of each row against ``candidates`` with a set of positives P(r) (the candidates
     with the row's label, less its ``own`` column, which is no candidate at all); a = x·c / τ:
 
-      mean    loss_r = LSE_c(a) − (1/|P|)·Σ_{p∈P} a_p                (SupCon's L_out)
-      pooled  loss_r = LSE_c(a) − LSE_{p∈P}(a)                       (L_in)
-      pairs   loss_r = Σ_{p∈P} [log(e^{a_p} + Σ_{n∉P} e^{a_n}) − a_p]  (one term per pair)
+      mean       loss_r = LSE_c(a) − (1/|P|)·Σ_{p∈P} a_p                (SupCon's L_out)
+      pooled     loss_r = LSE_c(a) − LSE_{p∈P}(a)                       (L_in)
+      pairs      loss_r = Σ_{p∈P} [log(e^{a_p} + Σ_{n∉P} e^{a_n}) − a_p]  (one term per pair)
+      decoupled  loss_r = LSE_{n∉P}(a) − w_r·(1/|P|)·Σ_{p∈P} a_p         (DCL; DCLW's weights w,
+                 ``positive_weight``, else 1)
 
     Returns the per-row losses and their numbers of terms (|P| for "pairs", else 1), both 0 for a
-    row with no positive; a row with no negative gives 0 in "pairs"."""
+    row with no positive; a row with no negative gives 0 in "pairs" and "decoupled"."""
     logits = rows @ candidates.mT / temperature
     positive = positive_mask(row_labels, candidate_labels, own)
     negative = ~positive if own is None else ~positive & ~_column_mask(logits, own)
@@ -217,8 +220,14 @@ def info_nce_positives(
     counts = positive.sum(-1)
     has_positive, has_negative = counts > 0, negative.any(-1)
     lse = torch.logsumexp(logits, -1)
+    mean_positive = logits.masked_fill(~positive, 0.0).sum(-1) / counts.clamp(min=1)
     if positives == "mean":
-        losses = lse - logits.masked_fill(~positive, 0.0).sum(-1) / counts.clamp(min=1)
+        losses = lse - mean_positive
+    elif positives == "decoupled":
+        kept = negative | ~has_negative[:, None]  # a row with no negative: see "pairs"
+        lse_negatives = torch.logsumexp(logits.masked_fill(~kept, float("-inf")), -1)
+        weight = 1.0 if positive_weight is None else positive_weight
+        losses = torch.where(has_negative, lse_negatives - weight * mean_positive, 0.0)
     elif positives == "pooled":
         # A row with no positive keeps its logits: a finite LSE, whose (masked) gradient is 0.
         kept = positive | ~has_positive[:, None]

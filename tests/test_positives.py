@@ -1,6 +1,7 @@
 """Several positives per row: V views in the symmetric form and labels (SupCon), against
 transcriptions of the peers' losses: the official SupContrast SupConLoss, solo-learn's
-simclr_loss_func with indexes, pytorch-metric-learning's NTXentLoss and SupConLoss with labels."""
+simclr_loss_func with indexes, pytorch-metric-learning's NTXentLoss and SupConLoss with labels;
+and decoupled InfoNCE (DCL, DCLW) against the paper's equation and lightly's DCLLoss."""
 
 import pytest
 import torch
@@ -247,6 +248,48 @@ def test_compiles_fullgraph_with_labels_and_a_learnable_temperature():
             ValueError,
             "backend='fused' does not compute several positives per row",
         ),
+        (
+            lambda v: info_nce_loss(v[0], v[1], decoupled=True, backend="fused"),
+            ValueError,
+            "backend='fused' does not compute decoupled=True",
+        ),
+        (
+            lambda v: info_nce_loss(v[0], v[1], v[2], decoupled=True),
+            ValueError,
+            "decoupled=True compares in-batch embeddings only: pass no queue",
+        ),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, decoupled=True, positives="pooled"),
+            ValueError,
+            "decoupled=True averages a row's positives: positives must be 'mean', got 'pooled'",
+        ),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, decoupled=1),
+            TypeError,
+            "decoupled must be a bool, got int",
+        ),
+        (
+            lambda v: info_nce_loss(v[0], v[1], weight_sigma=0.5),
+            ValueError,
+            "weight_sigma weighs DCL's positive term: pass decoupled=True too",
+        ),
+        (
+            lambda v: info_nce_loss(v[0], v[1], decoupled=True, weight_sigma=0.0),
+            ValueError,
+            "weight_sigma must be a finite number ≥ 0.0001, got 0.0",
+        ),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, decoupled=True, weight_sigma=0.5),
+            ValueError,
+            r"weight_sigma \(DCLW\) weighs each row's one positive: .* \(got 3 views\)",
+        ),
+        (
+            lambda v: info_nce_loss(
+                v[0], v[1], decoupled=True, weight_sigma=0.5, labels=torch.arange(4)
+            ),
+            ValueError,
+            r"weight_sigma \(DCLW\) weighs each row's one positive: .* \(got labels\)",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(call, error, message):
@@ -254,11 +297,131 @@ def test_bad_input_names_the_argument(call, error, message):
         call(views_of(3, 4))
 
 
+# -- decoupled InfoNCE (DCL, DCLW) -----------------------------------------------------------------
+
+
+def dcl_paper(z1, z2, temperature=TAU, sigma=None):
+    """Yeh et al.'s DCL (Eq. 6), as its official code computes it (one log-sum-exp over both
+    views' negatives; −inf masks where it adds log 1e-45), DCLW's weight as lightly's
+    2 − N·softmax, each direction's mean, symmetrised as 0.5·(mean₁ + mean₂)."""
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+
+    def one_way(a, b):
+        eye = torch.eye(len(a), dtype=torch.bool)
+        positive = -(a * b).sum(1) / temperature
+        if sigma is not None:
+            positive = positive * (2 - len(a) * F.softmax((a * b).sum(1).detach() / sigma, 0))
+        negatives = torch.cat([a @ a.T, a @ b.T], 1) / temperature
+        negatives = negatives.masked_fill(eye.repeat(1, 2), float("-inf"))
+        return (positive + torch.logsumexp(negatives, 1)).mean()
+
+    return 0.5 * (one_way(z1, z2) + one_way(z2, z1))
+
+
+def lightly_dcl(out0, out1, temperature=TAU, sigma=None):
+    """lightly's DCLLoss(temperature) (DCLWLoss(temperature, sigma) with ``sigma``), one process:
+    a log-sum-exp over each view's negatives, summed."""
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+
+    def one_way(a, b):
+        eye = torch.eye(len(a), dtype=torch.bool)
+        sim_00, sim_01 = a @ a.T / temperature, a @ b.T / temperature
+        positive = -sim_01[eye]
+        if sigma is not None:
+            positive = positive * (2 - len(a) * F.softmax((a * b).sum(1).detach() / sigma, 0))
+        rest_00 = sim_00[~eye].view(len(a), -1)
+        rest_01 = sim_01[~eye].view(len(a), -1)
+        return (positive + torch.logsumexp(rest_00, 1) + torch.logsumexp(rest_01, 1)).mean()
+
+    return 0.5 * (one_way(out0, out1) + one_way(out1, out0))
+
+
+@pytest.mark.parametrize("sigma", [None, 0.5])
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_decoupled_is_the_papers_dcl_and_dclw(sigma, backend):
+    z1, z2 = (x.requires_grad_() for x in views_of(2, 6, d=5, seed=50).unbind())
+    options = dict(symmetric=True, decoupled=True, weight_sigma=sigma, normalize=True)
+    ours = info_nce_loss(z1, z2, temperature=TAU, backend=backend, **options)
+    want = dcl_paper(z1, z2, sigma=sigma)
+    torch.testing.assert_close(ours, want, rtol=1e-13, atol=1e-14)
+    for g, w in zip(torch.autograd.grad(ours, (z1, z2)), torch.autograd.grad(want, (z1, z2))):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
+    views = torch.stack([z1, z2])  # the (V, N, D) form is the same loss
+    torch.testing.assert_close(info_nce_loss(views, temperature=TAU, **options), want)
+    module = InfoNCELoss(
+        temperature=TAU, symmetric=True, decoupled=True, weight_sigma=sigma, normalize=True
+    )
+    torch.testing.assert_close(module(z1, z2), want)
+
+
+@pytest.mark.parametrize("sigma", [None, 0.5])
+def test_lightlys_dcl_is_two_in_batch_decoupled_calls_per_view(sigma):
+    """lightly sums a log-sum-exp over each view's negatives where the paper takes one over
+    their union: its DCLLoss is, per view v, DCL(z_v against z_other) + DCL(z_v against
+    itself) + 1/τ (the latter's positive, a row with itself, is 1/τ for unit vectors)."""
+    z1, z2 = views_of(2, 6, d=5, seed=51).unbind()
+    options = dict(decoupled=True, normalize=True, temperature=TAU)
+    ours = 0.5 * sum(
+        info_nce_loss(a, b, weight_sigma=sigma, **options) + info_nce_loss(a, a, **options)
+        for a, b in ((z1, z2), (z2, z1))
+    )
+    torch.testing.assert_close(ours + 1 / TAU, lightly_dcl(z1, z2, sigma=sigma), rtol=1e-13, atol=0)
+
+
+def test_decoupled_with_labels_averages_the_positives_and_a_row_without_negatives_gives_0():
+    views, labels = views_of(2, 5, seed=52), torch.tensor([0, 1, 0, 1, 2])
+    x = views.reshape(-1, views.shape[-1])
+    logits = (x @ x.T / TAU).fill_diagonal_(float("-inf"))
+    positive = (labels.repeat(2)[:, None] == labels.repeat(2)[None, :]).fill_diagonal_(False)
+    want = torch.logsumexp(logits.masked_fill(positive, float("-inf")), 1) - (
+        logits.masked_fill(~positive, 0).sum(1) / positive.sum(1)
+    )
+    got = info_nce_loss(
+        views, symmetric=True, labels=labels, decoupled=True, temperature=TAU, reduction="none"
+    )
+    torch.testing.assert_close(got.view(-1), want)
+    one_class = views.clone().requires_grad_()
+    loss = info_nce_loss(
+        one_class, symmetric=True, labels=torch.zeros(5, dtype=torch.long), decoupled=True
+    )
+    (grad,) = torch.autograd.grad(loss, one_class)
+    assert loss == 0 and (grad == 0).all()
+
+
+def test_decoupled_compiles_fullgraph_with_a_learnable_temperature():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    z1, z2 = views_of(2, 6, seed=53).unbind()
+    tau = torch.tensor(TAU, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(a, b, t):
+        return info_nce_loss(
+            a, b, symmetric=True, decoupled=True, weight_sigma=0.5, temperature=t, backend="chunked"
+        )
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    got = compiled(z1, z2, tau)
+    torch.testing.assert_close(got, step(z1, z2, tau))
+    torch.testing.assert_close(
+        torch.autograd.grad(got, tau)[0], torch.autograd.grad(step(z1, z2, tau), tau)[0]
+    )
+    compiles = counter.frame_count
+    compiled(z2, z1, tau)  # another batch: no recompile
+    assert counter.frame_count == compiles
+
+
 # -- the streaming backend -------------------------------------------------------------------------
 
 
-def all_outputs(backend, views, labels, positives, temperature, dtype=torch.float64, key=None):
-    """Per-row losses and the gradients of their weighted sum w.r.t. the views (and key) and τ."""
+def all_outputs(
+    backend, views, labels, positives, temperature, dtype=torch.float64, key=None, **options
+):
+    """Per-row losses and the gradients of their weighted sum w.r.t. the views (and key) and τ;
+    ``positives`` "decoupled" is ``decoupled=True``."""
+    if positives == "decoupled":
+        positives, options = "mean", options | dict(decoupled=True)
     x = views.detach().to(dtype).requires_grad_()
     k = None if key is None else key.detach().to(dtype).requires_grad_()
     tau = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
@@ -271,6 +434,7 @@ def all_outputs(backend, views, labels, positives, temperature, dtype=torch.floa
         temperature=tau,
         reduction="none",
         backend=backend,
+        **options,
     )
     weights = torch.linspace(0.5, 1.5, per_row.numel(), dtype=per_row.dtype).view(per_row.shape)
     inputs = (x, tau) if k is None else (x, k, tau)
@@ -280,7 +444,7 @@ def all_outputs(backend, views, labels, positives, temperature, dtype=torch.floa
 LABELS = [None, torch.tensor([0, 1, 0, 2, 1, 3, 3]), torch.tensor([5, 1, 2, 3, 4, 0, 6])]
 
 
-@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs"])
+@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs", "decoupled"])
 @pytest.mark.parametrize(
     "v, labels",
     [(v, labels) for v in (1, 2, 3) for labels in LABELS if v > 1 or labels is not None],
@@ -293,7 +457,7 @@ def test_chunked_equals_the_reference_in_float64(positives, v, labels):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs"])
+@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs", "decoupled"])
 def test_chunked_in_batch_labels_give_both_sides_their_gradients(positives):
     query, key = views_of(2, 6, seed=30)
     labels = torch.tensor([0, 1, 0, 1, 2, 2])
@@ -306,7 +470,7 @@ def test_chunked_in_batch_labels_give_both_sides_their_gradients(positives):
 @given(
     chunk=st.integers(1, 9),
     labels=st.lists(st.integers(0, 2), min_size=2, max_size=6),
-    positives=st.sampled_from(["mean", "pooled", "pairs"]),
+    positives=st.sampled_from(["mean", "pooled", "pairs", "decoupled"]),
 )
 def test_every_chunk_width_gives_the_same_statistics(chunk, labels, positives):
     from sce_loss import chunked_positives, reference
@@ -319,6 +483,7 @@ def test_every_chunk_width_gives_the_same_statistics(chunk, labels, positives):
         own=torch.arange(len(rows)),
         temperature=0.5,
         positives=positives,
+        positive_weight=torch.linspace(-0.5, 1.5, len(rows), dtype=torch.float64),
     )
     x = rows.clone().requires_grad_()
     got, got_terms = chunked_positives.info_nce_positives(x, x, chunk_size=chunk, **options)
@@ -385,12 +550,13 @@ def test_the_streaming_ops_pass_opcheck():
     x = unit(6, 4)
     labels = torch.tensor([0, 1, 0, 1, 2, 2])
     own, tau = torch.arange(6), torch.tensor(0.5, dtype=torch.float64)
-    for positives in ("mean", "pooled", "pairs"):
+    weight = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    for positives in ("mean", "pooled", "pairs", "decoupled"):
         options = dict(positives=positives, chunk=4)
-        stats = chunked_positives.positive_stats(x, x, tau, labels, labels, own, **options)
+        stats = chunked_positives.positive_stats(x, x, tau, labels, labels, own, weight, **options)
         torch.library.opcheck(
             chunked_positives.positive_stats,
-            (x, x, tau, labels, labels, own),
+            (x, x, tau, labels, labels, own, weight),
             options,
             test_utils=("test_schema", "test_faketensor"),
         )
@@ -403,6 +569,7 @@ def test_the_streaming_ops_pass_opcheck():
                 labels,
                 labels,
                 own,
+                weight,
                 torch.ones(6, dtype=torch.float64),
                 *stats[:3],
                 stats[4],
