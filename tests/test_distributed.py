@@ -95,7 +95,7 @@ def _worker(rank, world, init_file, out_dir):
 
 POSITIVES_CASES = [
     (positives, labelled) for positives in ("mean", "pooled", "pairs") for labelled in (0, 1)
-]
+] + [("dclw", 0)]
 
 
 def positives_batch(world):
@@ -109,14 +109,19 @@ def positives_batch(world):
 
 
 def positives_sum_and_gradient(views, labels, positives, labelled, gather):
+    """Σ of the per-row losses and the views' gradient; ``positives`` "dclw": DCLW over the first
+    two views (its weights over the gathered batch)."""
+    options = dict(positives=positives)
+    if positives == "dclw":
+        views, options = views[:2], dict(decoupled=True, weight_sigma=0.5)
     views = views.clone().requires_grad_()
     loss = info_nce_loss(
         views,
         symmetric=True,
         labels=labels if labelled else None,
-        positives=positives,
         reduction="sum",
         gather=gather,
+        **options,
     )
     loss.backward()
     return loss.detach(), views.grad
@@ -281,8 +286,9 @@ def test_fused_ranks_match_one_fused_process(ranks, name, mode, crops):
 
 @pytest.mark.parametrize("positives, labelled", POSITIVES_CASES)
 def test_several_positives_gathered_equal_one_process(ranks, positives, labelled):
-    """V = 3 views with or without labels: Σ_r L_r is the one process's summed loss, and each
-    rank's gradients are the one process's for its rows (labels gathered with the views)."""
+    """V = 3 views with or without labels, and DCLW (its weights over the gathered batch): Σ_r L_r
+    is the one process's summed loss, and each rank's gradients are the one process's for its
+    rows (labels gathered with the views)."""
     world, results = ranks
     views, labels = positives_batch(world)
     loss, grad = positives_sum_and_gradient(views, labels, positives, labelled, gather=False)
