@@ -5,7 +5,7 @@ each check raises a ``TypeError`` or ``ValueError`` that names the argument."""
 from __future__ import annotations
 
 import contextlib
-import math
+import sys
 
 import numpy as np
 import torch
@@ -91,12 +91,17 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
+LARGEST_FLOAT = sys.float_info.max
+
+
 def check_temperature(name: str, value) -> None:
     number = scalar_value(name, value)
     # Compared in float32, so that a float32 tensor holding 1e-4 passes as the float 1e-4 does.
     # Comparisons only (NaN fails them): a float traced symbolically by torch.compile takes
     # them as a guard on its range, not on its value, where math.isfinite cannot be traced.
-    if number is not None and not _MIN_TEMPERATURE_FLOAT32 <= number < math.inf:
+    # Against the largest float, not inf, which the guards' symbolic algebra takes as above
+    # every value.
+    if number is not None and not _MIN_TEMPERATURE_FLOAT32 <= number <= LARGEST_FLOAT:
         raise ValueError(f"{name} must be a finite number ≥ {MIN_TEMPERATURE}, got {number}")
 
 

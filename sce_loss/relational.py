@@ -14,14 +14,13 @@ backend of those serves it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
 from .arguments import (
+    LARGEST_FLOAT,
     SHARED_CHECKS,
     autocast_disabled,
     check_backend,
@@ -496,7 +495,7 @@ def _check_range(name: str, value, high: float) -> None:
     """A float or 0-d tensor in [0, high] (its value is checked where it is free to read)."""
     number = scalar_value(name, value)
     # Comparisons only, as arguments.check_temperature: NaN and ±inf fail them.
-    if number is not None and not (0 <= number <= high and number < math.inf):
+    if number is not None and not (0 <= number <= high and number <= LARGEST_FLOAT):
         interval = "≥ 0" if high == float("inf") else f"in [0, {high:g}]"
         raise ValueError(f"{name} must be a finite number {interval}, got {number}")
 

@@ -407,7 +407,8 @@ def test_numpy_hyper_parameters_compile_fullgraph_at_most_twice(case):
 
 def test_a_schedule_switching_from_python_to_numpy_numbers_compiles_once_more():
     """As docs/usage.md says: dynamo guards on the type of the value passed, so the first NumPy
-    number after Python ones compiles again, and no later value of either kind does."""
+    number after Python ones compiles again (np.float64 twice, as dynamo does for any function),
+    and no later value does."""
     query, key, queue, _ = inputs("queue", seed=9)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
@@ -418,7 +419,7 @@ def test_a_schedule_switching_from_python_to_numpy_numbers_compiles_once_more():
     for value in [0.1, 0.11, 0.12, *np.linspace(0.13, 0.16, 4)]:
         compiled(query, key, queue, value)
         counts.append(counter.frame_count)
-    assert counts[1] == counts[2] < counts[3] == counts[-1], counts
+    assert counts[1] == counts[2] < counts[3] <= counts[2] + 2 and counts[3] == counts[-1], counts
 
 
 @pytest.mark.parametrize("fullgraph", [True, False])
@@ -430,6 +431,8 @@ def test_a_bad_python_number_is_refused_under_compile_too(fullgraph):
     for name, good, bad, message in (
         ("temperature", 0.1, -1.0, "temperature must be a finite number ≥ 0.0001, got -1.0"),
         ("temperature", 0.1, float("nan"), "temperature must be a finite number"),
+        ("temperature", 0.1, float("inf"), "temperature must be a finite number"),
+        ("target_temperature", 0.05, float("inf"), "target_temperature must be a finite number"),
         ("coeff", 0.5, 1.5, r"coeff must be in \[0, 1\], got 1.5"),
     ):
         if fullgraph and TORCH_VERSION < (2, 13):
