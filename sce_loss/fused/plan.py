@@ -210,8 +210,11 @@ MAX_DIM = {kind: max(by_dim) for kind, by_dim in PARTIAL_TILES.items()}
 # Batches of at most 16 rows take 16-row tiles of at most this many columns (16 × 64 TF32 tiles
 # spill registers under Triton 3.8).
 SMALL_BATCH_COLUMNS = 32
-# Deeper software pipelines where a block may use more than this much shared memory.
+# Deeper software pipelines where a block may use more than this much shared memory; the key pass
+# keeps 2 stages (its full-precision float32 tiles at D = 128 spill registers at 3 on sm_90 under
+# Triton 3.8).
 DEEP_PIPELINE_SHARED = 128 * 1024
+KEY_GRADIENT_STAGES = 2
 
 
 def tiles(device: Device, kind: str, dim: int, rows: int) -> dict[str, Tiles]:
@@ -233,7 +236,7 @@ def tiles(device: Device, kind: str, dim: int, rows: int) -> dict[str, Tiles]:
     return dict(
         partial=Tiles(block_r, block_c, block_d, num_warps, stages),
         finalize=Tiles(16, 16, block_d, num_warps, 1),
-        key_gradient=Tiles(block_r, block_c, block_d, num_warps, stages),
+        key_gradient=Tiles(block_r, block_c, block_d, num_warps, min(stages, KEY_GRADIENT_STAGES)),
     )
 
 
