@@ -380,7 +380,9 @@ def _info_nce_positives(
         weight = None
         if weight_sigma is not None:
             positive_rows = rows.view(crops, n, dim).flip(0) if symmetric else keys[None]
-            weight = dclw_weights(rows.view(crops, n, dim), positive_rows, weight_sigma, group)
+            weight = dclw_weights(
+                rows.view(crops, n, dim), positive_rows, weight_sigma, group, first=samples
+            )
         streamed = backend == "chunked" or (
             backend == "auto" and len(rows) * len(candidates) >= CHUNKED_POSITIVES_FROM_PAIRS
         )
@@ -403,19 +405,17 @@ def _info_nce_positives(
     return losses.sum() / terms.sum().clamp(min=1)
 
 
-def dclw_weights(rows: Tensor, positives: Tensor, sigma, group) -> Tensor:
+def dclw_weights(rows: Tensor, positives: Tensor, sigma, group, *, first: int) -> Tensor:
     """DCLW's weights w_(v,i) = 2 − R·softmax_i(e_(v,i)·p_(v,i)/σ), (V·N,), without gradient:
-    the softmax over the R samples of each view (every rank's under ``group``), p the rows'
-    positives (broadcast against ``rows``, (V, N, D))."""
+    the softmax over the R samples of each view (every rank's under ``group``, where this rank's
+    are samples ``first`` to ``first`` + N), p the rows' positives (broadcast against ``rows``,
+    (V, N, D))."""
     with torch.no_grad():
         similarity = (rows * positives).sum(-1) / sigma  # (V, N)
         if group is not None:
-            local = similarity.shape[1]
-            every = distributed.all_gather_constant(similarity.T.contiguous(), group).T
-            offset = distributed.dist.get_rank(group) * local
-            weights = 2 - every.shape[1] * every.softmax(1)
-            return weights[:, offset : offset + local].reshape(-1)
-        return (2 - similarity.shape[1] * similarity.softmax(1)).reshape(-1)
+            similarity = distributed.all_gather_constant(similarity.T.contiguous(), group).T
+        weights = 2 - similarity.shape[1] * similarity.softmax(1)
+        return weights[:, first : first + rows.shape[1]].reshape(-1)
 
 
 def _check_labels(labels, n: int, device: torch.device) -> None:
