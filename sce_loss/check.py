@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     if not cuda and importlib.util.find_spec("triton") is not None:
         # Triton reads this when first imported: the fused kernels run through its interpreter.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    report = dict(machine=_machine(), agreement=[], timings=[])
+    report: dict[str, Any] = dict(machine=_machine(), agreement=[], timings=[])
     if cuda:
         print(f"GPU: {report['machine']['device']}")
         report["agreement"] = _agreement_on_gpu(args.quick)
@@ -201,7 +202,7 @@ def _agreement_on_gpu(quick: bool) -> list[dict]:
     from . import fused
     from .fused.first_use import TOLERANCES
 
-    rows = []
+    rows: list[dict] = []
     if _fused_unavailable(fused):
         return rows
     shapes = GPU_SHAPES[:2] if quick else GPU_SHAPES

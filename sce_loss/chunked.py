@@ -208,7 +208,7 @@ class _StreamingLoss(torch.autograd.Function):
         if need_grad:  # dL/dx_r = (O_a/l_a − target_mean) / τ
             grad = means[:r] - target_mean
         del o, means, target_mean
-        if need_grad:
+        if grad is not None:
             grad.div_(temperature)
             dtau = -LN_2 * row_dots(exponents[:r], grad)
         if online_has_pos and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
@@ -389,8 +389,10 @@ def stream_states(
         )  # the rows of the block that keep O
         picks = slice(min(block.start, len(picked)), min(block.stop, len(picked)))
         for candidates, in_bank in ((bank, True), (queue, False)):
+            if candidates is None:
+                continue
             offset = 0 if in_bank or bank is None else len(bank)  # of the first column
-            for start in range(0, 0 if candidates is None else len(candidates), chunk_size):
+            for start in range(0, len(candidates), chunk_size):
                 c = candidates[start : start + chunk_size].to(exponents.dtype)
                 logits = _logits(exponents[block], c, buffer)
                 if in_bank:
@@ -573,6 +575,7 @@ def bank_products(
             if size:
                 w[online] = p[:size] * online_weights[online, None]
             if targets.start < targets.stop:  # the targets of samples i: every crop's row of i
+                assert target_weights is not None  # target rows come with their weights
                 samples = slice(targets.start - r, targets.stop - r)
                 for v in range(views):
                     crop = slice(v * n + samples.start, v * n + samples.stop)

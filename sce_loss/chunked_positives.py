@@ -175,7 +175,7 @@ def _chunk_positives(row_labels, candidate_labels, own, start, width):
     return positive
 
 
-def _merge(m, l, logits):
+def _merge(m: Tensor, l: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """Running (max, Σ e^{a−max}) merged with this chunk's logits (−inf: left out)."""
     new_m = torch.maximum(m, logits.amax(1))
     safe = new_m.masked_fill(new_m == NEG_INF, 0.0)
@@ -183,7 +183,7 @@ def _merge(m, l, logits):
     return new_m, l
 
 
-def _lse(m, l):
+def _lse(m: Tensor, l: Tensor) -> Tensor:
     return torch.where(l > 0, m + torch.log(l), NEG_INF)
 
 
@@ -208,8 +208,8 @@ def positive_stats(
     sum_pc, count = _positive_sums(c, row_ids, candidate_ids, classes, own)
     scaled = x / tau  # x/τ: logits = scaled·cᵀ
     sum_p = (scaled * sum_pc).sum(1)
-    stats_p = [x.new_full((r,), NEG_INF), x.new_zeros(r)]
-    stats_n = [x.new_full((r,), NEG_INF), x.new_zeros(r)]
+    stats_p = (x.new_full((r,), NEG_INF), x.new_zeros(r))
+    stats_n = (x.new_full((r,), NEG_INF), x.new_zeros(r))
     for start in range(0, len(c), chunk):
         block = c[start : start + chunk]
         logits = _masked_logits(scaled, block, own, start)

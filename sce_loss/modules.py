@@ -10,7 +10,7 @@ those of its function (tests/test_drop_in.py checks that they cannot drift).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -55,8 +55,7 @@ class _ContrastiveLoss(nn.Module):
 def _keys(passed: Tensor | None, held: MemoryQueue | None) -> Tensor | None:
     """The queue passed to ``forward``, else the held queue's keys, else None."""
     if passed is None and held is not None:
-        # A buffer: nn.Module's __getattr__ types it Tensor | Module until queue.py declares it.
-        return cast(Tensor, held.keys)
+        return held.keys
     return passed
 
 

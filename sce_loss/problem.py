@@ -23,6 +23,7 @@ All three losses are one family: SCE with target weight λ = ``coeff`` on the po
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ from torch import Tensor
 Scalar = float | Tensor
 # Each loss's default hyper-parameters as a Problem takes them (the public functions' defaults),
 # for the problems the library builds itself (the first-use check, sce-loss-check).
-DEFAULT_HYPER_PARAMETERS = {
+DEFAULT_HYPER_PARAMETERS: dict[str, dict[str, Any]] = {
     "info_nce": dict(temperature=0.2),
     "ressl": dict(temperature=0.1, target_temperature=0.04, coeff=0.0),
     "sce": dict(coeff=0.5, temperature=0.1, target_temperature=0.05),

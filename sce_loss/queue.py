@@ -23,6 +23,9 @@ class MemoryQueue(nn.Module):
     every rank in rank order, so all ranks hold the same queue.
     """
 
+    keys: Tensor  # (size, dim), the entries
+    pointer: Tensor  # (), a long: where the next push writes
+
     def __init__(
         self,
         size: int,
@@ -30,9 +33,9 @@ class MemoryQueue(nn.Module):
         dtype: torch.dtype = torch.float32,
         *,
         device: torch.device | str | None = None,
-        gather=True,
+        gather: bool | torch.distributed.ProcessGroup = True,
         seed: int = 0,
-    ):
+    ) -> None:
         super().__init__()
         size, dim = check_count("size", size, low=1), check_count("dim", dim, low=1)
         if dtype not in FLOAT_DTYPES:

@@ -21,6 +21,8 @@ of shape (V, N), computed in the dtype of its inputs (all of one dtype and devic
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -56,7 +58,7 @@ def losses(problem: Problem) -> Tensor:
         # (torch.func transforms cannot batch the opaque op: there a plain copy serves.)
         private = torch.is_grad_enabled() and not transformed()
         queue = snapshot(queue, dtype) if private else queue.to(dtype, copy=True)
-    options = dict(
+    options: dict[str, Any] = dict(
         include_keys=bank is not None and queue is not None,
         bank=key if bank is None else bank,
         offset=problem.offset,
@@ -155,7 +157,7 @@ def ressl(
     excluded: Tensor | None,
 ) -> Tensor:
     """loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, both softmaxes over the candidates but the positive."""
-    candidates = dict(include_keys=include_keys, bank=bank, offset=offset)
+    candidates: dict[str, Any] = dict(include_keys=include_keys, bank=bank, offset=offset)
     target = _target_distribution(
         key, queue, target_temperature=target_temperature, excluded=excluded, **candidates
     )
@@ -180,7 +182,7 @@ def sce(
     excluded: Tensor | None,
 ) -> Tensor:
     """loss_i = −λ log p_i,pos − (1−λ) Σ_k s²_ik log p_ik, i.e. −Σ_k w_ik log p_ik."""
-    candidates = dict(include_keys=include_keys, bank=bank, offset=offset)
+    candidates: dict[str, Any] = dict(include_keys=include_keys, bank=bank, offset=offset)
     target = _target_distribution(
         key, queue, target_temperature=target_temperature, excluded=excluded, **candidates
     )

@@ -14,6 +14,8 @@ backend of those serves it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -372,7 +374,9 @@ def reco_loss(
         mixed_query=mixed_query,
         mixed_key=mixed_key,
     )
-    options = dict(normalize=normalize, reduction="none", gather=gather, backend=backend)
+    options: dict[str, Any] = dict(
+        normalize=normalize, reduction="none", gather=gather, backend=backend
+    )
     instance = info_nce_loss(query, key, queue, temperature=temperature, **options)
     relation = ressl_loss(
         query,

@@ -10,10 +10,6 @@ import typecheck_api
 
 import sce_loss
 
-# Public callables whose annotations are not complete yet, with the missing ones: each must fail
-# the check below (strict), so the entry goes once the annotation is added.
-INCOMPLETE = {"MemoryQueue": "gather (sce_loss/queue.py)"}
-
 
 def public_callables():
     """(name, function) of each public function, and of each public class's methods that a user
@@ -40,18 +36,7 @@ def unannotated(function) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name, function",
-    [
-        pytest.param(
-            name,
-            function,
-            id=name,
-            marks=[pytest.mark.xfail(strict=True, reason=INCOMPLETE[name.split(".")[0]])]
-            if name.split(".")[0] in INCOMPLETE and name.endswith("__init__")
-            else [],
-        )
-        for name, function in public_callables()
-    ],
+    "name, function", [pytest.param(name, f, id=name) for name, f in public_callables()]
 )
 def test_every_public_argument_is_annotated(name, function):
     assert unannotated(function) == [], name

@@ -86,6 +86,7 @@ def wrong_calls(query: Tensor, key: Tensor, queue: Tensor, bank: MemoryQueue) ->
     SCELoss(0.5)  # type: ignore[call-arg]
     CACRLoss(intra_batch=None)  # type: ignore[arg-type]
     MemoryQueue("32", 16)  # type: ignore[arg-type]
+    MemoryQueue(32, 16, gather="yes")  # type: ignore[arg-type]
     bank.push([0.0] * 16)  # type: ignore[arg-type]
 
 

@@ -58,12 +58,10 @@ def streaming_forward(
         None if bank is None else chunked.positive_columns(rows, n, offset, query.device),
         chunk_size=chunked.chunk_columns(len(exponents)),
     )
-    if bank is not None:
-        a_pos2 = picked
     lse = torch.stack([m * LN_2, l.log()])  # (m, log l) in base e
     means = o / l[:, None]
     u_a = chunked.row_dots(exponents[:rows], means[:rows]) * LN_2  # Σ_k P_k a_k
-    a_pos = a_pos2 * LN_2
+    a_pos = (picked if a_pos2 is None else a_pos2) * LN_2
     target_mean, u_target, lse_b = c_pos, a_pos, a_pos.new_zeros(2, rows)
     if need_target:
         mean_b = means[rows:].repeat(views, 1)

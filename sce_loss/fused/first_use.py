@@ -120,10 +120,10 @@ def first_use_check(problem: Problem) -> str | None:
     want = evaluate(reference.losses, in_float64(check), needed=needed)
     names = ("query gradient", "key gradient", "τ gradient")
     for name, g, w in zip(("loss", *(n for n, need in zip(names, needed) if need)), got, want):
-        error = relative_error(g, w)
-        if not error <= tolerance:  # NaN fails too
+        difference = relative_error(g, w)
+        if not difference <= tolerance:  # NaN fails too
             return (
-                f"its {name} differs from the reference by {error:.1e} relative error "
+                f"its {name} differs from the reference by {difference:.1e} relative error "
                 f"(tolerance {tolerance:.0e})"
             )
     return None

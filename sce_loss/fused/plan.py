@@ -67,7 +67,7 @@ def device_of(device: torch.device) -> Device:
     return Device(
         properties.name,
         properties.multi_processor_count,
-        properties.shared_memory_per_block_optin,
+        properties.shared_memory_per_block_optin,  # type: ignore[attr-defined]  # not in stubs
     )
 
 
@@ -283,9 +283,11 @@ def plan(
     ):
         group_rows = stop - start
         row_blocks = _cdiv(group_rows, partial_tiles.block_r)
+        counts = splits(group_rows, required=True)
+        assert counts is not None  # required: never None
         partial = tuple(
             Launch("partial", partial_tiles, (row_blocks, count), _cdiv(n, count))
-            for n, count in zip(steps, splits(group_rows, required=True))
+            for n, count in zip(steps, counts)
         )
         finalize = Launch(
             "finalize", finalize_tiles, (_cdiv(group_rows, finalize_tiles.block_r),), 1
@@ -299,7 +301,9 @@ def plan(
         column_blocks, row_steps = _cdiv(bank, g.block_c), _cdiv(rows, g.block_r)
         slice_bytes = 4 * bank * dim
         budget = max(1, cap // slice_bytes)
-        (count,) = _splits(device, [row_steps], blocks=column_blocks, budget=budget, required=True)
+        counts = _splits(device, [row_steps], blocks=column_blocks, budget=budget, required=True)
+        assert counts is not None  # required: never None
+        (count,) = counts
         key_gradient = Launch("key_gradient", g, (column_blocks, count), _cdiv(row_steps, count))
         if count > 1:
             used = max(used, slice_bytes * count)
