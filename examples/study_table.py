@@ -1,7 +1,7 @@
 """Tabulate a study of several losses over several seeds, from each run's summary.json: a Markdown
 table (per loss, the mean ± standard deviation over seeds of every top-1 metric, the untrained
-network's beside it, and the training time of a run) and one plot of kNN top-1 against epoch per
-loss (the mean over seeds, with a band from the lowest to the highest seed).
+network's beside it, and the median training time of a run) and one plot of kNN top-1 against
+epoch per loss (the mean over seeds, with a band from the lowest to the highest seed).
 
     python examples/study_table.py          # the CIFAR-10 study of examples/study.sh
     python examples/study_table.py --runs 'cifar10-*-w16-k1000-seed*' --out examples/results/x
@@ -16,7 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = {"knn_top1": "kNN top-1", "linear_top1": "linear probe"}
+METRICS = {
+    "knn_top1": "kNN top-1",
+    "few_label_top1": "few-label linear probe",
+    "linear_top1": "linear probe",
+}
 
 
 def load_runs(results: Path, pattern: str) -> dict[str, list[dict]]:
@@ -49,7 +53,7 @@ def table(runs: dict[str, list[dict]]) -> str:
     header = ["loss", "seeds", "epochs"]
     for name in names:
         header += [name, f"{name}, untrained"]
-    header.append("training time per run")
+    header.append("training time per run, median")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for loss, found in runs.items():
         row = [loss, ", ".join(str(s["seed"]) for s in found)]
@@ -57,7 +61,7 @@ def table(runs: dict[str, list[dict]]) -> str:
         for key in metrics:
             row.append(mean_std([s[key] for s in found]))
             row.append(mean_std([s["untrained"][key] for s in found]))
-        row.append(f"{np.mean([s['wall_s'] for s in found]):.0f} s")
+        row.append(f"{np.median([s['wall_s'] for s in found]):.0f} s")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
