@@ -45,8 +45,9 @@ def load(data: str, data_dir: Path, per_class: int | None = None) -> Dataset:
         except ImportError:
             raise ValueError(
                 f"--data cifar10: no {CIFAR10_PACK} in --data-dir {data_dir}, and torchvision, "
-                "which downloads CIFAR-10, is not installed: pip install 'sce-loss[vision]', or "
-                "pass --data-dir the folder that holds the pack"
+                "which downloads CIFAR-10, is not installed: install the vision extra with "
+                "your torch pinned (the README's Set-up gives the line), or pass --data-dir the "
+                "folder that holds the pack"
             ) from None
         return _subset(_cifar10_torchvision(data_dir), per_class)
     if data == "digits":

@@ -15,8 +15,8 @@ second strong view) a weak view whose keys fill a second queue, and a CutMix of 
 with a permuted key view, whose target is the interpolated key. Evaluation, on the untrained
 network before the first step and again at the end: a weighted kNN monitor (k=200, t=0.1, also
 every --knn-every epochs), a linear probe on one label per class and one on every label
-(docs/example.md says why). Each epoch writes a checkpoint that ``--resume`` continues from;
-summary.json and curves.png follow at the end, under ``--out``.
+(docs/example.md says why). Each epoch writes a checkpoint that --resume continues from;
+summary.json and curves.png follow at the end, under --out.
 
 Several processes (torchrun): each takes its shard of every global batch; the loss's queue is
 pushed with every rank's keys, so all ranks hold one queue; on GPUs batch norm is SyncBatchNorm in
@@ -122,8 +122,8 @@ SMOKE = dict(
 # The reported evaluations, by their summary.json key (docs/example.md says why these three).
 METRIC_NAMES = {
     "knn_top1": "kNN top-1",
-    "few_label_top1": "few-label probe",
-    "linear_top1": "linear probe",
+    "few_label_top1": "linear probe on {labels} per class",
+    "linear_top1": "linear probe on every label",
 }
 LOSS_NAMES = {"sce": "SCE", "infonce": "InfoNCE", "ressl": "ReSSL", "cacr": "CACR", "reco": "ReCo"}
 FRAMEWORKS = {"moco": "MoCo", "simclr": "SimCLR"}
@@ -300,6 +300,13 @@ def parse_args(argv=None, parser=None):
         p.error("--loss reco needs the momentum encoder and queues of --framework moco")
     if args.views != 2 and args.loss != "cacr":
         p.error("--views applies to --loss cacr")
+    if args.data not in ("digits", "cifar10"):
+        path = Path(args.data)
+        if not (path.suffix == ".npz" and path.is_file()) and not path.is_dir():
+            p.error(
+                f"argument --data: expected 'digits', 'cifar10', a .npz file or an ImageFolder "
+                f"directory; {args.data!r} is none of these (no such file or folder)"
+            )
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite replaces it: give one")
     if args.per_class and args.train_subset:
@@ -329,6 +336,46 @@ def parse_args(argv=None, parser=None):
     return args
 
 
+def load_data(parser, args) -> data.Dataset:
+    """The training and test images the arguments choose, and the flags that depend on them
+    checked against them (argparse's error naming the flag), before any model is built."""
+    try:
+        dataset = data.load(args.data, args.data_dir, args.per_class)
+    except ValueError as error:
+        parser.error(str(error))
+    classes = int(dataset.y_train.max()) + 1  # before a subset can leave a class out
+    if args.train_subset:
+        dataset.x_train = dataset.x_train[: args.train_subset]
+        dataset.y_train = dataset.y_train[: args.train_subset]
+    if args.test_subset:
+        dataset.x_test = dataset.x_test[: args.test_subset]
+        dataset.y_test = dataset.y_test[: args.test_subset]
+    images, counts = len(dataset.y_train), torch.bincount(dataset.y_train, minlength=classes)
+    chosen_by = (
+        f"--train-subset {args.train_subset}" if args.train_subset else f"--data {args.data}"
+    )
+    if args.per_class:
+        chosen_by = f"--per-class {args.per_class}"
+    fewest = int(counts.min())
+    if fewest < args.probe_labels:
+        parser.error(
+            f"argument --probe-labels: the few-label probe needs {args.probe_labels} training "
+            f"image(s) of each class, and {chosen_by} leaves class {int(counts.argmin())} "
+            f"{fewest}"
+        )
+    if args.batch_size > images:
+        parser.error(
+            f"argument --batch-size: {args.batch_size} is more than the {images} training images "
+            f"of {chosen_by}"
+        )
+    if args.knn_k > images:
+        parser.error(
+            f"argument --knn-k: {args.knn_k} neighbours is more than the {images} training "
+            f"images of {chosen_by}"
+        )
+    return dataset
+
+
 def prepare_output(parser, args) -> None:
     """Refuse an --out that holds files unless --resume (which needs its checkpoint) or
     --overwrite (which deletes the previous run's files) says what to do with them."""
@@ -352,13 +399,14 @@ def prepare_output(parser, args) -> None:
         )
 
 
-def describe(results: dict, untrained: dict | None = None) -> str:
+def describe(results: dict, probe_labels: int, untrained: dict | None = None) -> str:
     """'kNN top-1 83.8%, ...' for every ``*_top1`` result, each untrained figure beside it."""
+    labels = f"{probe_labels} label{'s' * (probe_labels > 1)}"
     parts = []
     for key, name in METRIC_NAMES.items():
         if key in results:
             before = f" (untrained {untrained[key]:.1f}%)" if untrained else ""
-            parts.append(f"{name} {results[key]:.1f}%{before}")
+            parts.append(f"{name.format(labels=labels)} {results[key]:.1f}%{before}")
     return ", ".join(parts)
 
 
@@ -383,7 +431,7 @@ class Encoder(nn.Module):
 class Run:
     """One pretraining run: set-up, epochs, evaluation, checkpoints and summary."""
 
-    def __init__(self, args):
+    def __init__(self, args, dataset: data.Dataset):
         self.args = args
         self.rank, self.world = _init_distributed(args.device)
         self.device = (
@@ -395,30 +443,11 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         _seed_everything(args.seed + self.rank)
         self.amp = self.device.type == "cuda" and not args.no_amp
-        self.dataset = data.load(args.data, args.data_dir, args.per_class)
-        ds = self.dataset
-        if args.train_subset:
-            ds.x_train, ds.y_train = (
-                ds.x_train[: args.train_subset],
-                ds.y_train[: args.train_subset],
-            )
-        if args.test_subset:
-            ds.x_test, ds.y_test = ds.x_test[: args.test_subset], ds.y_test[: args.test_subset]
-        fewest = int(torch.bincount(ds.y_train).min())
-        if fewest < args.probe_labels:
-            raise ValueError(
-                f"--probe-labels {args.probe_labels} is more than the {fewest} training images of "
-                "the smallest class"
-            )
-        self.images = self.dataset.x_train.to(self.device)  # uint8, augmented on the device
+        self.dataset = dataset
+        self.images = dataset.x_train.to(self.device)  # uint8, augmented on the device
         self.steps_per_epoch = len(self.images) // args.batch_size
         if args.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, args.steps_per_epoch)
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"--batch-size {args.batch_size} is more than the {len(self.images)} training "
-                f"images of --data {args.data}"
-            )
 
         online = Encoder(args.width).to(self.device, memory_format=torch.channels_last)
         if self.world > 1 and self.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
@@ -711,7 +740,7 @@ class Run:
         if self.epoch == 0 and self.rank == 0:  # the untrained network, under the same protocol
             self.untrained = self.evaluate(probe=True)
             self.history.append(dict(epoch=0, loss=None, knn_top1=self.untrained["knn_top1"]))
-            print(f"untrained: {describe(self.untrained)}", flush=True)
+            print(f"untrained: {describe(self.untrained, args.probe_labels)}", flush=True)
         start, first = time.perf_counter(), self.epoch
         while self.epoch < args.epochs:
             stats = self.train_epoch()
@@ -757,12 +786,12 @@ class Run:
                 f"Trained a ResNet-18 (width {args.width}) {FRAMEWORKS[args.framework]}-style "
                 f"with {LOSS_NAMES[args.loss]} ({hyper}) for {self.epoch} "
                 f"epoch{'' if self.epoch == 1 else 's'} on {data_}: "
-                f"{describe(summary, summary['untrained'])}"
+                f"{describe(summary, args.probe_labels, summary['untrained'])}"
             )
         else:
             done = (
                 f"Evaluated an untrained ResNet-18 (width {args.width}) on {data_}: "
-                f"{describe(summary)}"
+                f"{describe(summary, args.probe_labels)}"
             )
         return f"{done}. Files in {args.out}: {', '.join(files)}."
 
@@ -893,8 +922,9 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parse_args(argv, parser)
     prepare_output(parser, args)
+    dataset = load_data(parser, args)
     try:
-        return Run(args).run()
+        return Run(args, dataset).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -187,7 +187,7 @@ def stub_run(monkeypatch):
     started = []
 
     class Run:
-        def __init__(self, args):
+        def __init__(self, args, dataset):
             started.append(args)
 
         def run(self):
@@ -281,8 +281,10 @@ def test_cifar10_reads_the_jpeg_pack_in_data_dir_and_keeps_the_first_per_class(t
     importlib.util.find_spec("torchvision") is not None, reason="checks a set-up without it"
 )
 def test_cifar10_without_the_pack_or_torchvision_says_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match=f"no {data.CIFAR10_PACK} in --data-dir {tmp_path}"):
+    with pytest.raises(ValueError, match=f"no {data.CIFAR10_PACK} in --data-dir {tmp_path}") as e:
         data.load("cifar10", tmp_path)
+    assert "your torch pinned (the README's Set-up gives the line)" in str(e.value)
+    assert "sce-loss[vision]" not in str(e.value)  # unpinned, it would replace a CPU torch
 
 
 def test_the_few_label_probe_tells_separable_features_from_noise():
@@ -381,7 +383,7 @@ def test_the_study_table_gives_mean_and_spread_over_seeds_beside_the_untrained(t
     study_table.main(["--results", str(tmp_path)])
     assert (tmp_path / "cifar10-w16-k1000-study.md").read_text().splitlines() == [
         "| loss | seeds | epochs | kNN top-1 | kNN top-1, untrained | linear probe | linear probe, "
-        "untrained | training time per run |",
+        "untrained | training time per run, median |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         "| infonce | 0 | 10 | 55.0 | 30.0 | 65.0 | 31.0 | 90 s |",
         "| sce | 0, 1, 2 | 10 | 62.0 ± 2.0 | 32.0 ± 2.0 | 72.0 ± 2.0 | 33.0 ± 2.0 | 110 s |",
@@ -426,7 +428,10 @@ def test_the_job_ends_with_a_sentence_of_what_it_trained_and_found(smoke_run):
     summary = json.loads((out / "summary.json").read_text())
     results = ", ".join(
         f"{name} {summary[key]:.1f}% (untrained {summary['untrained'][key]:.1f}%)"
-        for key, name in example.METRIC_NAMES.items()
+        for key, name in zip(
+            ("knn_top1", "few_label_top1", "linear_top1"),
+            ("kNN top-1", "linear probe on 1 label per class", "linear probe on every label"),
+        )
     )
     assert result.stdout.rstrip().splitlines()[-1] == (
         "Trained a ResNet-18 (width 64) MoCo-style with SCE (coeff=0.5, temperature=0.1, "
@@ -531,13 +536,57 @@ def test_a_hyper_parameter_of_another_loss_is_refused(tmp_path):
     assert_clear_error(result, "--coeff does not apply to --loss infonce")
 
 
-def test_bad_data_gives_a_clear_error(tmp_path):
-    result = pretrain("--out", str(tmp_path), "--data", str(tmp_path / "missing.npz"))
-    assert_clear_error(result, "missing.npz: file not found")
-    result = pretrain("--out", str(tmp_path), "--data", str(tmp_path / "nothing-here"))
-    assert_clear_error(
-        result, "--data must be a .npz file, 'cifar10', 'digits' or an ImageFolder directory"
-    )
+@pytest.mark.parametrize("name", ["missing.npz", "nothing-here"])
+def test_data_that_is_not_there_is_refused_when_parsed(capsys, tmp_path, name):
+    message = refusal(capsys, "--data", str(tmp_path / name))
+    assert "argument --data: expected 'digits', 'cifar10', a .npz file or an ImageFolder" in message
+    assert f"{str(tmp_path / name)!r} is none of these (no such file or folder)" in message
+
+
+def data_refusal(capsys, *argv):
+    """load_data's message for ``argv``, whose values are refused only against the data."""
+    parser = example.build_parser()
+    args = example.parse_args(list(argv), parser)
+    with pytest.raises(SystemExit) as exit_:
+        example.load_data(parser, args)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--train-subset", "10"],
+            "argument --probe-labels: the few-label probe needs 1 training image(s) of each "
+            "class, and --train-subset 10 leaves class 0 0",
+        ),
+        (
+            ["--per-class", "3", "--probe-labels", "5"],
+            "argument --probe-labels: the few-label probe needs 5 training image(s) of each "
+            "class, and --per-class 3 leaves class 0 3",
+        ),
+        (["--per-class", "999"], "--per-class 999: class 7 has only 144 training images"),
+        (
+            ["--batch-size", "2000"],
+            "argument --batch-size: 2000 is more than the 1500 training images of --data digits",
+        ),
+        (
+            ["--knn-k", "300", "--per-class", "20"],
+            "argument --knn-k: 300 neighbours is more than the 200 training images of "
+            "--per-class 20",
+        ),
+    ],
+)
+def test_values_that_do_not_fit_the_data_are_refused_before_the_model(capsys, argv, message):
+    assert message in data_refusal(capsys, *argv)
+
+
+def test_values_that_fit_the_data_pass():
+    parser = example.build_parser()
+    args = example.parse_args(["--per-class", "20", "--knn-k", "200", "--batch-size", "200"])
+    dataset = example.load_data(parser, args)
+    assert len(dataset.y_train) == 200 and len(dataset.y_test) == 297
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
@@ -664,6 +713,48 @@ def test_the_readme_losses_table_is_the_committed_runs():
                 number, before_baseline = value(cell)
                 assert number == f"{run[key]:.1f}", (folder, cell)
                 assert before_baseline == ("untrained" not in run), (folder, cell)
+
+
+STUDY_HEADER = (
+    "| CIFAR-10 study, 3 seeds | kNN top-1 | one-label linear probe | linear probe on every label |"
+)
+
+
+def test_the_readme_cifar10_study_table_is_the_committed_runs_mean_and_spread():
+    """Each cell: the mean ± standard deviation over the committed seeds, then the untrained
+    networks' in brackets; the committed study table is what study_table.py makes of the runs."""
+    runs = study_table.load_runs(RESULTS, "cifar10-*-w16-k1000-seed*")
+    rows = table("README.md", STUDY_HEADER)
+    assert [LOSS_OF_ROW[row[0].split()[0]] for row in rows] == ["sce", "infonce", "ressl"]
+    for row in rows:
+        found = runs[LOSS_OF_ROW[row[0].split()[0]]]
+        assert [s["seed"] for s in found] == [0, 1, 2]
+        for s in found:
+            assert (s["data"], s["per_class"], s["width"], s["epochs"]) == ("cifar10", 1000, 16, 25)
+            assert (s["framework"], s["probe_labels"], s["test_images"]) == ("moco", 1, 10000)
+        for cell, key in zip(row[1:], ("knn_top1", "few_label_top1", "linear_top1")):
+            trained = study_table.mean_std([s[key] for s in found])
+            untrained = study_table.mean_std([s["untrained"][key] for s in found])
+            assert cell == f"{trained} ({untrained})", (row[0], key)
+    committed_table = (RESULTS / "cifar10-w16-k1000-study.md").read_text()
+    assert committed_table == study_table.table(runs)
+
+
+RUNS_HEADER = (
+    "| run | kNN top-1 (untrained) | one-label linear probe (untrained) "
+    "| linear probe on every label (untrained) | wall |"
+)
+
+
+def test_the_results_readme_study_rows_are_the_committed_runs():
+    rows = table("examples/results/README.md", RUNS_HEADER)
+    assert len(rows) == 9
+    for row in rows:
+        name, seed = row[0].rsplit(", seed ", 1)
+        run = committed(f"cifar10-{LOSS_OF_ROW[name.split()[0]]}-w16-k1000-seed{seed}")
+        for cell, key in zip(row[1:4], ("knn_top1", "few_label_top1", "linear_top1")):
+            assert cell == f"{run[key]:.1f} ({run['untrained'][key]:.1f})", (row[0], key)
+        assert row[4] == f"{run['wall_s']:.0f} s"
 
 
 def test_every_committed_digits_run_has_its_command_summary_and_plot():
