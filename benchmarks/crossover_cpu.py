@@ -1,5 +1,5 @@
 """Where the chunked backend overtakes the reference on this CPU: forward+backward time of both over
-a grid of sizes, for the rule ``backend="auto"`` follows off the fused path.
+a grid of sizes, for the rule backend="auto" follows off the fused path.
 
     python benchmarks/crossover_cpu.py --threads 1 --cpu-time   # as committed, in
         # results/chunked-crossover-cpu.md: one thread, CPU time (robust to other processes)
@@ -8,7 +8,7 @@ a grid of sizes, for the rule ``backend="auto"`` follows off the fused path.
 
 Each point is SCE (D = 32, 128, 512) or InfoNCE (D = 128) with N rows and K candidates per row:
 in-batch (K = N, the keys get gradients too) or queue mode (K = M + 1); float32 or float64; the
-mean loss, the backends called through their seam (:mod:`sce_loss.problem`), without the checks
+mean loss, the backends called through their seam (sce_loss.problem), without the checks
 of the public functions.
 Times are the minimum over repetitions (at least 3, and as many as fit in about a second): on a
 shared machine, the least disturbed one; on one thread, CPU time (--cpu-time) is what a step

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from outputs import output
-from torch.profiler import ProfilerActivity, profile
+from profiling import quiet_profile
+from torch.profiler import ProfilerActivity
 
 from sce_loss import sce_loss
 
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.dim, args.queue, args.repeats, args.gemm = 16, 16, 2048, 1, 128
+        args.n, args.dim, args.queue, args.repeats, args.gemm = 16, 16, 2048, 3, 256
     args.out = output(parser, args.out, "chunked-queue-cpu.md", check=args.quick)
     return args
 
@@ -74,7 +75,7 @@ def main() -> None:
         step(backend)
         seconds = best(lambda backend=backend: step(backend), args.repeats)
         rows.append((backend, seconds))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU]) as prof:
         step("chunked")
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     lines = [
@@ -86,7 +87,7 @@ def main() -> None:
         + (" --quick" if args.quick else "")
         + "`.",
         "",
-        f"Dense GEMM rate ({args.gemm}³ float32 matmul, same process): {rate / 1e9:.0f} "
+        f"Dense GEMM rate ({args.gemm}³ float32 matmul, same process): {rate / 1e9:.3g} "
         "GFLOP/s, so "
         f"three N×M×D GEMMs take {floor:.3f} s (the floor).",
         "",

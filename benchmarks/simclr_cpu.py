@@ -20,21 +20,7 @@ from pathlib import Path
 
 import torch
 from outputs import output
-
-
-def peak_allocated_mib(fn) -> float:
-    """The peak of the bytes allocated by ``fn()`` and not yet freed, in MiB (profiler events)."""
-    from torch.profiler import profile
-
-    with profile(profile_memory=True) as prof:
-        fn()
-    events = prof.profiler.kineto_results.events()
-    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in changes:
-        live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+from profiling import peak_allocated_mib
 
 
 def measure(backend: str, rows: int, dim: int, repeats: int) -> dict:

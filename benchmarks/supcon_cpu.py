@@ -1,5 +1,5 @@
 """SupCon on this CPU: fwd+bwd time and extra peak memory of the chunked backend against the eager
-and the compiled reference, ``info_nce_loss(views, symmetric=True, labels=...)`` with V = 2 views
+and the compiled reference, info_nce_loss(views, symmetric=True, labels=...) with V = 2 views
 of N = 8192 samples (16,384 rows), D = 128, float32, 100 classes, positives="mean".
 
 Each backend runs in a fresh process. Time: the best of a few fwd+bwd calls. Extra memory: the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from outputs import output
-from simclr_cpu import peak_allocated_mib
+from profiling import peak_allocated_mib
 
 BACKENDS = ("chunked", "reference", "compiled reference")
 

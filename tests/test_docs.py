@@ -237,6 +237,29 @@ def test_the_check_commands_help_is_plain_text(capsys):
     assert not re.search(r"``|:(func|class|mod|meth):`", text), text
 
 
+HELP_SCRIPTS = sorted(
+    str(p.relative_to(ROOT))
+    for folder in ("examples", "benchmarks")
+    for p in (ROOT / folder).glob("*.py")
+    if "argparse" in p.read_text()
+)
+
+
+@pytest.mark.parametrize("script", HELP_SCRIPTS)
+def test_every_scripts_help_is_plain_text(script):
+    """A script's --help prints its module docstring (RawDescriptionHelpFormatter) and each
+    argument's help: no reST markup in either."""
+    import ast
+
+    tree = ast.parse((ROOT / script).read_text())
+    texts = [ast.get_docstring(tree) or ""]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg in ("help", "description"):
+            texts += [c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant)]
+    for text in texts:
+        assert not re.search(r"``|:(func|class|mod|meth):`", str(text)), (script, text)
+
+
 def api_page():
     """The package as the API page renders it: loaded by griffe with docs/griffe_extension.py,
     as mkdocs.yml configures it; the extension module, for what it records."""

@@ -19,7 +19,6 @@ import pytest
 
 from sce_loss import fused
 
-pytest.importorskip("triton", reason="the fused backend needs Triton (pip install '.[triton]')")
 if fused.triton_reason() is not None:
     pytest.skip(f"the fused backend: {fused.triton_reason()}", allow_module_level=True)
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
@@ -50,11 +49,11 @@ def assert_verdicts(records):
         assert r["kernel"] == "finalize" or r["kind"] == "fp32-ieee" or r["tensor_cores"], r
 
 
-def test_the_largest_configurations_compile_for_the_smallest_and_the_newest_gpus():
-    """D = 256 and D = 128 of a large batch on sm_86 (99 KiB of shared memory) and sm_90."""
-    records = compile_kernels("--arch", "86", "90", "--batch", "large", "--dim", "128", "256")
-    # 2 archs × (3 kinds × 2 dims + full-precision float32 at D = 128) × 4 kernels
-    assert len(records) == 2 * 7 * 4
+def test_the_largest_configurations_compile_for_the_gpu_with_the_least_shared_memory():
+    """D = 256 of a large batch on sm_86 (99 KiB of shared memory): the tightest fit. The whole
+    matrix, every architecture and size, is the slow tier's."""
+    records = compile_kernels("--arch", "86", "--batch", "large", "--dim", "256")
+    assert len(records) == 1 * 3 * 4  # 1 arch × 3 kinds × 4 kernels
     assert_verdicts(records)
 
 

@@ -55,7 +55,9 @@ def triton_reason() -> str | None:
     """Why this installation cannot run the kernels (Triton missing or of an unchecked version),
     or None if it can."""
     if not TRITON_AVAILABLE:
-        return "Triton is not installed (pip install 'sce-loss[triton]')"
+        return (
+            'Triton is not installed (the "triton" extra: pip install ".[triton]" from a checkout)'
+        )
     if TRITON_VERSION is None or ".".join(TRITON_VERSION.split(".")[:2]) not in CHECKED_TRITON:
         return (
             f"Triton {TRITON_VERSION} is not a version its kernels were checked with "
