@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import HAS_FUSED, MODES, make_inputs
+from conftest import HAS_FUSED, MODES, make_inputs, needs_fused
 
 from sce_loss import MemoryQueue, info_nce_loss, ressl_loss, sce_loss
 
@@ -20,7 +20,6 @@ N_PER_RANK = 3
 CASES = [(name, mode, crops) for name in LOSSES for mode in MODES for crops in (None, 2)]
 # The fused kernels (through Triton's interpreter without a GPU), float32, where keys are gathered.
 FUSED_CASES = [(name, mode, None) for name in LOSSES for mode in ("in-batch", "queue+keys")]
-HAS_TRITON = HAS_FUSED
 
 
 def full_batch(mode, world, crops, dtype=torch.float64):
@@ -62,7 +61,7 @@ def _worker(rank, world, init_file, out_dir):
             results[name, mode, crops] = loss_and_gradients(
                 name, query[..., rows, :], key[rows], queue, include_keys, gather=True
             )
-        for name, mode, crops in FUSED_CASES if HAS_TRITON else ():
+        for name, mode, crops in FUSED_CASES if HAS_FUSED else ():
             query, key, queue, include_keys = full_batch(mode, world, crops, torch.float32)
             results["fused", name, mode] = loss_and_gradients(
                 name, query[rows], key[rows], queue, include_keys, gather=True, backend="fused"
@@ -219,7 +218,7 @@ def _host_reads_of_a_gathered_step(rank, world):
     return len(calls)
 
 
-@pytest.fixture(scope="module", params=[2, 3])
+@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow)])
 def ranks(request):
     world = request.param
     with tempfile.TemporaryDirectory() as out_dir:
@@ -266,7 +265,7 @@ def test_symmetric_ranks_match_one_process_holding_both_views_of_every_batch(ran
         torch.testing.assert_close(rank_grad_z2, world * grad_z2[rows], rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="the fused backend needs Triton")
+@needs_fused
 @pytest.mark.parametrize("name, mode, crops", FUSED_CASES)
 def test_fused_ranks_match_one_fused_process(ranks, name, mode, crops):
     world, results = ranks

@@ -422,7 +422,7 @@ def test_a_schedule_switching_from_python_to_numpy_numbers_compiles_once_more():
     assert counts[1] == counts[2] < counts[3] <= counts[2] + 2 and counts[3] == counts[-1], counts
 
 
-@pytest.mark.parametrize("fullgraph", [True, False])
+@pytest.mark.parametrize("fullgraph", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_a_bad_python_number_is_refused_under_compile_too(fullgraph):
     """A Python number is checked while tracing (it once computed a loss at τ = −1), also when a
     schedule has made it symbolic: with fullgraph the compile error carries the message (not on

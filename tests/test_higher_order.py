@@ -4,13 +4,12 @@ reference's numbers through whatever backend ``auto`` picks, and through each ba
 
 import pytest
 import torch
-from conftest import HAS_FUSED, make_inputs, unit
+from conftest import HAS_FUSED, make_inputs, needs_fused, unit
 
 from sce_loss import info_nce_loss, interpolated_key, ressl_loss, sce_loss
 from sce_loss.functional import _backend
 from sce_loss.problem import DEFAULT_HYPER_PARAMETERS, TORCH_VERSION, Problem
 
-HAS_TRITON = HAS_FUSED
 FUNCTIONS = {"info_nce": info_nce_loss, "ressl": ressl_loss, "sce": sce_loss}
 MODES = {
     "queue": dict(include_keys=False),
@@ -95,7 +94,7 @@ def test_gradgradcheck(backend, loss, mode):
     assert torch.autograd.gradgradcheck(function, leaves)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="the fused backend needs Triton")
+@needs_fused
 @pytest.mark.parametrize("loss", FUNCTIONS)
 @pytest.mark.parametrize("mode", ["queue", "in-batch"])
 def test_a_gradient_penalty_through_the_fused_kernels_is_the_references(loss, mode):
@@ -160,7 +159,7 @@ def test_forward_mode_ad_on_both_sides_of_the_auto_switch():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=backend)
 
 
-BACKENDS = ["auto", "reference", "chunked"] + (["fused"] if HAS_TRITON else [])
+BACKENDS = ["auto", "reference", "chunked"] + (["fused"] if HAS_FUSED else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -222,7 +221,7 @@ def test_reco_interpolated_key_under_vmap_over_its_ratio_and_index():
         torch.testing.assert_close(by_index[b], interpolated_key(query, key, indices[b], ratios[0]))
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="the fused backend needs Triton")
+@needs_fused
 @pytest.mark.parametrize("loss", FUNCTIONS)
 @pytest.mark.parametrize("mode", ["in-batch", "queue+keys"])
 def test_a_penalty_on_the_keys_gradient_through_fused_is_the_references(loss, mode):
