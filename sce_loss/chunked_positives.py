@@ -328,3 +328,238 @@ def _finite(lse: Tensor) -> Tensor:
 @positive_gradients.register_fake
 def _(x, c, tau, *_, positives, chunk):
     return torch.empty_like(x), torch.empty_like(c), x.new_empty(())
+
+
+def soft_positives(
+    rows: Tensor,
+    candidates: Tensor,
+    *,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor | None,
+    temperature,
+    target_temperature,
+    coeff,
+    loss: str,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """As :func:`sce_loss.reference.soft_positives` (SCE or ReSSL with a set of positives per
+    row: per-row losses and numbers of terms), streamed over ``chunk_size`` candidates at a time.
+
+    The target rows t_r come from per-class sums of the candidates; per chunk, the forward keeps
+    the running LSE of a (over every candidate for SCE, the negatives for ReSSL), of b = t·c/τ_m
+    over the negatives, and u = Σ_N e^{b − max} a, so that Σ_N s²·a = u / Σ_N e^{b − max}:
+
+      sce    loss = λ·(LSE − Σ_P a/|P|) + (1 − λ)·(LSE − Σ_N s²·a)
+      ressl  loss = LSE_N − Σ_N s²·a
+
+    (the (1 − λ) part, and ReSSL's loss, 0 for a row with no negative). The backward recomputes
+    each chunk's W = ∂loss/∂a: SCE's (λ + (1 − λ)·[N ≠ ∅])·softmax(a) − λ·1_P/|P| − (1 − λ)·s²,
+    ReSSL's [N ≠ ∅]·(1_N·softmax_N(a) − s²), and from it the gradients as in the module docstring.
+    """
+    chunk = chunk_size or max(MIN_CHUNK, CHUNK_ELEMENTS // max(min(len(rows), ROW_BLOCK), 1))
+    tau = temperature if isinstance(temperature, Tensor) else None
+    one = torch.ones((), dtype=rows.dtype, device=rows.device)
+    per_row, counts = _StreamingSoftPositives.apply(
+        rows,
+        candidates.view_as(candidates),  # an alias, as in info_nce_positives
+        tau if tau is not None else one * temperature,
+        (one * target_temperature).detach(),
+        (one * coeff).detach(),
+        row_labels,
+        candidate_labels,
+        torch.full_like(row_labels, -1) if own is None else own,
+        loss,
+        chunk,
+        tau is None,
+    )
+    return per_row, (counts > 0).to(counts.dtype)
+
+
+class _StreamingSoftPositives(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, loss, chunk, tau_const
+    ):
+        lse, lse_b, count, per_row = soft_stats(
+            x,
+            c,
+            tau.to(x.dtype),
+            target_tau.to(x.dtype),
+            coeff.to(x.dtype),
+            row_labels,
+            candidate_labels,
+            own,
+            loss=loss,
+            chunk=chunk,
+        )
+        ctx.save_for_backward(
+            x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, lse, lse_b, count
+        )
+        ctx.loss, ctx.chunk, ctx.tau_const = loss, chunk, tau_const
+        ctx.mark_non_differentiable(count)
+        return per_row, count
+
+    @staticmethod
+    def backward(ctx, upstream, _):
+        x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, *stats = ctx.saved_tensors
+        need_x, need_c, need_tau = ctx.needs_input_grad[:3]
+        if differentiating_backward():
+            with torch.enable_grad():
+                x, c = x.view_as(x), c.view_as(c)  # aliases: their own partials
+                wanted = [t for t, need in zip((x, c, tau), ctx.needs_input_grad[:3]) if need]
+                per_row, _ = reference.soft_positives(
+                    x,
+                    c,
+                    row_labels=row_labels,
+                    candidate_labels=candidate_labels,
+                    own=None if bool((own < 0).all()) else own,
+                    temperature=tau,
+                    target_temperature=target_tau,
+                    coeff=coeff,
+                    loss=ctx.loss,
+                )
+                grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
+            return (*(next(grads) if n else None for n in ctx.needs_input_grad[:3]), *(None,) * 8)
+        grad_x, grad_c, grad_tau = soft_gradients(
+            x,
+            c,
+            tau.to(x.dtype),
+            target_tau.to(x.dtype),
+            coeff.to(x.dtype),
+            row_labels,
+            candidate_labels,
+            own,
+            upstream.to(x.dtype),
+            *stats,
+            loss=ctx.loss,
+            chunk=ctx.chunk,
+        )
+        return (
+            grad_x if need_x else None,
+            grad_c if need_c else None,
+            grad_tau.to(tau.dtype) if need_tau and not ctx.tau_const else None,
+            *(None,) * 8,
+        )
+
+
+def _target_rows(c, row_labels, candidate_labels, own, target_tau) -> tuple[Tensor, Tensor]:
+    """t_r/τ_m, t_r = the mean of the row's positives (per-class sums), and |P(r)|."""
+    row_ids, candidate_ids, classes = _class_ids(row_labels, candidate_labels)
+    sum_pc, count = _positive_sums(c, row_ids, candidate_ids, classes, own)
+    return sum_pc / (count.clamp(min=1)[:, None] * target_tau), count
+
+
+def _chunk_logits(scaled, target, block, row_labels, candidate_labels, own, start):
+    """A chunk's logits a (own column −inf), its positives, and b = t·c/τ_m over its negatives
+    (−inf elsewhere)."""
+    logits = _masked_logits(scaled, block, own, start)
+    positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+    target_logits = _masked_logits(target, block, own, start).masked_fill_(positive, NEG_INF)
+    return logits, positive, target_logits
+
+
+@torch.library.custom_op("sce_loss::soft_stats", mutates_args=())
+def soft_stats(
+    x: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    target_tau: Tensor,
+    coeff: Tensor,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor,
+    *,
+    loss: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (LSE of a, LSE_N of b, |P|, loss), chunk by chunk (:func:`soft_positives`)."""
+    r = len(x)
+    target, count = _target_rows(c, row_labels, candidate_labels, own, target_tau)
+    scaled = x / tau
+    stats_a = (x.new_full((r,), NEG_INF), x.new_zeros(r))
+    m_b, l_b, u = x.new_full((r,), NEG_INF), x.new_zeros(r), x.new_zeros(r)
+    for start in range(0, len(c), chunk):
+        block = c[start : start + chunk]
+        logits, positive, target_logits = _chunk_logits(
+            scaled, target, block, row_labels, candidate_labels, own, start
+        )
+        if loss == "ressl":
+            stats_a = _merge(*stats_a, logits.masked_fill(positive, NEG_INF))
+        else:
+            stats_a = _merge(*stats_a, logits)
+        new_m = torch.maximum(m_b, target_logits.amax(1))
+        safe = new_m.masked_fill(new_m == NEG_INF, 0.0)
+        rescale = torch.exp(m_b - safe)
+        e = torch.exp(target_logits - safe[:, None])  # 0 off the negatives
+        m_b, l_b = new_m, l_b * rescale + e.sum(1)
+        u = u * rescale + (e * logits.masked_fill(e == 0, 0.0)).sum(1)
+    has_negative = l_b > 0
+    expected = torch.where(has_negative, u / l_b.masked_fill(~has_negative, 1.0), 0.0)
+    lse = _lse(*stats_a)
+    if loss == "ressl":
+        per_row = torch.where(has_negative, lse - expected, 0.0)
+    else:
+        sum_p = (scaled * target).sum(1) * target_tau  # Σ_P a / |P| = (x/τ)·t
+        soft = torch.where(has_negative, lse - expected, 0.0)
+        per_row = coeff * (lse - sum_p) + (1 - coeff) * soft
+    per_row = torch.where(count > 0, per_row, torch.zeros_like(per_row))
+    return lse, _lse(m_b, l_b), count, per_row
+
+
+@soft_stats.register_fake
+def _(x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, *, loss, chunk):
+    r = len(x)
+    count = torch.empty(r, dtype=torch.int64, device=x.device)
+    return x.new_empty(r), x.new_empty(r), count, x.new_empty(r)
+
+
+@torch.library.custom_op("sce_loss::soft_gradients", mutates_args=())
+def soft_gradients(
+    x: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    target_tau: Tensor,
+    coeff: Tensor,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor,
+    upstream: Tensor,
+    lse: Tensor,
+    lse_b: Tensor,
+    count: Tensor,
+    *,
+    loss: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dL/dx, dL/dc and dL/dτ of Σ_r upstream_r·loss_r, from each chunk's W
+    (:func:`soft_positives`) recomputed from the saved statistics."""
+    target, _ = _target_rows(c, row_labels, candidate_labels, own, target_tau)
+    g = torch.where(count > 0, upstream, torch.zeros_like(upstream))  # rows with no positive: 0
+    has_negative = (lse_b > NEG_INF).to(x.dtype)
+    share = coeff / count.clamp(min=1)
+    grad_x, grad_c = torch.zeros_like(x), torch.zeros_like(c)
+    scaled = x / tau
+    for start in range(0, len(c), chunk):
+        block = c[start : start + chunk]
+        logits, positive, target_logits = _chunk_logits(
+            scaled, target, block, row_labels, candidate_labels, own, start
+        )
+        s2 = torch.exp(target_logits - _finite(lse_b)[:, None])  # 0 off the negatives
+        if loss == "ressl":
+            weights = torch.exp(logits.masked_fill_(positive, NEG_INF) - _finite(lse)[:, None])
+            weights = (weights - s2) * has_negative[:, None]
+        else:
+            p = torch.exp(logits - lse[:, None])
+            weights = (coeff + (1 - coeff) * has_negative)[:, None] * p - (1 - coeff) * s2
+            weights -= positive * share[:, None]
+        weights *= g[:, None]
+        grad_x += weights @ block
+        grad_c[start : start + chunk] += weights.T @ scaled
+    grad_x /= tau
+    return grad_x, grad_c, -(scaled * grad_x).sum()
+
+
+@soft_gradients.register_fake
+def _(x, c, tau, *_, loss, chunk):
+    return torch.empty_like(x), torch.empty_like(c), x.new_empty(())

@@ -8,6 +8,7 @@ Every function takes ``query`` (N, D) or (V, N, D), ``key`` (N, D) and an option
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,11 +123,12 @@ def info_nce_loss(
         if key is None and labels is None and not decoupled and two_views:
             key, query = query[1], query[0]  # two views: the one-positive form
         else:
-            return _info_nce_positives(
+            return _with_positives(
+                "info_nce",
                 query,
                 key,
                 queue,
-                temperature=temperature,
+                dict(temperature=temperature),
                 labels=labels,
                 positives="decoupled" if decoupled else positives,
                 weight_sigma=weight_sigma,
@@ -154,11 +156,12 @@ def info_nce_loss(
 
 def ressl_loss(
     query: Tensor,
-    key: Tensor,
+    key: Tensor | None = None,
     queue: Tensor | None = None,
     *,
     temperature: Scalar = 0.1,
     target_temperature: Scalar = 0.04,
+    labels: Tensor | None = None,
     include_keys: bool = False,
     symmetric: bool = False,
     normalize: bool = False,
@@ -168,14 +171,38 @@ def ressl_loss(
 ) -> Tensor:
     """ReSSL: loss_i = −Σ_{k≠pos} s²_ik log s¹_ik, where s¹ = softmax(z¹_i·c_k / τ) and
     s² = softmax(z²_i·c_k / τ_m) both run over the candidates without the positive (s² is a
-    constant target). Arguments as :func:`info_nce_loss`; ``target_temperature`` is τ_m."""
+    constant target). Arguments as :func:`info_nce_loss`; ``target_temperature`` is τ_m.
+
+    With several positives per row (``labels``, or V ≥ 3 views with ``key`` omitted), both
+    softmaxes run over the candidates that are not positives, and the target's row is t_r, the
+    mean of the row's positives (not re-normalised; :func:`sce_loss`)."""
     check_options(temperature=temperature, target_temperature=target_temperature)
+    hyper_parameters = dict(
+        temperature=temperature, target_temperature=target_temperature, coeff=0.0
+    )
+    if _several_positives(query, key, labels, symmetric):
+        return _with_positives(
+            "ressl",
+            query,
+            key,
+            queue,
+            hyper_parameters,
+            labels=labels,
+            include_keys=include_keys,
+            symmetric=symmetric,
+            normalize=normalize,
+            reduction=reduction,
+            gather=gather,
+            backend=backend,
+        )
+    if key is None:
+        key, query = query[1], query[0]  # two views: the one-positive form
     return _loss(
         "ressl",
         query,
         key,
         queue,
-        dict(temperature=temperature, target_temperature=target_temperature, coeff=0.0),
+        hyper_parameters,
         include_keys=include_keys,
         symmetric=symmetric,
         normalize=normalize,
@@ -187,12 +214,13 @@ def ressl_loss(
 
 def sce_loss(
     query: Tensor,
-    key: Tensor,
+    key: Tensor | None = None,
     queue: Tensor | None = None,
     *,
     coeff: Scalar = 0.5,
     temperature: Scalar = 0.1,
     target_temperature: Scalar = 0.05,
+    labels: Tensor | None = None,
     include_keys: bool = False,
     symmetric: bool = False,
     normalize: bool = False,
@@ -206,14 +234,40 @@ def sce_loss(
 
     ``coeff`` is λ in [0, 1] (λ=1 is InfoNCE); λ and τ_m shape the target, which carries no
     gradient. Other arguments as :func:`info_nce_loss`.
+
+    With several positives per row P(r) (``labels``, or V ≥ 3 views with ``key`` omitted):
+    w_r = λ·uniform(P) + (1−λ)·softmax over the candidates neither in P nor the row itself of
+    t_r·c/τ_m, where t_r is the mean of the row's positives (not re-normalised: one positive
+    gives the loss above). A row with no negative keeps the λ part only; one with no positive
+    counts for nothing, as in :func:`info_nce_loss`.
     """
     check_options(coeff=coeff, temperature=temperature, target_temperature=target_temperature)
+    hyper_parameters = dict(
+        temperature=temperature, target_temperature=target_temperature, coeff=coeff
+    )
+    if _several_positives(query, key, labels, symmetric):
+        return _with_positives(
+            "sce",
+            query,
+            key,
+            queue,
+            hyper_parameters,
+            labels=labels,
+            include_keys=include_keys,
+            symmetric=symmetric,
+            normalize=normalize,
+            reduction=reduction,
+            gather=gather,
+            backend=backend,
+        )
+    if key is None:
+        key, query = query[1], query[0]  # two views: the one-positive form
     return _loss(
         "sce",
         query,
         key,
         queue,
-        dict(temperature=temperature, target_temperature=target_temperature, coeff=coeff),
+        hyper_parameters,
         include_keys=include_keys,
         symmetric=symmetric,
         normalize=normalize,
@@ -221,6 +275,16 @@ def sce_loss(
         gather=gather,
         backend=backend,
     )
+
+
+def _several_positives(query, key, labels, symmetric) -> bool:
+    """Whether a call of SCE or ReSSL has a set of positives per row: labels, or views (V, N, D)
+    with ``key`` omitted other than V = 2 in the symmetric form (whose one positive is the
+    other view: the two-tensor call)."""
+    if labels is not None or key is not None:
+        return labels is not None
+    two_views = symmetric and isinstance(query, Tensor) and query.dim() == 3 and len(query) == 2
+    return not two_views
 
 
 def _loss(
@@ -291,15 +355,16 @@ def _loss(
     return reduce_losses(losses, reduction)
 
 
-def _info_nce_positives(
+def _with_positives(
+    loss: str,
     query,
     key,
     queue,
+    hyper_parameters: dict,
     *,
-    temperature,
     labels,
-    positives,
-    weight_sigma,
+    positives: str = "mean",
+    weight_sigma=None,
     include_keys,
     symmetric,
     normalize,
@@ -307,8 +372,9 @@ def _info_nce_positives(
     gather,
     backend,
 ) -> Tensor:
-    """InfoNCE with a set of positives per row (:func:`sce_loss.reference.info_nce_positives`):
-    V views in the symmetric form, or labels (symmetric or in-batch); and DCL."""
+    """A loss with a set of positives per row (:func:`sce_loss.reference.info_nce_positives`,
+    :func:`sce_loss.reference.soft_positives`): V views in the symmetric form, or labels
+    (symmetric or in-batch); and DCL."""
     check_options(
         include_keys=include_keys,
         symmetric=symmetric,
@@ -354,7 +420,10 @@ def _info_nce_positives(
             "weight_sigma (DCLW) weighs each row's one positive: pass no labels, and two views "
             f"in the symmetric form (got {'labels' if labels is not None else f'{crops} views'})"
         )
-    tau = _hyper_parameter("temperature", temperature, views.device)
+    hyper = {
+        name: _hyper_parameter(name, value, views.device)
+        for name, value in hyper_parameters.items()
+    }
     group = distributed.resolve_group(gather)
     dtype = compute_dtype_of(views.dtype)
     with autocast_disabled(views.device.type):
@@ -387,16 +456,17 @@ def _info_nce_positives(
             backend == "auto" and len(rows) * len(candidates) >= CHUNKED_POSITIVES_FROM_PAIRS
         )
         backend_module = chunked_positives if streamed and not transformed() else reference
-        losses, terms = backend_module.info_nce_positives(
-            rows,
-            candidates,
-            row_labels=row_labels,
-            candidate_labels=candidate_labels,
-            own=own,
-            temperature=tau,
-            positives=positives,
-            positive_weight=weight,
+        sets: dict[str, Any] = dict(
+            row_labels=row_labels, candidate_labels=candidate_labels, own=own
         )
+        if loss == "info_nce":
+            losses, terms = backend_module.info_nce_positives(
+                rows, candidates, **sets, **hyper, positives=positives, positive_weight=weight
+            )
+        else:
+            losses, terms = backend_module.soft_positives(
+                rows, candidates, **sets, **hyper, loss=loss
+            )
     if reduction == "none":
         one_set = query.dim() == 2 and (key is None or not symmetric)  # (N, D) in: (N,) out
         return losses if one_set else losses.view(crops, n)

@@ -73,8 +73,17 @@ def _required(name: str, passed: Tensor | None, held: MemoryQueue | None) -> Ten
 class _QueryKeyLoss(_ContrastiveLoss):
     """A loss of ``query``, ``key`` and an optional queue (InfoNCE, ReSSL, SCE)."""
 
-    def forward(self, query: Tensor, key: Tensor, queue: Tensor | None = None) -> Tensor:
-        return self.loss_fn(query, key, _keys(queue, self.queue), **self._options())
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        queue: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """The loss of ``query`` and ``key`` (omitted: ``query`` holds V views, symmetric form)
+        against ``queue`` or the held queue's keys, with optional per-sample ``labels``."""
+        return self.loss_fn(query, key, _keys(queue, self.queue), labels=labels, **self._options())
 
 
 class InfoNCELoss(_QueryKeyLoss):
@@ -105,18 +114,6 @@ class InfoNCELoss(_QueryKeyLoss):
     """
 
     loss_fn = staticmethod(functional.info_nce_loss)
-
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor | None = None,
-        queue: Tensor | None = None,
-        *,
-        labels: Tensor | None = None,
-    ) -> Tensor:
-        """The loss of ``query`` and ``key`` (omitted: ``query`` holds V views, symmetric form)
-        against ``queue`` or the held queue's keys, with optional per-sample ``labels``."""
-        return self.loss_fn(query, key, _keys(queue, self.queue), labels=labels, **self._options())
 
     def __init__(
         self,

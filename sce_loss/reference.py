@@ -244,3 +244,49 @@ def info_nce_positives(
     losses = torch.where(has_positive, losses, torch.zeros_like(losses))
     terms = counts if positives == "pairs" else has_positive.to(counts.dtype)
     return losses, terms
+
+
+def soft_positives(
+    rows: Tensor,
+    candidates: Tensor,
+    *,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor | None,
+    temperature: Scalar,
+    target_temperature: Scalar,
+    coeff: Scalar,
+    loss: str,
+) -> tuple[Tensor, Tensor]:
+    """SCE ("sce") or ReSSL ("ressl") of each row against ``candidates`` with a set of positives
+    P(r) (as :func:`info_nce_positives`), a = x·c / τ, N(r) the candidates neither in P(r) nor
+    the row's ``own`` column. The target row t_r = (1/|P|)·Σ_{p∈P} c_p (not re-normalised: the
+    positive itself when there is one) gives s²_r = softmax_{N(r)}(t_r·c / τ_m), no gradient:
+
+      sce    loss_r = −Σ_c w_rc log softmax_c(a_r)_c,  w_r = λ·1_P/|P| + (1 − λ)·s²_r
+      ressl  loss_r = −Σ_{c∈N} s²_rc log softmax_{N}(a_r)_c
+
+    A row with no negative has no s²: its (1 − λ) part is 0 (ReSSL's whole loss). Returns the
+    per-row losses and their numbers of terms (1, or 0 for a row with no positive, whose loss
+    is 0)."""
+    logits = rows @ candidates.mT / temperature
+    positive = positive_mask(row_labels, candidate_labels, own)
+    negative = ~positive if own is None else ~positive & ~_column_mask(logits, own)
+    counts = positive.sum(-1)
+    has_positive, has_negative = counts > 0, negative.any(-1)
+    kept = negative | ~has_negative[:, None]  # a row with no negative: finite, then zeroed
+    with torch.no_grad():
+        c = candidates.detach()
+        target_rows = positive.to(c.dtype) @ c / counts.clamp(min=1)[:, None].to(c.dtype)
+        target_logits = (target_rows @ c.mT / target_temperature).masked_fill(~kept, float("-inf"))
+        target = torch.softmax(target_logits, -1) * has_negative[:, None]
+    if loss == "sce":
+        log_p = _without(torch.log_softmax(_without(logits, own, float("-inf")), -1), own, 0.0)
+        coeff = constant(coeff)
+        one_hot = positive.to(log_p.dtype) / counts.clamp(min=1)[:, None].to(log_p.dtype)
+        losses = -coeff * (one_hot * log_p).sum(-1) - (1 - coeff) * (target * log_p).sum(-1)
+    else:
+        log_s1 = torch.log_softmax(logits.masked_fill(~kept, float("-inf")), -1)
+        losses = -(target * log_s1.masked_fill(~kept, 0.0)).sum(-1)
+    losses = torch.where(has_positive, losses, torch.zeros_like(losses))
+    return losses, has_positive.to(counts.dtype)
