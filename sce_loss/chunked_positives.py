@@ -175,6 +175,17 @@ def _chunk_positives(row_labels, candidate_labels, own, start, width):
     return positive
 
 
+def _row_blocks(rows: int) -> list[slice]:
+    """The rows in blocks of at most ``ROW_BLOCK``: each chunk's tiles are a block × chunk."""
+    return [slice(start, start + ROW_BLOCK) for start in range(0, max(rows, 1), ROW_BLOCK)]
+
+
+def _sum_row_blocks(gradients, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dx, dL/dc, dL/dτ) of every row block: the blocks' dL/dx side by side, the rest summed."""
+    grad_x, grad_c, grad_tau = zip(*(gradients(b) for b in _row_blocks(rows)))
+    return torch.cat(grad_x), sum(grad_c[1:], grad_c[0]), sum(grad_tau[1:], grad_tau[0])
+
+
 def _merge(m: Tensor, l: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """Running (max, Σ e^{a−max}) merged with this chunk's logits (−inf: left out)."""
     new_m = torch.maximum(m, logits.amax(1))
@@ -187,8 +198,7 @@ def _lse(m: Tensor, l: Tensor) -> Tensor:
     return torch.where(l > 0, m + torch.log(l), NEG_INF)
 
 
-@torch.library.custom_op("sce_loss::positive_stats", mutates_args=())
-def positive_stats(
+def _positive_stats(
     x: Tensor,
     c: Tensor,
     tau: Tensor,
@@ -245,6 +255,37 @@ def positive_stats(
     return lse, lse_p, lse_n, sum_p, count, g_n, loss
 
 
+@torch.library.custom_op("sce_loss::positive_stats", mutates_args=())
+def positive_stats(
+    x: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor,
+    weight: Tensor,
+    *,
+    positives: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_positive_stats` over blocks of at most ``ROW_BLOCK`` rows."""
+    blocks = [
+        _positive_stats(
+            x[b],
+            c,
+            tau,
+            row_labels[b],
+            candidate_labels,
+            own[b],
+            weight[b],
+            positives=positives,
+            chunk=chunk,
+        )  # fmt: skip
+        for b in _row_blocks(len(x))
+    ]
+    return tuple(torch.cat(parts) for parts in zip(*blocks))  # type: ignore[return-value]
+
+
 @positive_stats.register_fake
 def _(x, c, tau, row_labels, candidate_labels, own, weight, *, positives, chunk):
     r = len(x)
@@ -256,8 +297,7 @@ def _(x, c, tau, row_labels, candidate_labels, own, weight, *, positives, chunk)
     )
 
 
-@torch.library.custom_op("sce_loss::positive_gradients", mutates_args=())
-def positive_gradients(
+def _positive_gradients(
     x: Tensor,
     c: Tensor,
     tau: Tensor,
@@ -323,6 +363,48 @@ def _finite(lse: Tensor) -> Tensor:
     """A log-sum-exp with −inf (a row with no positive, or no negative) as 0: its weights are
     masked out anyway."""
     return lse.masked_fill(lse == NEG_INF, 0.0)
+
+
+@torch.library.custom_op("sce_loss::positive_gradients", mutates_args=())
+def positive_gradients(
+    x: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor,
+    weight: Tensor,
+    upstream: Tensor,
+    lse: Tensor,
+    lse_p: Tensor,
+    lse_n: Tensor,
+    count: Tensor,
+    g_n: Tensor,
+    *,
+    positives: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_positive_gradients` over blocks of at most ``ROW_BLOCK`` rows."""
+    return _sum_row_blocks(
+        lambda b: _positive_gradients(
+            x[b],
+            c,
+            tau,
+            row_labels[b],
+            candidate_labels,
+            own[b],
+            weight[b],
+            upstream[b],
+            lse[b],
+            lse_p[b],
+            lse_n[b],
+            count[b],
+            g_n[b],
+            positives=positives,
+            chunk=chunk,
+        ),  # fmt: skip
+        len(x),
+    )
 
 
 @positive_gradients.register_fake
@@ -459,8 +541,7 @@ def _chunk_logits(scaled, target, block, row_labels, candidate_labels, own, star
     return logits, positive, target_logits
 
 
-@torch.library.custom_op("sce_loss::soft_stats", mutates_args=())
-def soft_stats(
+def _soft_stats(
     x: Tensor,
     c: Tensor,
     tau: Tensor,
@@ -507,6 +588,39 @@ def soft_stats(
     return lse, _lse(m_b, l_b), count, per_row
 
 
+@torch.library.custom_op("sce_loss::soft_stats", mutates_args=())
+def soft_stats(
+    x: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    target_tau: Tensor,
+    coeff: Tensor,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor,
+    *,
+    loss: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_soft_stats` over blocks of at most ``ROW_BLOCK`` rows."""
+    blocks = [
+        _soft_stats(
+            x[b],
+            c,
+            tau,
+            target_tau,
+            coeff,
+            row_labels[b],
+            candidate_labels,
+            own[b],
+            loss=loss,
+            chunk=chunk,
+        )  # fmt: skip
+        for b in _row_blocks(len(x))
+    ]
+    return tuple(torch.cat(parts) for parts in zip(*blocks))  # type: ignore[return-value]
+
+
 @soft_stats.register_fake
 def _(x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, *, loss, chunk):
     r = len(x)
@@ -514,8 +628,7 @@ def _(x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, *, loss, 
     return x.new_empty(r), x.new_empty(r), count, x.new_empty(r)
 
 
-@torch.library.custom_op("sce_loss::soft_gradients", mutates_args=())
-def soft_gradients(
+def _soft_gradients(
     x: Tensor,
     c: Tensor,
     tau: Tensor,
@@ -558,6 +671,46 @@ def soft_gradients(
         grad_c[start : start + chunk] += weights.T @ scaled
     grad_x /= tau
     return grad_x, grad_c, -(scaled * grad_x).sum()
+
+
+@torch.library.custom_op("sce_loss::soft_gradients", mutates_args=())
+def soft_gradients(
+    x: Tensor,
+    c: Tensor,
+    tau: Tensor,
+    target_tau: Tensor,
+    coeff: Tensor,
+    row_labels: Tensor,
+    candidate_labels: Tensor,
+    own: Tensor,
+    upstream: Tensor,
+    lse: Tensor,
+    lse_b: Tensor,
+    count: Tensor,
+    *,
+    loss: str,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_soft_gradients` over blocks of at most ``ROW_BLOCK`` rows."""
+    return _sum_row_blocks(
+        lambda b: _soft_gradients(
+            x[b],
+            c,
+            tau,
+            target_tau,
+            coeff,
+            row_labels[b],
+            candidate_labels,
+            own[b],
+            upstream[b],
+            lse[b],
+            lse_b[b],
+            count[b],
+            loss=loss,
+            chunk=chunk,
+        ),  # fmt: skip
+        len(x),
+    )
 
 
 @soft_gradients.register_fake

@@ -90,8 +90,10 @@ class InfoNCELoss(_QueryKeyLoss):
     """InfoNCE (MoCo v2; NT-Xent with ``symmetric=True``) as an ``nn.Module``: it holds the
     keyword arguments of :func:`sce_loss.info_nce_loss` and calls it.
 
-    Called as ``criterion(query, key, queue=None)``: ``queue`` (M, D) if given, else the held
-    queue's keys, else none (in-batch mode); returns the loss. Every argument is keyword-only and
+    Called as ``criterion(query, key=None, queue=None, *, labels=None)``: ``queue`` (M, D) if
+    given, else the held queue's keys, else none (in-batch mode); ``key`` omitted (symmetric
+    form: ``query`` holds V views) and ``labels`` give several positives per row; returns the
+    loss. Every argument is keyword-only and
     becomes an attribute of the same name, checked here, that a scheduler may set
     (``criterion.temperature = 0.05``); an ``nn.Parameter`` (a learnable τ) is registered: in
     ``parameters()`` and ``state_dict``, moved by ``.to()``.
@@ -149,8 +151,10 @@ class ReSSLLoss(_QueryKeyLoss):
     """ReSSL as an ``nn.Module``: it holds the keyword arguments of :func:`sce_loss.ressl_loss`
     and calls it.
 
-    Called as ``criterion(query, key, queue=None)``: ``queue`` (M, D) if given, else the held
-    queue's keys, else none (in-batch mode); returns the loss. Every argument is keyword-only and
+    Called as ``criterion(query, key=None, queue=None, *, labels=None)``: ``queue`` (M, D) if
+    given, else the held queue's keys, else none (in-batch mode); ``key`` omitted (symmetric
+    form: ``query`` holds V views) and ``labels`` give several positives per row; returns the
+    loss. Every argument is keyword-only and
     becomes an attribute of the same name, checked here, that a scheduler may set; an
     ``nn.Parameter`` (a learnable τ) is registered and saved in ``state_dict``.
 
@@ -200,8 +204,10 @@ class SCELoss(_QueryKeyLoss):
     """SCE (Similarity Contrastive Estimation) as an ``nn.Module``: it holds the keyword arguments
     of :func:`sce_loss.sce_loss` and calls it.
 
-    Called as ``criterion(query, key, queue=None)``: ``queue`` (M, D) if given, else the held
-    queue's keys, else none (in-batch mode); returns the loss. Every argument is keyword-only and
+    Called as ``criterion(query, key=None, queue=None, *, labels=None)``: ``queue`` (M, D) if
+    given, else the held queue's keys, else none (in-batch mode); ``key`` omitted (symmetric
+    form: ``query`` holds V views) and ``labels`` give several positives per row; returns the
+    loss. Every argument is keyword-only and
     becomes an attribute of the same name, checked here, that a scheduler may set
     (``criterion.coeff = 0.3``); an ``nn.Parameter`` (a learnable τ) is registered and saved in
     ``state_dict``.

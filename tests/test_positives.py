@@ -496,6 +496,18 @@ def test_every_chunk_width_gives_the_same_statistics(chunk, labels, positives):
     assert torch.equal(got_terms, want_terms)
 
 
+@pytest.mark.parametrize("positives", ["mean", "pooled", "pairs", "decoupled"])
+def test_rows_stream_in_blocks_with_the_same_results(monkeypatch, positives):
+    from sce_loss import chunked_positives
+
+    views, labels = views_of(3, 7, seed=44), LABELS[1]
+    want = all_outputs("reference", views, labels, positives, 0.3)
+    monkeypatch.setattr(chunked_positives, "ROW_BLOCK", 4)  # 21 rows: six blocks
+    got = all_outputs("chunked", views, labels, positives, 0.3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_low_precision_inputs_match_the_reference(dtype):
     views, labels = views_of(3, 7, seed=40), LABELS[1]

@@ -314,3 +314,15 @@ def test_bad_input_names_the_argument():
         sce_loss(views)
     with pytest.raises(ValueError, match="compare in-batch embeddings only: pass no queue"):
         sce_loss(views[0], views[1], views[2], labels=torch.arange(4))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_rows_stream_in_blocks_with_the_same_results(monkeypatch, loss):
+    from sce_loss import chunked_positives
+
+    views, labels = views_of(3, 7, seed=43), LABELS[1]
+    want = all_outputs(loss, "chunked", views, labels)
+    monkeypatch.setattr(chunked_positives, "ROW_BLOCK", 4)  # 21 rows: six blocks
+    got = all_outputs(loss, "chunked", views, labels)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
