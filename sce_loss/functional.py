@@ -35,16 +35,20 @@ from .problem import POSITIVES, Problem, Scalar, compute_dtype_of, tracing, tran
 # (benchmarks/results/chunked-crossover-cpu.md), chunked is then as fast or faster (0.2–1.03× the
 # reference's time at D ≤ 128 from 2^18; at D = 512 only from about 2^22, as it makes four
 # half-size products where the reference makes three). In-batch, its second pass for the keys'
-# gradient keeps it 1.02–2.6× slower at every measured size, so there the reference serves.
+# gradient keeps it 1.02–2.6× slower up to 2^20 pairs (N = 1024), so there the reference serves
+# below CHUNKED_FROM_IN_BATCH_PAIRS: at 2^26 (N = 8192, both sides requiring grad) chunked takes
+# 0.84× the reference's time with 29 MiB against its 768 MiB (benchmarks/results/supcon-cpu.md).
 CHUNKED_FROM_QUEUE = 1024
 CHUNKED_FROM_PAIRS = 1 << 18
+CHUNKED_FROM_IN_BATCH_PAIRS = 1 << 26
 # The symmetric (SimCLR) form streams from 2N = 4096 rows on (2N × 2N logits of 64 MiB each in
 # float32; benchmarks/results/simclr-cpu.md).
 CHUNKED_FROM_SYMMETRIC_PAIRS = 1 << 24
 # Several positives per row stream from 2^26 (row, candidate) pairs on: the reference's few
-# rows × candidates temporaries pass a GiB there. Measured on the 2-core CPU (SupCon, V = 2,
-# D = 128, float32, fwd+bwd): chunked 1.6× the reference's time at 4096 rows (2^24 pairs),
-# 0.73× at 16384 rows (2^28; benchmarks/results/supcon-cpu.md).
+# rows × candidates temporaries pass a GiB there. Measured on the 2-core CPU (V = 2, D = 128,
+# float32, fwd+bwd): chunked 1.6× the reference's time at 4096 rows (2^24 pairs); at 16384 rows
+# (2^28) 0.23× for SupCon with 53 MiB against 5.4 GiB, 0.26× for SCE with labels
+# (benchmarks/results/supcon-cpu.md).
 CHUNKED_POSITIVES_FROM_PAIRS = 1 << 26
 
 
@@ -565,9 +569,12 @@ def _backend(name: str, problem: Problem):
     if problem.symmetric:
         _, rows, _ = problem.query.shape
         return chunked if rows * rows >= CHUNKED_FROM_SYMMETRIC_PAIRS else reference
-    if problem.queue is None or problem.queue.shape[0] < CHUNKED_FROM_QUEUE:
-        return reference
     views, rows, dim = problem.query.shape
+    if problem.queue is None:
+        pairs = views * rows * _candidates(problem)
+        return chunked if pairs >= CHUNKED_FROM_IN_BATCH_PAIRS else reference
+    if problem.queue.shape[0] < CHUNKED_FROM_QUEUE:
+        return reference
     pairs = views * rows * _candidates(problem)
     return chunked if pairs >= max(CHUNKED_FROM_PAIRS, 16 * dim * dim) else reference
 

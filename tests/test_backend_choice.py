@@ -1,6 +1,6 @@
 """Which backend ``backend="auto"`` picks off the GPU: the chunked stream against a queue of at
-least CHUNKED_FROM_QUEUE keys from max(CHUNKED_FROM_PAIRS, 16·D²) row-candidate pairs on, the
-reference otherwise."""
+least CHUNKED_FROM_QUEUE keys from max(CHUNKED_FROM_PAIRS, 16·D²) row-candidate pairs on, in-batch
+from CHUNKED_FROM_IN_BATCH_PAIRS on, the reference otherwise."""
 
 import pytest
 import torch
@@ -34,7 +34,9 @@ def problem(n, m, crops=1, include_keys=False, dim=4):
         (problem(1024, 1023), reference),  # a queue shorter than 1024 keys
         (problem(256, 4095, dim=512), reference),  # 2^20 pairs < 16·512² = 2^22
         (problem(1024, 4095, dim=512), chunked),  # 2^22 pairs
-        (problem(4096, None), reference),  # in-batch: the reference at every measured size
+        (problem(4096, None), reference),  # in-batch: the reference below 2^26 pairs
+        (problem(8192, None), chunked),  # 8192 × 8192 = 2^26: chunked is faster (0.84×)
+        (problem(4096, None, crops=4), chunked),  # crops count as rows
     ],
 )
 def test_auto_streams_against_a_large_queue(case, want):
