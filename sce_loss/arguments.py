@@ -185,3 +185,26 @@ def reduce_losses(losses: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return losses.sum()
     return losses
+
+
+def check_labels(
+    labels, n: int, device: torch.device, *, name: str = "labels", low: int | None = 0
+) -> None:
+    """An integer tensor (n,) on ``device``, each ≥ ``low`` (None: any)."""
+    if (
+        not isinstance(labels, Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or (labels.dtype == torch.bool)
+    ):
+        kind = f"a {labels.dtype} tensor" if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"{name} must be an integer tensor, got {kind}")
+    if labels.shape != (n,) or labels.device != device:
+        what = "one per sample" if name == "labels" else "one per queue entry"
+        raise ValueError(
+            f"{name} must be ({n},) ({what}) on {device}, got shape "
+            f"{tuple(labels.shape)} on {labels.device}"
+        )
+    if low is not None and not tracing() and labels.device.type == "cpu" and n:
+        if int(labels.min()) < low:
+            raise ValueError(f"{name} must be ≥ {low}, got {int(labels.min())}")

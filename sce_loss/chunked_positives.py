@@ -43,6 +43,8 @@ def info_nce_positives(
     temperature,
     positives: str,
     positive_weight: Tensor | None = None,
+    paired: Tensor | None = None,
+    private: int = 0,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """As :func:`sce_loss.reference.info_nce_positives` (per-row losses and numbers of terms),
@@ -62,9 +64,11 @@ def info_nce_positives(
         row_labels,
         candidate_labels,
         own_columns,
+        torch.full_like(row_labels, -1) if paired is None else paired,
         weight,
         positives,
         chunk,
+        private,
         tau is None,
     )
     terms = counts if positives == "pairs" else (counts > 0).to(counts.dtype)
@@ -74,7 +78,19 @@ def info_nce_positives(
 class _StreamingPositives(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, c, tau, row_labels, candidate_labels, own, weight, positives, chunk, tau_const
+        ctx,
+        x,
+        c,
+        tau,
+        row_labels,
+        candidate_labels,
+        own,
+        paired,
+        weight,
+        positives,
+        chunk,
+        private,
+        tau_const,
     ):
         tau_value = tau.to(x.dtype)
         stats = positive_stats(
@@ -84,19 +100,21 @@ class _StreamingPositives(torch.autograd.Function):
             row_labels,
             candidate_labels,
             own,
+            paired,
             weight,
             positives=positives,
             chunk=chunk,
+            private=private,
         )
         lse, lse_p, lse_n, sum_p, count, g_n, loss = stats
-        ctx.save_for_backward(x, c, tau, row_labels, candidate_labels, own, weight, *stats)
-        ctx.positives, ctx.chunk, ctx.tau_const = positives, chunk, tau_const
+        ctx.save_for_backward(x, c, tau, row_labels, candidate_labels, own, paired, weight, *stats)
+        ctx.positives, ctx.chunk, ctx.private, ctx.tau_const = positives, chunk, private, tau_const
         ctx.mark_non_differentiable(count)
         return loss, count
 
     @staticmethod
     def backward(ctx, upstream, _):
-        x, c, tau, row_labels, candidate_labels, own, weight, *stats = ctx.saved_tensors
+        x, c, tau, row_labels, candidate_labels, own, paired, weight, *stats = ctx.saved_tensors
         need_x, need_c, need_tau = ctx.needs_input_grad[:3]
         if differentiating_backward():
             return _differentiable_backward(ctx, upstream)
@@ -107,6 +125,7 @@ class _StreamingPositives(torch.autograd.Function):
             row_labels,
             candidate_labels,
             own,
+            paired,
             weight,
             upstream.to(x.dtype),
             *stats[:3],
@@ -114,18 +133,19 @@ class _StreamingPositives(torch.autograd.Function):
             stats[5],
             positives=ctx.positives,
             chunk=ctx.chunk,
+            private=ctx.private,
         )
         return (
             grad_x if need_x else None,
             grad_c if need_c else None,
             grad_tau.to(tau.dtype) if need_tau and not ctx.tau_const else None,
-            *(None,) * 7,
+            *(None,) * 10,
         )
 
 
 def _differentiable_backward(ctx, upstream):
     """The gradients as a differentiable graph, through the reference's losses."""
-    x, c, tau, row_labels, candidate_labels, own, weight, *_ = ctx.saved_tensors
+    x, c, tau, row_labels, candidate_labels, own, paired, weight, *_ = ctx.saved_tensors
     with torch.enable_grad():
         # Aliases, so that rows and candidates (often one tensor) get their own partials.
         x, c = x.view_as(x), c.view_as(c)
@@ -139,9 +159,11 @@ def _differentiable_backward(ctx, upstream):
             temperature=tau,
             positives=ctx.positives,
             positive_weight=weight,
+            paired=paired if ctx.private else None,
+            private=ctx.private,
         )
         grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
-    return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), *(None,) * 7)
+    return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), *(None,) * 10)
 
 
 def _class_ids(row_labels: Tensor, candidate_labels: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -150,28 +172,52 @@ def _class_ids(row_labels: Tensor, candidate_labels: Tensor) -> tuple[Tensor, Te
     return ids[: len(row_labels)], ids[len(row_labels) :], int(ids.max()) + 1
 
 
-def _positive_sums(c, row_ids, candidate_ids, classes, own) -> tuple[Tensor, Tensor]:
-    """Σ_{p∈P(r)} c_p and |P(r)| per row, from per-class sums (less the row's own column)."""
-    class_sum = c.new_zeros(classes, c.shape[1]).index_add_(0, candidate_ids, c)
-    class_count = torch.bincount(candidate_ids, minlength=classes)
+def _positive_sums(c, row_ids, candidate_ids, classes, own, paired, private):
+    """Σ_{p∈P(r)} c_p and |P(r)| per row, from per-class sums: less the row's own column; of the
+    first ``private`` columns, only the row's ``paired`` one."""
+    shared, shared_ids = c[private:], candidate_ids[private:]
+    class_sum = c.new_zeros(classes, c.shape[1]).index_add_(0, shared_ids, shared)
+    class_count = torch.bincount(shared_ids, minlength=classes)
     has_own = own >= 0
     own_rows = c[own.clamp(min=0)] * has_own[:, None]
-    return class_sum[row_ids] - own_rows, class_count[row_ids] - has_own.long()
+    sums, counts = class_sum[row_ids] - own_rows, class_count[row_ids] - has_own.long()
+    if private:
+        match = candidate_ids[paired] == row_ids
+        sums, counts = sums + c[paired] * match[:, None], counts + match.long()
+    return sums, counts
 
 
-def _masked_logits(scaled, block, own, start):
-    """(x/τ)·blockᵀ with each row's own column (if in this chunk) at −inf: no candidate."""
+def _hidden(paired, private, start, width):
+    """Within a chunk, the first ``private`` columns other than each row's ``paired`` one (no
+    candidate of the row), as a (rows, w) mask of the chunk's first w columns; None if none."""
+    width = min(width, private - start)
+    if width <= 0:
+        return None
+    columns = torch.arange(start, start + width, device=paired.device)
+    return columns[None, :] != paired[:, None]
+
+
+def _masked_logits(scaled, block, own, start, paired, private):
+    """(x/τ)·blockᵀ with each row's non-candidates in this chunk (its own column; the other
+    rows' private columns) at −inf."""
     logits = scaled @ block.T
     _mask_columns(logits, (own - start)[:, None].masked_fill(own[:, None] < 0, -1))
+    hidden = _hidden(paired, private, start, len(block))
+    if hidden is not None:
+        logits[:, : hidden.shape[1]].masked_fill_(hidden, NEG_INF)
     return logits
 
 
-def _chunk_positives(row_labels, candidate_labels, own, start, width):
-    """P(r) within a chunk of columns: the candidates of the row's label, less its own column."""
+def _chunk_positives(row_labels, candidate_labels, own, start, width, paired, private):
+    """P(r) within a chunk of columns: the candidates of the row's label, less its own column
+    and the other rows' private columns."""
     positive = row_labels[:, None] == candidate_labels[None, start : start + width]
     inside = (own >= start) & (own < start + width)
     rows = inside.nonzero()[:, 0]
     positive[rows, own[rows] - start] = False
+    hidden = _hidden(paired, private, start, width)
+    if hidden is not None:
+        positive[:, : hidden.shape[1]] &= ~hidden
     return positive
 
 
@@ -205,28 +251,32 @@ def _positive_stats(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    paired: Tensor,
     weight: Tensor,
     *,
     positives: str,
     chunk: int,
+    private: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row (LSE, LSE_P, LSE_N, Σ_P a, |P|, G_N, loss), chunk by chunk. "mean" needs only LSE
     (Σ_P a and |P| come from per-class sums); "pooled" and "pairs" LSE_P and LSE_N, whose
     log-add-exp is LSE; "decoupled" LSE_N, and its rows' ``weight`` w."""
     r = len(x)
     row_ids, candidate_ids, classes = _class_ids(row_labels, candidate_labels)
-    sum_pc, count = _positive_sums(c, row_ids, candidate_ids, classes, own)
+    sum_pc, count = _positive_sums(c, row_ids, candidate_ids, classes, own, paired, private)
     scaled = x / tau  # x/τ: logits = scaled·cᵀ
     sum_p = (scaled * sum_pc).sum(1)
     stats_p = (x.new_full((r,), NEG_INF), x.new_zeros(r))
     stats_n = (x.new_full((r,), NEG_INF), x.new_zeros(r))
     for start in range(0, len(c), chunk):
         block = c[start : start + chunk]
-        logits = _masked_logits(scaled, block, own, start)
+        logits = _masked_logits(scaled, block, own, start, paired, private)
         if positives == "mean":
             stats_n = _merge(*stats_n, logits)  # every candidate: LSE
             continue
-        positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+        positive = _chunk_positives(
+            row_labels, candidate_labels, own, start, len(block), paired, private
+        )
         if positives != "decoupled":  # which needs the negatives' only
             stats_p = _merge(*stats_p, logits.masked_fill(~positive, NEG_INF))
         stats_n = _merge(*stats_n, logits.masked_fill_(positive, NEG_INF))
@@ -247,7 +297,9 @@ def _positive_stats(
         loss = x.new_zeros(r)
         for start in range(0, len(c), chunk):
             block = c[start : start + chunk]
-            positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+            positive = _chunk_positives(
+                row_labels, candidate_labels, own, start, len(block), paired, private
+            )
             gap = (lse_n[:, None] - scaled @ block.T).masked_fill_(~positive, NEG_INF)
             loss = loss + torch.nn.functional.softplus(gap).sum(1)
             g_n = g_n + torch.sigmoid(gap).sum(1)
@@ -263,10 +315,12 @@ def positive_stats(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    paired: Tensor,
     weight: Tensor,
     *,
     positives: str,
     chunk: int,
+    private: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_positive_stats` over blocks of at most ``ROW_BLOCK`` rows."""
     blocks = [
@@ -277,9 +331,11 @@ def positive_stats(
             row_labels[b],
             candidate_labels,
             own[b],
+            paired[b],
             weight[b],
             positives=positives,
             chunk=chunk,
+            private=private,
         )  # fmt: skip
         for b in _row_blocks(len(x))
     ]
@@ -287,7 +343,7 @@ def positive_stats(
 
 
 @positive_stats.register_fake
-def _(x, c, tau, row_labels, candidate_labels, own, weight, *, positives, chunk):
+def _(x, c, tau, row_labels, candidate_labels, own, paired, weight, *, positives, chunk, private):
     r = len(x)
     return (
         *(x.new_empty(r) for _ in range(4)),
@@ -304,6 +360,7 @@ def _positive_gradients(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    paired: Tensor,
     weight: Tensor,
     upstream: Tensor,
     lse: Tensor,
@@ -314,6 +371,7 @@ def _positive_gradients(
     *,
     positives: str,
     chunk: int,
+    private: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dL/dx, dL/dc and dL/dτ of Σ_r upstream_r·loss_r, from each chunk's weights W (module
     docstring) recomputed from the saved statistics; "mean"'s −1_P/|P| part from per-class
@@ -325,7 +383,7 @@ def _positive_gradients(
     scaled = x / tau  # x/τ: logits = scaled·cᵀ
     if positives in ("mean", "decoupled"):
         row_ids, candidate_ids, classes = _class_ids(row_labels, candidate_labels)
-        sum_pc, _ = _positive_sums(c, row_ids, candidate_ids, classes, own)
+        sum_pc, _ = _positive_sums(c, row_ids, candidate_ids, classes, own, paired, private)
         share = g / count.clamp(min=1)  # g_r/|P_r| (times w_r, decoupled)
         if positives == "decoupled":
             share = share * weight
@@ -333,21 +391,30 @@ def _positive_gradients(
         # dc_k −= Σ_{r: k ∈ P(r)} g_r/|P_r|·x_r/τ: the rows' class sums, less each own column's.
         pulled = (share[:, None] * scaled).to(c.dtype)
         class_sum = c.new_zeros(classes, c.shape[1]).index_add_(0, row_ids, pulled)
-        grad_c -= class_sum[candidate_ids]
+        grad_c[private:] -= class_sum[candidate_ids[private:]]
         has_own = own >= 0
         grad_c.index_add_(0, own[has_own], pulled[has_own])
+        if private:  # a private column is a positive of its paired rows only
+            match = (candidate_ids[paired] == row_ids)[:, None]
+            grad_c.index_add_(0, paired, -pulled * match)
     for start in range(0, len(c), chunk):
         block = c[start : start + chunk]
-        logits = _masked_logits(scaled, block, own, start)
+        logits = _masked_logits(scaled, block, own, start, paired, private)
         weights = torch.exp(logits - lse[:, None])  # softmax: 0 at the own column
         if positives == "decoupled":
-            positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+            positive = _chunk_positives(
+                row_labels, candidate_labels, own, start, len(block), paired, private
+            )
             weights = torch.exp(logits - _finite(lse_n)[:, None]).masked_fill_(positive, 0.0)
         elif positives == "pooled":
-            positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+            positive = _chunk_positives(
+                row_labels, candidate_labels, own, start, len(block), paired, private
+            )
             weights -= torch.exp(logits - _finite(lse_p)[:, None]).masked_fill_(~positive, 0.0)
         elif positives == "pairs":
-            positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
+            positive = _chunk_positives(
+                row_labels, candidate_labels, own, start, len(block), paired, private
+            )
             negatives = torch.exp(logits - _finite(lse_n)[:, None]).masked_fill_(positive, 0.0)
             pairs = torch.sigmoid(lse_n[:, None] - logits).masked_fill_(~positive, 0.0)
             weights = g_n[:, None] * negatives - pairs
@@ -373,6 +440,7 @@ def positive_gradients(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    paired: Tensor,
     weight: Tensor,
     upstream: Tensor,
     lse: Tensor,
@@ -383,6 +451,7 @@ def positive_gradients(
     *,
     positives: str,
     chunk: int,
+    private: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_positive_gradients` over blocks of at most ``ROW_BLOCK`` rows."""
     return _sum_row_blocks(
@@ -393,6 +462,7 @@ def positive_gradients(
             row_labels[b],
             candidate_labels,
             own[b],
+            paired[b],
             weight[b],
             upstream[b],
             lse[b],
@@ -402,13 +472,14 @@ def positive_gradients(
             g_n[b],
             positives=positives,
             chunk=chunk,
+            private=private,
         ),  # fmt: skip
         len(x),
     )
 
 
 @positive_gradients.register_fake
-def _(x, c, tau, *_, positives, chunk):
+def _(x, c, tau, *_, positives, chunk, private):
     return torch.empty_like(x), torch.empty_like(c), x.new_empty(())
 
 
@@ -423,6 +494,8 @@ def soft_positives(
     target_temperature,
     coeff,
     loss: str,
+    paired: Tensor | None = None,
+    private: int = 0,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """As :func:`sce_loss.reference.soft_positives` (SCE or ReSSL with a set of positives per
@@ -451,8 +524,10 @@ def soft_positives(
         row_labels,
         candidate_labels,
         torch.full_like(row_labels, -1) if own is None else own,
+        torch.full_like(row_labels, -1) if paired is None else paired,
         loss,
         chunk,
+        private,
         tau is None,
     )
     return per_row, (counts > 0).to(counts.dtype)
@@ -461,7 +536,20 @@ def soft_positives(
 class _StreamingSoftPositives(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, loss, chunk, tau_const
+        ctx,
+        x,
+        c,
+        tau,
+        target_tau,
+        coeff,
+        row_labels,
+        candidate_labels,
+        own,
+        paired,
+        loss,
+        chunk,
+        private,
+        tau_const,
     ):
         lse, lse_b, count, per_row = soft_stats(
             x,
@@ -472,19 +560,34 @@ class _StreamingSoftPositives(torch.autograd.Function):
             row_labels,
             candidate_labels,
             own,
+            paired,
             loss=loss,
             chunk=chunk,
+            private=private,
         )
         ctx.save_for_backward(
-            x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, lse, lse_b, count
+            x,
+            c,
+            tau,
+            target_tau,
+            coeff,
+            row_labels,
+            candidate_labels,
+            own,
+            paired,
+            lse,
+            lse_b,
+            count,
         )
-        ctx.loss, ctx.chunk, ctx.tau_const = loss, chunk, tau_const
+        ctx.loss, ctx.chunk, ctx.private, ctx.tau_const = loss, chunk, private, tau_const
         ctx.mark_non_differentiable(count)
         return per_row, count
 
     @staticmethod
     def backward(ctx, upstream, _):
-        x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, *stats = ctx.saved_tensors
+        x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, paired, *stats = (
+            ctx.saved_tensors
+        )
         need_x, need_c, need_tau = ctx.needs_input_grad[:3]
         if differentiating_backward():
             with torch.enable_grad():
@@ -500,9 +603,11 @@ class _StreamingSoftPositives(torch.autograd.Function):
                     target_temperature=target_tau,
                     coeff=coeff,
                     loss=ctx.loss,
+                    paired=paired if ctx.private else None,
+                    private=ctx.private,
                 )
                 grads = iter(torch.autograd.grad(per_row, wanted, upstream, create_graph=True))
-            return (*(next(grads) if n else None for n in ctx.needs_input_grad[:3]), *(None,) * 8)
+            return (*(next(grads) if n else None for n in ctx.needs_input_grad[:3]), *(None,) * 11)
         grad_x, grad_c, grad_tau = soft_gradients(
             x,
             c,
@@ -512,32 +617,39 @@ class _StreamingSoftPositives(torch.autograd.Function):
             row_labels,
             candidate_labels,
             own,
+            paired,
             upstream.to(x.dtype),
             *stats,
             loss=ctx.loss,
             chunk=ctx.chunk,
+            private=ctx.private,
         )
         return (
             grad_x if need_x else None,
             grad_c if need_c else None,
             grad_tau.to(tau.dtype) if need_tau and not ctx.tau_const else None,
-            *(None,) * 8,
+            *(None,) * 11,
         )
 
 
-def _target_rows(c, row_labels, candidate_labels, own, target_tau) -> tuple[Tensor, Tensor]:
+def _target_rows(
+    c, row_labels, candidate_labels, own, paired, private, target_tau
+) -> tuple[Tensor, Tensor]:
     """t_r/τ_m, t_r = the mean of the row's positives (per-class sums), and |P(r)|."""
     row_ids, candidate_ids, classes = _class_ids(row_labels, candidate_labels)
-    sum_pc, count = _positive_sums(c, row_ids, candidate_ids, classes, own)
+    sum_pc, count = _positive_sums(c, row_ids, candidate_ids, classes, own, paired, private)
     return sum_pc / (count.clamp(min=1)[:, None] * target_tau), count
 
 
-def _chunk_logits(scaled, target, block, row_labels, candidate_labels, own, start):
+def _chunk_logits(scaled, target, block, row_labels, candidate_labels, own, start, paired, private):
     """A chunk's logits a (own column −inf), its positives, and b = t·c/τ_m over its negatives
     (−inf elsewhere)."""
-    logits = _masked_logits(scaled, block, own, start)
-    positive = _chunk_positives(row_labels, candidate_labels, own, start, len(block))
-    target_logits = _masked_logits(target, block, own, start).masked_fill_(positive, NEG_INF)
+    logits = _masked_logits(scaled, block, own, start, paired, private)
+    positive = _chunk_positives(
+        row_labels, candidate_labels, own, start, len(block), paired, private
+    )
+    target_logits = _masked_logits(target, block, own, start, paired, private)
+    target_logits.masked_fill_(positive, NEG_INF)
     return logits, positive, target_logits
 
 
@@ -550,20 +662,22 @@ def _soft_stats(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    paired: Tensor,
     *,
     loss: str,
     chunk: int,
+    private: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row (LSE of a, LSE_N of b, |P|, loss), chunk by chunk (:func:`soft_positives`)."""
     r = len(x)
-    target, count = _target_rows(c, row_labels, candidate_labels, own, target_tau)
+    target, count = _target_rows(c, row_labels, candidate_labels, own, paired, private, target_tau)
     scaled = x / tau
     stats_a = (x.new_full((r,), NEG_INF), x.new_zeros(r))
     m_b, l_b, u = x.new_full((r,), NEG_INF), x.new_zeros(r), x.new_zeros(r)
     for start in range(0, len(c), chunk):
         block = c[start : start + chunk]
         logits, positive, target_logits = _chunk_logits(
-            scaled, target, block, row_labels, candidate_labels, own, start
+            scaled, target, block, row_labels, candidate_labels, own, start, paired, private
         )
         if loss == "ressl":
             stats_a = _merge(*stats_a, logits.masked_fill(positive, NEG_INF))
@@ -598,9 +712,11 @@ def soft_stats(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    paired: Tensor,
     *,
     loss: str,
     chunk: int,
+    private: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_soft_stats` over blocks of at most ``ROW_BLOCK`` rows."""
     blocks = [
@@ -613,8 +729,10 @@ def soft_stats(
             row_labels[b],
             candidate_labels,
             own[b],
+            paired[b],
             loss=loss,
             chunk=chunk,
+            private=private,
         )  # fmt: skip
         for b in _row_blocks(len(x))
     ]
@@ -622,7 +740,9 @@ def soft_stats(
 
 
 @soft_stats.register_fake
-def _(x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, *, loss, chunk):
+def _(
+    x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, paired, *, loss, chunk, private
+):
     r = len(x)
     count = torch.empty(r, dtype=torch.int64, device=x.device)
     return x.new_empty(r), x.new_empty(r), count, x.new_empty(r)
@@ -637,6 +757,7 @@ def _soft_gradients(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    paired: Tensor,
     upstream: Tensor,
     lse: Tensor,
     lse_b: Tensor,
@@ -644,10 +765,11 @@ def _soft_gradients(
     *,
     loss: str,
     chunk: int,
+    private: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dL/dx, dL/dc and dL/dτ of Σ_r upstream_r·loss_r, from each chunk's W
     (:func:`soft_positives`) recomputed from the saved statistics."""
-    target, _ = _target_rows(c, row_labels, candidate_labels, own, target_tau)
+    target, _ = _target_rows(c, row_labels, candidate_labels, own, paired, private, target_tau)
     g = torch.where(count > 0, upstream, torch.zeros_like(upstream))  # rows with no positive: 0
     has_negative = (lse_b > NEG_INF).to(x.dtype)
     share = coeff / count.clamp(min=1)
@@ -656,7 +778,7 @@ def _soft_gradients(
     for start in range(0, len(c), chunk):
         block = c[start : start + chunk]
         logits, positive, target_logits = _chunk_logits(
-            scaled, target, block, row_labels, candidate_labels, own, start
+            scaled, target, block, row_labels, candidate_labels, own, start, paired, private
         )
         s2 = torch.exp(target_logits - _finite(lse_b)[:, None])  # 0 off the negatives
         if loss == "ressl":
@@ -683,6 +805,7 @@ def soft_gradients(
     row_labels: Tensor,
     candidate_labels: Tensor,
     own: Tensor,
+    paired: Tensor,
     upstream: Tensor,
     lse: Tensor,
     lse_b: Tensor,
@@ -690,6 +813,7 @@ def soft_gradients(
     *,
     loss: str,
     chunk: int,
+    private: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_soft_gradients` over blocks of at most ``ROW_BLOCK`` rows."""
     return _sum_row_blocks(
@@ -702,17 +826,19 @@ def soft_gradients(
             row_labels[b],
             candidate_labels,
             own[b],
+            paired[b],
             upstream[b],
             lse[b],
             lse_b[b],
             count[b],
             loss=loss,
             chunk=chunk,
+            private=private,
         ),  # fmt: skip
         len(x),
     )
 
 
 @soft_gradients.register_fake
-def _(x, c, tau, *_, loss, chunk):
+def _(x, c, tau, *_, loss, chunk, private):
     return torch.empty_like(x), torch.empty_like(c), x.new_empty(())

@@ -24,11 +24,12 @@ from .arguments import (
     check_coeff,
     check_finite,
     check_float_tensor,
+    check_labels,
     check_temperature,
     reduce_losses,
     traceable_scalar,
 )
-from .problem import POSITIVES, Problem, Scalar, compute_dtype_of, tracing, transformed
+from .problem import POSITIVES, Problem, Scalar, compute_dtype_of, transformed
 
 # ``auto`` off the fused path streams (chunked) against a queue of at least CHUNKED_FROM_QUEUE keys
 # from max(2^18, 16·D²) (row, candidate) pairs on: measured on a 2-core CPU
@@ -59,6 +60,7 @@ def info_nce_loss(
     *,
     temperature: Scalar = 0.2,
     labels: Tensor | None = None,
+    queue_labels: Tensor | None = None,
     positives: str = "mean",
     decoupled: bool = False,
     weight_sigma: Scalar | None = None,
@@ -86,9 +88,12 @@ def info_nce_loss(
             samples: each of the V·N embeddings is a row whose candidates are the other V·N − 1
             and whose positives are its sample's other views (or, with ``labels``, every
             candidate of its label).
-        labels: optional (N,) integer tensor, one label ≥ 0 per sample (shared by its views),
-            in the symmetric form or in-batch mode: a row's positives P are the candidates of its
-            label (SupCon). Not with a queue.
+        labels: optional (N,) integer tensor, one label ≥ 0 per sample (shared by its views):
+            a row's positives P are the candidates of its label (SupCon), in the symmetric form,
+            in-batch mode, or with a queue and ``queue_labels``.
+        queue_labels: with ``labels`` and a queue, (M,) integers, the label of each queue entry
+            (one < 0 matches no row): same-label entries are positives too, beside the row's own
+            key (every same-label key with ``include_keys``).
         positives: where a row has several positives: "mean" (SupCon's L_out,
             LSE(a) − mean_P a_p), "pooled" (L_in, LSE(a) − LSE_P(a)) or "pairs" (each (row,
             positive) pair against the row's negatives only; "mean" averages over pairs). A row
@@ -122,6 +127,7 @@ def info_nce_loss(
             "decoupled=True averages a row's positives: positives must be 'mean', got "
             f"{positives!r}"
         )
+    _check_queue_labels(labels, queue, queue_labels)
     if key is None or labels is not None or decoupled:
         two_views = symmetric and query.dim() == 3 and len(query) == 2
         if key is None and labels is None and not decoupled and two_views:
@@ -134,6 +140,7 @@ def info_nce_loss(
                 queue,
                 dict(temperature=temperature),
                 labels=labels,
+                queue_labels=queue_labels,
                 positives="decoupled" if decoupled else positives,
                 weight_sigma=weight_sigma,
                 include_keys=include_keys,
@@ -166,6 +173,7 @@ def ressl_loss(
     temperature: Scalar = 0.1,
     target_temperature: Scalar = 0.04,
     labels: Tensor | None = None,
+    queue_labels: Tensor | None = None,
     include_keys: bool = False,
     symmetric: bool = False,
     normalize: bool = False,
@@ -184,6 +192,7 @@ def ressl_loss(
     hyper_parameters = dict(
         temperature=temperature, target_temperature=target_temperature, coeff=0.0
     )
+    _check_queue_labels(labels, queue, queue_labels)
     if _several_positives(query, key, labels, symmetric):
         return _with_positives(
             "ressl",
@@ -192,6 +201,7 @@ def ressl_loss(
             queue,
             hyper_parameters,
             labels=labels,
+            queue_labels=queue_labels,
             include_keys=include_keys,
             symmetric=symmetric,
             normalize=normalize,
@@ -225,6 +235,7 @@ def sce_loss(
     temperature: Scalar = 0.1,
     target_temperature: Scalar = 0.05,
     labels: Tensor | None = None,
+    queue_labels: Tensor | None = None,
     include_keys: bool = False,
     symmetric: bool = False,
     normalize: bool = False,
@@ -249,6 +260,7 @@ def sce_loss(
     hyper_parameters = dict(
         temperature=temperature, target_temperature=target_temperature, coeff=coeff
     )
+    _check_queue_labels(labels, queue, queue_labels)
     if _several_positives(query, key, labels, symmetric):
         return _with_positives(
             "sce",
@@ -257,6 +269,7 @@ def sce_loss(
             queue,
             hyper_parameters,
             labels=labels,
+            queue_labels=queue_labels,
             include_keys=include_keys,
             symmetric=symmetric,
             normalize=normalize,
@@ -279,6 +292,12 @@ def sce_loss(
         gather=gather,
         backend=backend,
     )
+
+
+def _check_queue_labels(labels, queue, queue_labels) -> None:
+    if queue_labels is not None and (labels is None or queue is None):
+        missing = "labels (N,)" if labels is None else "the queue"
+        raise ValueError(f"queue_labels label the queue's entries for labels: pass {missing} too")
 
 
 def _several_positives(query, key, labels, symmetric) -> bool:
@@ -367,6 +386,7 @@ def _with_positives(
     hyper_parameters: dict,
     *,
     labels,
+    queue_labels=None,
     positives: str = "mean",
     weight_sigma=None,
     include_keys,
@@ -378,7 +398,7 @@ def _with_positives(
 ) -> Tensor:
     """A loss with a set of positives per row (:func:`sce_loss.reference.info_nce_positives`,
     :func:`sce_loss.reference.soft_positives`): V views in the symmetric form, or labels
-    (symmetric or in-batch); and DCL."""
+    (symmetric, in-batch, or with a labelled queue); and DCL."""
     check_options(
         include_keys=include_keys,
         symmetric=symmetric,
@@ -391,10 +411,16 @@ def _with_positives(
         raise ValueError("key may be omitted only in the symmetric form: pass symmetric=True")
     decoupled = positives == "decoupled"
     what = "decoupled=True" if decoupled else "several positives per row (labels, or V views)"
-    if queue is not None or include_keys:
+    if (queue is not None or include_keys) and (decoupled or symmetric or labels is None):
         raise ValueError(
             f"{what} {'compares' if decoupled else 'compare'} in-batch embeddings only: pass no "
             "queue and include_keys=False"
+            + ("" if decoupled or symmetric else " (or labels and queue_labels with a queue)")
+        )
+    if queue is not None and queue_labels is None:
+        raise ValueError(
+            "labels with a queue need queue_labels (M,), the label of each queue entry (a "
+            "MemoryQueue(..., labels=True) keeps them)"
         )
     if backend == "fused":
         raise ValueError(
@@ -410,7 +436,7 @@ def _with_positives(
         views = query if query.dim() == 3 else query[None]
         check_finite(query=query)
     else:
-        _check_tensors(query, key, None)
+        _check_tensors(query, key, queue)
         if symmetric:
             _check_symmetric(query, None, False)
         views = torch.stack([query, key]) if symmetric else query
@@ -418,7 +444,9 @@ def _with_positives(
     if len(views) == 1 and symmetric and labels is None:
         raise ValueError("one view has no positive without labels: pass labels, or V ≥ 2 views")
     if labels is not None:
-        _check_labels(labels, n, views.device)
+        check_labels(labels, n, views.device)
+    if queue is not None:
+        check_labels(queue_labels, len(queue), views.device, name="queue_labels", low=None)
     if weight_sigma is not None and (labels is not None or (symmetric and crops != 2)):
         raise ValueError(
             "weight_sigma (DCLW) weighs each row's one positive: pass no labels, and two views "
@@ -441,7 +469,10 @@ def _with_positives(
         else:
             keys = key.to(dtype)
             keys = F.normalize(keys, dim=-1) if normalize else keys
-            candidates, offset = distributed.gather_keys(keys, group)
+            if queue is None or include_keys:  # every rank's keys are candidates
+                candidates, offset = distributed.gather_keys(keys, group)
+            else:  # plain queue mode: a row's one key is its own, private column
+                candidates, offset, group = keys, 0, None
             own, samples = None, offset
         if labels is None:
             labels = samples + torch.arange(n, device=rows.device)
@@ -450,6 +481,14 @@ def _with_positives(
         candidate_labels = (
             sample_labels.view(-1, n).repeat(1, crops).view(-1) if symmetric else (sample_labels)
         )
+        private, paired = 0, None
+        if queue is not None:
+            if not include_keys:
+                private, paired = n, torch.arange(len(rows), device=rows.device) % n
+            entries = queue.detach().to(dtype)
+            entries = F.normalize(entries, dim=-1) if normalize else entries
+            candidates = torch.cat([candidates, entries])
+            candidate_labels = torch.cat([candidate_labels, queue_labels.to(labels.dtype)])
         weight = None
         if weight_sigma is not None:
             positive_rows = rows.view(crops, n, dim).flip(0) if symmetric else keys[None]
@@ -461,7 +500,11 @@ def _with_positives(
         )
         backend_module = chunked_positives if streamed and not transformed() else reference
         sets: dict[str, Any] = dict(
-            row_labels=row_labels, candidate_labels=candidate_labels, own=own
+            row_labels=row_labels,
+            candidate_labels=candidate_labels,
+            own=own,
+            paired=paired,
+            private=private,
         )
         if loss == "info_nce":
             losses, terms = backend_module.info_nce_positives(
@@ -490,24 +533,6 @@ def dclw_weights(rows: Tensor, positives: Tensor, sigma, group, *, first: int) -
             similarity = distributed.all_gather_constant(similarity.T.contiguous(), group).T
         weights = 2 - similarity.shape[1] * similarity.softmax(1)
         return weights[:, first : first + rows.shape[1]].reshape(-1)
-
-
-def _check_labels(labels, n: int, device: torch.device) -> None:
-    if (
-        not isinstance(labels, Tensor)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or (labels.dtype == torch.bool)
-    ):
-        kind = f"a {labels.dtype} tensor" if isinstance(labels, Tensor) else type(labels).__name__
-        raise TypeError(f"labels must be an integer tensor, got {kind}")
-    if labels.shape != (n,) or labels.device != device:
-        raise ValueError(
-            f"labels must be ({n},) (one per sample) on {device}, got shape "
-            f"{tuple(labels.shape)} on {labels.device}"
-        )
-    if not tracing() and labels.device.type == "cpu" and n and int(labels.min()) < 0:
-        raise ValueError(f"labels must be ≥ 0, got {int(labels.min())}")
 
 
 def _check_symmetric(query: Tensor, queue: Tensor | None, include_keys: bool) -> None:

@@ -80,10 +80,21 @@ class _QueryKeyLoss(_ContrastiveLoss):
         queue: Tensor | None = None,
         *,
         labels: Tensor | None = None,
+        queue_labels: Tensor | None = None,
     ) -> Tensor:
         """The loss of ``query`` and ``key`` (omitted: ``query`` holds V views, symmetric form)
-        against ``queue`` or the held queue's keys, with optional per-sample ``labels``."""
-        return self.loss_fn(query, key, _keys(queue, self.queue), labels=labels, **self._options())
+        against ``queue`` or the held queue's keys, with optional per-sample ``labels`` (and
+        ``queue_labels``, else a held labelled queue's)."""
+        if queue is None and queue_labels is None and labels is not None:
+            queue_labels = None if self.queue is None else self.queue.labels
+        return self.loss_fn(
+            query,
+            key,
+            _keys(queue, self.queue),
+            labels=labels,
+            queue_labels=queue_labels,
+            **self._options(),
+        )
 
 
 class InfoNCELoss(_QueryKeyLoss):

@@ -59,15 +59,6 @@ def own_columns(rows: int, offset: int, device) -> Tensor:
 POSITIVES = ("mean", "pooled", "pairs")
 
 
-def positive_mask(row_labels: Tensor, candidate_labels: Tensor, own: Tensor | None) -> Tensor:
-    """P(r) as a (rows, candidates) mask: the candidates with row r's label, less its ``own``
-    column (the row's own embedding, which is no candidate; None: none is)."""
-    mask = row_labels[:, None] == candidate_labels[None, :]
-    if own is not None:
-        mask[torch.arange(len(own), device=own.device), own] = False
-    return mask
-
-
 def constant_while_tracing(fn):
     """Mark ``fn`` as torch.compiler.assume_constant_result does (torch 2.6 to 2.13 set this
     attribute, which tests/test_backend_choice.py checks): torch.compile calls it once while

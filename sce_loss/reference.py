@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .problem import Problem, Scalar, constant, positive_mask, transformed
+from .problem import Problem, Scalar, constant, transformed
 
 
 @torch.library.custom_op("sce_loss::snapshot", mutates_args=())
@@ -193,6 +193,20 @@ def sce(
     return -coeff * _gather_positive(log_p, pos) - (1 - coeff) * (target * log_p).sum(-1)
 
 
+def not_candidates(
+    logits: Tensor, own: Tensor | None, paired: Tensor | None, private: int
+) -> Tensor | None:
+    """(rows, candidates) mask of the columns that are no candidate of the row: its ``own``
+    column, and of the first ``private`` columns (plain queue mode's keys) all but its
+    ``paired`` one; None if there are none."""
+    mask = None if own is None else _column_mask(logits, own)
+    if paired is not None and private:
+        columns = torch.arange(logits.shape[-1], device=logits.device)
+        others = (columns[None, :] < private) & (columns[None, :] != paired[:, None])
+        mask = others if mask is None else mask | others
+    return mask
+
+
 def info_nce_positives(
     rows: Tensor,
     candidates: Tensor,
@@ -203,6 +217,8 @@ def info_nce_positives(
     temperature: Scalar,
     positives: str,
     positive_weight: Tensor | None = None,
+    paired: Tensor | None = None,
+    private: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """InfoNCE of each row against ``candidates`` with a set of positives P(r) (the candidates
     with the row's label, less its ``own`` column, which is no candidate at all); a = x·c / τ:
@@ -213,12 +229,16 @@ def info_nce_positives(
       decoupled  loss_r = LSE_{n∉P}(a) − w_r·(1/|P|)·Σ_{p∈P} a_p         (DCL; DCLW's weights w,
                  ``positive_weight``, else 1)
 
-    Returns the per-row losses and their numbers of terms (|P| for "pairs", else 1), both 0 for a
-    row with no positive; a row with no negative gives 0 in "pairs" and "decoupled"."""
+    Of the first ``private`` candidates (plain queue mode's keys) a row sees only its ``paired``
+    one. Returns the per-row losses and their numbers of terms (|P| for "pairs", else 1), both 0
+    for a row with no positive; a row with no negative gives 0 in "pairs" and "decoupled"."""
     logits = rows @ candidates.mT / temperature
-    positive = positive_mask(row_labels, candidate_labels, own)
-    negative = ~positive if own is None else ~positive & ~_column_mask(logits, own)
-    logits = _without(logits, own, float("-inf"))
+    excluded = not_candidates(logits, own, paired, private)
+    positive = row_labels[:, None] == candidate_labels[None, :]
+    if excluded is not None:
+        positive &= ~excluded
+        logits = logits.masked_fill(excluded, float("-inf"))
+    negative = ~positive if excluded is None else ~positive & ~excluded
     counts = positive.sum(-1)
     has_positive, has_negative = counts > 0, negative.any(-1)
     lse = torch.logsumexp(logits, -1)
@@ -257,6 +277,8 @@ def soft_positives(
     target_temperature: Scalar,
     coeff: Scalar,
     loss: str,
+    paired: Tensor | None = None,
+    private: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """SCE ("sce") or ReSSL ("ressl") of each row against ``candidates`` with a set of positives
     P(r) (as :func:`info_nce_positives`), a = x·c / τ, N(r) the candidates neither in P(r) nor
@@ -268,10 +290,13 @@ def soft_positives(
 
     A row with no negative has no s²: its (1 − λ) part is 0 (ReSSL's whole loss). Returns the
     per-row losses and their numbers of terms (1, or 0 for a row with no positive, whose loss
-    is 0)."""
+    is 0). ``paired`` and ``private`` as in :func:`info_nce_positives`."""
     logits = rows @ candidates.mT / temperature
-    positive = positive_mask(row_labels, candidate_labels, own)
-    negative = ~positive if own is None else ~positive & ~_column_mask(logits, own)
+    excluded = not_candidates(logits, own, paired, private)
+    positive = row_labels[:, None] == candidate_labels[None, :]
+    if excluded is not None:
+        positive &= ~excluded
+    negative = ~positive if excluded is None else ~positive & ~excluded
     counts = positive.sum(-1)
     has_positive, has_negative = counts > 0, negative.any(-1)
     kept = negative | ~has_negative[:, None]  # a row with no negative: finite, then zeroed
@@ -281,7 +306,10 @@ def soft_positives(
         target_logits = (target_rows @ c.mT / target_temperature).masked_fill(~kept, float("-inf"))
         target = torch.softmax(target_logits, -1) * has_negative[:, None]
     if loss == "sce":
-        log_p = _without(torch.log_softmax(_without(logits, own, float("-inf")), -1), own, 0.0)
+        if excluded is not None:
+            logits = logits.masked_fill(excluded, float("-inf"))
+        log_p = torch.log_softmax(logits, -1)
+        log_p = log_p if excluded is None else log_p.masked_fill(excluded, 0.0)
         coeff = constant(coeff)
         one_hot = positive.to(log_p.dtype) / counts.clamp(min=1)[:, None].to(log_p.dtype)
         losses = -coeff * (one_hot * log_p).sum(-1) - (1 - coeff) * (target * log_p).sum(-1)

@@ -563,12 +563,14 @@ def test_the_streaming_ops_pass_opcheck():
     labels = torch.tensor([0, 1, 0, 1, 2, 2])
     own, tau = torch.arange(6), torch.tensor(0.5, dtype=torch.float64)
     weight = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    paired = torch.full_like(own, -1)
     for positives in ("mean", "pooled", "pairs", "decoupled"):
-        options = dict(positives=positives, chunk=4)
-        stats = chunked_positives.positive_stats(x, x, tau, labels, labels, own, weight, **options)
+        options = dict(positives=positives, chunk=4, private=0)
+        inputs = (x, x, tau, labels, labels, own, paired, weight)
+        stats = chunked_positives.positive_stats(*inputs, **options)
         torch.library.opcheck(
             chunked_positives.positive_stats,
-            (x, x, tau, labels, labels, own, weight),
+            inputs,
             options,
             test_utils=("test_schema", "test_faketensor"),
         )
@@ -581,6 +583,7 @@ def test_the_streaming_ops_pass_opcheck():
                 labels,
                 labels,
                 own,
+                paired,
                 weight,
                 torch.ones(6, dtype=torch.float64),
                 *stats[:3],

@@ -289,8 +289,8 @@ def test_the_streaming_ops_pass_opcheck():
     own = torch.arange(6)
     tau, tau_m, coeff = (torch.tensor(v, dtype=torch.float64) for v in (0.5, 0.3, 0.4))
     for loss in LOSSES:
-        options = dict(loss=loss, chunk=4)
-        inputs = (x, x, tau, tau_m, coeff, labels, labels, own)
+        options = dict(loss=loss, chunk=4, private=0)
+        inputs = (x, x, tau, tau_m, coeff, labels, labels, own, torch.full_like(own, -1))
         stats = chunked_positives.soft_stats(*inputs, **options)
         for op, arguments in (
             (chunked_positives.soft_stats, inputs),
