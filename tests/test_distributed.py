@@ -72,6 +72,7 @@ def _worker(rank, world, init_file, out_dir):
                 name, z1[rows], z2[rows], gather=True, backend=backend
             )
         results["positives"] = _positives_gathered(rank, world)
+        results["labelled queue"] = _labelled_queue_gathered(rank, world)
         results["compiled"] = _compiled_gather(rank, world)
         results["host reads"] = _host_reads_of_a_gathered_step(rank, world)
         queue = MemoryQueue(7, 2, dtype=torch.float64)
@@ -134,6 +135,41 @@ def _positives_gathered(rank, world):
         case: positives_sum_and_gradient(views[:, rows], labels[rows], *case, gather=True)
         for case in POSITIVES_CASES
     }
+
+
+LABELLED_QUEUE_CASES = [(name, include_keys) for name in LOSSES for include_keys in (0, 1)]
+
+
+def labelled_queue_batch(world):
+    """Every rank's queries, keys and labels, and a labelled queue, float64."""
+    query, key, queue, _ = make_inputs("queue", n=N_PER_RANK * world, d=6, m=5, seed=50 + world)
+    return query, key, queue, torch.arange(len(key)) % 2, torch.tensor([1, 0, -1, 1, 0])
+
+
+def labelled_queue_loss(name, query, key, queue, labels, queue_labels, include_keys, gather):
+    fn, hyper = LOSSES[name]
+    query, key = query.clone().requires_grad_(), key.clone().requires_grad_()
+    loss = fn(query, key, queue, labels=labels, queue_labels=queue_labels, reduction="sum",
+              include_keys=bool(include_keys), gather=gather, **hyper)  # fmt: skip
+    loss.backward()
+    return loss.detach(), query.grad, key.grad
+
+
+def _labelled_queue_gathered(rank, world):
+    """Labels with a queue, gathered: each rank's summed losses and gradients; and a labelled
+    MemoryQueue after every rank's pushes."""
+    query, key, queue, labels, queue_labels = labelled_queue_batch(world)
+    rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    results = {
+        case: labelled_queue_loss(
+            case[0], query[rows], key[rows], queue, labels[rows], queue_labels, case[1], True
+        )
+        for case in LABELLED_QUEUE_CASES
+    }
+    bank = MemoryQueue(4, 6, dtype=torch.float64, labels=True)
+    bank.push(key[rows], labels[rows] + 10 * rank)
+    results["bank"] = bank.keys.clone(), bank.labels.clone()
+    return results
 
 
 def _uneven_batches(rank):
@@ -296,6 +332,34 @@ def test_several_positives_gathered_equal_one_process(ranks, positives, labelled
     for rank, (_, rank_grad) in enumerate(per_rank):
         rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
         torch.testing.assert_close(rank_grad, grad[:, rows], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, include_keys", LABELLED_QUEUE_CASES)
+def test_labels_with_a_queue_gathered_equal_one_process(ranks, name, include_keys):
+    """With include_keys every rank's keys and labels are candidates; in plain queue mode a row
+    sees its own key only, so each rank's loss is its rows' share of the one process's."""
+    world, results = ranks
+    query, key, queue, labels, queue_labels = labelled_queue_batch(world)
+    loss, grad_query, grad_key = labelled_queue_loss(
+        name, query, key, queue, labels, queue_labels, include_keys, gather=False
+    )
+    per_rank = [r["labelled queue"][name, include_keys] for r in results]
+    torch.testing.assert_close(sum(r[0] for r in per_rank), loss, rtol=1e-12, atol=1e-13)
+    for rank, (_, rank_grad_query, rank_grad_key) in enumerate(per_rank):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        torch.testing.assert_close(rank_grad_query, grad_query[rows], rtol=1e-10, atol=1e-12)
+        if not include_keys:  # gathered keys' gradients are summed by the training step
+            torch.testing.assert_close(rank_grad_key, grad_key[rows], rtol=1e-10, atol=1e-12)
+
+
+def test_a_labelled_queue_holds_every_ranks_keys_and_labels(ranks):
+    world, results = ranks
+    _, key, _, labels, _ = labelled_queue_batch(world)
+    expected = MemoryQueue(4, 6, dtype=torch.float64, labels=True)
+    expected.push(key, labels + 10 * torch.arange(world).repeat_interleave(N_PER_RANK))
+    for r in results:
+        keys, queue_labels = r["labelled queue"]["bank"]
+        assert torch.equal(keys, expected.keys) and torch.equal(queue_labels, expected.labels)
 
 
 def test_queues_are_identical_across_ranks_and_equal_one_process_pushing_every_batch(ranks):
