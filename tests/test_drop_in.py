@@ -166,10 +166,8 @@ MODULES = [(SCELoss, sce_loss), (InfoNCELoss, info_nce_loss), (ReSSLLoss, ressl_
 RELATIONAL_MODULES = [(CACRLoss, cacr_loss), (ReCoLoss, reco_loss)]
 
 
-CALL_DATA = (
-    "labels",
-    "queue_labels",
-)  # per-call tensors, keywords of the module's call, not its attributes
+# Per-call tensors: keywords of the module's call, not its attributes.
+CALL_DATA = ("labels", "queue_labels")
 
 
 @pytest.mark.parametrize("module, fn", MODULES + RELATIONAL_MODULES)
