@@ -192,31 +192,14 @@ def ressl_loss(
     hyper_parameters = dict(
         temperature=temperature, target_temperature=target_temperature, coeff=0.0
     )
-    _check_queue_labels(labels, queue, queue_labels)
-    if _several_positives(query, key, labels, symmetric):
-        return _with_positives(
-            "ressl",
-            query,
-            key,
-            queue,
-            hyper_parameters,
-            labels=labels,
-            queue_labels=queue_labels,
-            include_keys=include_keys,
-            symmetric=symmetric,
-            normalize=normalize,
-            reduction=reduction,
-            gather=gather,
-            backend=backend,
-        )
-    if key is None:
-        key, query = query[1], query[0]  # two views: the one-positive form
-    return _loss(
+    return _one_or_several_positives(
         "ressl",
         query,
         key,
         queue,
         hyper_parameters,
+        labels=labels,
+        queue_labels=queue_labels,
         include_keys=include_keys,
         symmetric=symmetric,
         normalize=normalize,
@@ -260,31 +243,14 @@ def sce_loss(
     hyper_parameters = dict(
         temperature=temperature, target_temperature=target_temperature, coeff=coeff
     )
-    _check_queue_labels(labels, queue, queue_labels)
-    if _several_positives(query, key, labels, symmetric):
-        return _with_positives(
-            "sce",
-            query,
-            key,
-            queue,
-            hyper_parameters,
-            labels=labels,
-            queue_labels=queue_labels,
-            include_keys=include_keys,
-            symmetric=symmetric,
-            normalize=normalize,
-            reduction=reduction,
-            gather=gather,
-            backend=backend,
-        )
-    if key is None:
-        key, query = query[1], query[0]  # two views: the one-positive form
-    return _loss(
+    return _one_or_several_positives(
         "sce",
         query,
         key,
         queue,
         hyper_parameters,
+        labels=labels,
+        queue_labels=queue_labels,
         include_keys=include_keys,
         symmetric=symmetric,
         normalize=normalize,
@@ -292,6 +258,23 @@ def sce_loss(
         gather=gather,
         backend=backend,
     )
+
+
+def _one_or_several_positives(
+    loss: str, query, key, queue, hyper_parameters: dict, *, labels, queue_labels, **options
+) -> Tensor:
+    """SCE's or ReSSL's call: with several positives per row (labels, or views with ``key``
+    omitted), :func:`_with_positives`; else the one-positive :func:`_loss` (two stacked views in
+    the symmetric form are its two tensors)."""
+    _check_queue_labels(labels, queue, queue_labels)
+    if _several_positives(query, key, labels, options["symmetric"]):
+        return _with_positives(
+            loss, query, key, queue, hyper_parameters,
+            labels=labels, queue_labels=queue_labels, **options,
+        )  # fmt: skip
+    if key is None:
+        key, query = query[1], query[0]
+    return _loss(loss, query, key, queue, hyper_parameters, **options)
 
 
 def _check_queue_labels(labels, queue, queue_labels) -> None:

@@ -312,8 +312,10 @@ def test_bad_input_names_the_argument():
         ressl_loss(views, symmetric=True, labels=torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="key may be omitted only in the symmetric form"):
         sce_loss(views)
-    with pytest.raises(ValueError, match="compare in-batch embeddings only: pass no queue"):
+    with pytest.raises(ValueError, match=r"labels with a queue need queue_labels \(M,\)"):
         sce_loss(views[0], views[1], views[2], labels=torch.arange(4))
+    with pytest.raises(ValueError, match="compare in-batch embeddings only: pass no queue"):
+        sce_loss(views, symmetric=True, labels=torch.arange(4), include_keys=True)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
