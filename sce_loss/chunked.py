@@ -184,6 +184,7 @@ class _StreamingLoss(torch.autograd.Function):
             None if bank is None else positive_columns(r, n, offset, x.device),
             chunk_size=stream.chunk_size,
             vectors_from=0 if need_grad else r,
+            track_argmax=need_target,  # c_max: SCE's and ReSSL's target term only
         )
         if bank is not None:
             a_pos2 = picked
@@ -362,6 +363,7 @@ def stream_states(
     *,
     chunk_size: int,
     vectors_from: int = 0,
+    track_argmax: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The running states (m, l, O) of the rows of ``exponents`` (base-2 logits z =
     exponents·c) after every candidate, [bank; queue], a chunk at a time, without each row's
@@ -370,7 +372,7 @@ def stream_states(
     logit ``first_logits``, vector ``first_column`` (queue mode's positive). Also returns, for the
     first rows, the logit at bank column ``picked_columns[r]`` (before masking), as the chunk's
     product computed it (empty without ``picked_columns``), and for every row the column of
-    [bank; queue] its maximum m is at (−1: the first column)."""
+    [bank; queue] its maximum m is at (−1: the first column; all −1 without ``track_argmax``)."""
     rows, dim = exponents.shape
     m = exponents.new_full((rows,), float("-inf"))
     l = exponents.new_zeros(rows)
@@ -400,7 +402,13 @@ def stream_states(
                         _pick(picked[picks], logits, picked_columns[picks] - start)
                     _mask_columns(logits, masked[block] - start)
                 _online_update_(
-                    m[block], l[block], o[vectors], argmax[block], logits, c, offset + start
+                    m[block],
+                    l[block],
+                    o[vectors],
+                    argmax[block] if track_argmax else None,
+                    logits,
+                    c,
+                    offset + start,
                 )
     return m, l, o, picked, argmax
 
@@ -423,6 +431,7 @@ def _(
     *,
     chunk_size,
     vectors_from=0,
+    track_argmax=True,
 ):
     rows, dim = exponents.shape
     return (
@@ -444,15 +453,18 @@ def _pick(picked: Tensor, logits: Tensor, columns: Tensor) -> None:
 
 
 def _online_update_(
-    m: Tensor, l: Tensor, o: Tensor, argmax: Tensor, logits: Tensor, c: Tensor, column: int
+    m: Tensor, l: Tensor, o: Tensor, argmax: Tensor | None, logits: Tensor, c: Tensor, column: int
 ) -> None:
     """One chunk of columns into the running (max, Σ2^z, Σ2^z·c) states of base-2 logits z, in
     place, as the kernels' ``_online_update``: m' = max(m, max_k z_k),
     l' = l·2^{m−m'} + Σ_k 2^{z_k−m'}, O' = O·2^{m−m'} + Σ_k 2^{z_k−m'}·c_k. ``o`` holds the last
-    len(o) rows' O; ``argmax`` the column of m (this chunk's first being ``column``); ``logits``
-    becomes 2^{z−m'}."""
-    chunk_m, chunk_argmax = logits.max(1)
-    argmax.copy_(torch.where(chunk_m > m, chunk_argmax + column, argmax))
+    len(o) rows' O; ``argmax`` (if not None) the column of m (this chunk's first being
+    ``column``); ``logits`` becomes 2^{z−m'}."""
+    if argmax is None:
+        chunk_m = logits.amax(1)
+    else:
+        chunk_m, chunk_argmax = logits.max(1)
+        argmax.copy_(torch.where(chunk_m > m, chunk_argmax + column, argmax))
     new_m = torch.maximum(m, chunk_m)
     safe_m = new_m.masked_fill(new_m == float("-inf"), 0.0)  # rows with no column yet
     alpha = torch.exp2(m - safe_m)

@@ -57,6 +57,7 @@ def streaming_forward(
         c_pos if queue_positive else None,
         None if bank is None else chunked.positive_columns(rows, n, offset, query.device),
         chunk_size=chunked.chunk_columns(len(exponents)),
+        track_argmax=False,
     )
     lse = torch.stack([m * LN_2, l.log()])  # (m, log l) in base e
     means = o / l[:, None]
