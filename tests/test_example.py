@@ -785,3 +785,9 @@ def test_every_committed_digits_run_has_its_command_summary_and_plot():
                 summary["epochs"],
             )
             assert args.out == Path("examples/results") / folder.name
+
+
+def test_the_readme_main_job_time_is_the_committed_runs():
+    wall = committed("digits-sce-cpu-seed0")["wall_s"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{wall:.0f} s (`examples/results/digits-sce-cpu-seed0/summary.json`)" in readme
