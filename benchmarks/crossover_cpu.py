@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="a few points, to check the script")
+    parser.add_argument("--quick", action="store_true", help="two points, to check the script")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: its choice)")
     parser.add_argument(
         "--cpu-time",

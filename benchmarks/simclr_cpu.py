@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, help="default: results/simclr-cpu.md (--quick: a temporary one)"
     )
-    parser.add_argument("--child", default=None)
+    # One measurement in a fresh process, as the script runs itself: not for users.
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.repeats = 256, 1

@@ -71,9 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="N = 128, to check the script")
-    parser.add_argument("--out", type=Path, help="default: results/supcon-cpu.md")
-    parser.add_argument("--child", choices=BACKENDS)
-    parser.add_argument("--case", choices=CASES)
+    parser.add_argument(
+        "--out", type=Path, help="default: results/supcon-cpu.md (--quick: a temporary one)"
+    )
+    # One measurement in a fresh process, as the script runs itself: not for users.
+    parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeats = 128, 1

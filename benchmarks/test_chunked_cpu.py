@@ -7,8 +7,8 @@
 
 Each case times forward + backward of the mean loss in queue mode, N=256, D=128, float32 unit
 vectors, the public functions' default hyper-parameters. The backends are called through their
-seam (:mod:`sce_loss.problem`), without the argument checks of the public functions around them.
-``gemms`` times the products no implementation avoids: x·Qᵀ and P_a·Q, and for SCE and
+seam (sce_loss.problem), without the argument checks of the public functions around them.
+"gemms" times the products no implementation avoids: x·Qᵀ and P_a·Q, and for SCE and
 ReSSL (which have a target) k·Qᵀ and P_b·Q too, each over the whole queue. Peak extra memory is
 measured in a fresh process per case: after one warm-up step (compilation, lazy initialisation),
 the growth of the resident set's high-water mark during one more step (Linux only).
@@ -17,6 +17,7 @@ BENCHMARK_THREADS=n sets torch's CPU threads (default: torch's choice).
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -136,5 +137,10 @@ def peak_extra_mib(loss: str, m: int, variant: str) -> float:
 
 
 if __name__ == "__main__":
-    loss, m, variant = sys.argv[1:]
-    print(json.dumps(peak_extra_mib(loss, int(m), variant)))
+    # One memory measurement in a fresh process (peak_extra_mib), as the benchmarks run it.
+    parser = argparse.ArgumentParser(description="One step's extra peak memory, in MiB.")
+    parser.add_argument("loss")
+    parser.add_argument("m", type=int, help="queue size")
+    parser.add_argument("variant")
+    args = parser.parse_args()
+    print(json.dumps(peak_extra_mib(args.loss, args.m, args.variant)))

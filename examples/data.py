@@ -40,22 +40,18 @@ def load(data: str, data_dir: Path, per_class: int | None = None) -> Dataset:
     if data == "cifar10":
         if (Path(data_dir) / CIFAR10_PACK).is_file():
             return _npz(Path(data_dir) / CIFAR10_PACK, per_class, name="cifar10")
-        try:
-            import torchvision  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                f"--data cifar10: no {CIFAR10_PACK} in --data-dir {data_dir}, and torchvision, "
-                "which downloads CIFAR-10, is not installed: install the vision extra with "
-                "your torch pinned (the README's Set-up gives the line), or pass --data-dir the "
-                "folder that holds the pack"
-            ) from None
+        _need_torchvision(
+            f"--data: cifar10: no {CIFAR10_PACK} in --data-dir {data_dir}, and torchvision, "
+            "which downloads CIFAR-10",
+            "or pass --data-dir the folder that holds the pack",
+        )
         return _subset(_cifar10_torchvision(data_dir), per_class)
     if data == "digits":
         return _subset(_digits(), per_class)
     path = Path(data)
     if path.suffix == ".npz":
         if not path.is_file():
-            raise ValueError(f"--data {data}: file not found")
+            raise ValueError(f"--data: {data}: file not found")
         return _npz(path, per_class)
     if path.is_dir():
         return _subset(_image_folder(path), per_class)
@@ -65,14 +61,30 @@ def load(data: str, data_dir: Path, per_class: int | None = None) -> Dataset:
     )
 
 
+def _need_torchvision(what: str, otherwise: str = "") -> None:
+    """Refuse, naming ``what`` needs it, when torchvision is missing or does not load with this
+    torch (a CUDA build beside a CPU torch raises at import)."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError) as error:
+        problem = (
+            "is not installed" if isinstance(error, ImportError) else f"does not load ({error})"
+        )
+        raise ValueError(
+            f"{what}, {problem}: install the vision extra with your torch pinned (the README's "
+            "Set-up gives the line, with --extra-index-url for a CPU torch)"
+            + (f", {otherwise}" if otherwise else "")
+        ) from None
+
+
 def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
     """The indices of the first ``per_class`` images of each class, in ascending order."""
     labels = np.asarray(labels)
     counts = np.bincount(labels)
     if counts.min() < per_class:
         raise ValueError(
-            f"--per-class {per_class}: class {counts.argmin()} has only {counts.min()} "
-            "training images"
+            f"--per-class: {per_class} is more than the {counts.min()} training images of class "
+            f"{counts.argmin()}"
         )
     return np.sort(
         np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(counts))])
@@ -106,7 +118,13 @@ def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> n
 
 
 def _npz(path: Path, per_class: int | None = None, name: str | None = None) -> Dataset:
-    with np.load(path) as archive:
+    try:
+        opened = np.load(path)
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"--data: {path} is not a readable .npz ({error})") from None
+    if not isinstance(opened, np.lib.npyio.NpzFile):
+        raise ValueError(f"--data: {path} holds one array, not a .npz archive of named arrays")
+    with opened as archive:
         if "x_train" in archive:
             y_train = archive["y_train"]
             keep = first_per_class(y_train, per_class) if per_class else slice(None)
@@ -124,7 +142,7 @@ def _npz(path: Path, per_class: int | None = None, name: str | None = None) -> D
             )
         else:
             raise ValueError(
-                f"--data {path}: expected keys x_train/y_train/x_test/y_test or "
+                f"--data: {path}: expected keys x_train/y_train/x_test/y_test or "
                 f"train_jpeg/train_offsets/..., found {sorted(archive.files)}"
             )
     x_train, y_train, x_test, y_test = parts
@@ -152,13 +170,14 @@ def _cifar10_torchvision(data_dir: Path) -> Dataset:
 
 
 def _image_folder(root: Path) -> Dataset:
+    _need_torchvision(f"--data: {root} is an ImageFolder directory, which reads with torchvision")
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     splits = [s for s in ("train", "test", "val") if (root / s).is_dir()]
     if "train" not in splits or len(splits) < 2:
         raise ValueError(
-            f"--data {root}: an ImageFolder needs train/ and test/ (or val/) sub-folders"
+            f"--data: {root}: an ImageFolder needs train/ and test/ (or val/) sub-folders"
         )
     tensors = []
     for split in ("train", splits[1]):

@@ -303,9 +303,10 @@ def parse_args(argv=None, parser=None):
     if args.data not in ("digits", "cifar10"):
         path = Path(args.data)
         if not (path.suffix == ".npz" and path.is_file()) and not path.is_dir():
+            what = "a file, not a .npz" if path.is_file() else "no such file or folder"
             p.error(
                 f"argument --data: expected 'digits', 'cifar10', a .npz file or an ImageFolder "
-                f"directory; {args.data!r} is none of these (no such file or folder)"
+                f"directory; {args.data!r} is none of these ({what})"
             )
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite replaces it: give one")
@@ -341,8 +342,8 @@ def load_data(parser, args) -> data.Dataset:
     checked against them (argparse's error naming the flag), before any model is built."""
     try:
         dataset = data.load(args.data, args.data_dir, args.per_class)
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # data.py's messages name their flag: argparse's format
+        parser.error(f"argument {error}")
     classes = int(dataset.y_train.max()) + 1  # before a subset can leave a class out
     if args.train_subset:
         dataset.x_train = dataset.x_train[: args.train_subset]
@@ -356,12 +357,16 @@ def load_data(parser, args) -> data.Dataset:
     )
     if args.per_class:
         chosen_by = f"--per-class {args.per_class}"
-    fewest = int(counts.min())
+    fewest, smallest = int(counts.min()), int(counts.argmin())
     if fewest < args.probe_labels:
+        # Blame the flag that chose the images, unless --probe-labels was given beside the data.
+        blamed = "--train-subset" if args.train_subset else "--per-class" if args.per_class else ""
+        if not blamed or args.probe_labels > 1:
+            blamed = "--probe-labels"
         parser.error(
-            f"argument --probe-labels: the few-label probe needs {args.probe_labels} training "
-            f"image(s) of each class, and {chosen_by} leaves class {int(counts.argmin())} "
-            f"{fewest}"
+            f"argument {blamed}: {chosen_by} leaves class {smallest} with {fewest} training "
+            f"image{'s' * (fewest != 1)}, and the few-label probe needs {args.probe_labels} of "
+            "each class"
         )
     if args.batch_size > images:
         parser.error(
@@ -376,9 +381,9 @@ def load_data(parser, args) -> data.Dataset:
     return dataset
 
 
-def prepare_output(parser, args) -> None:
+def check_output(parser, args) -> None:
     """Refuse an --out that holds files unless --resume (which needs its checkpoint) or
-    --overwrite (which deletes the previous run's files) says what to do with them."""
+    --overwrite says what to do with them."""
     out = args.out
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {out} is a file, not a folder")
@@ -387,9 +392,6 @@ def prepare_output(parser, args) -> None:
             parser.error(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
         return
     if args.overwrite:
-        if int(os.environ.get("RANK", 0)) == 0:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
         return
     if out.is_dir() and any(out.iterdir()):
         held = ", ".join(sorted(path.name for path in out.iterdir())[:5])
@@ -397,6 +399,14 @@ def prepare_output(parser, args) -> None:
             f"argument --out: {out} already holds files ({held}); pass --resume to continue its "
             "run, --overwrite to start afresh there, or another --out"
         )
+
+
+def clear_previous_run(args) -> None:
+    """With --overwrite, delete the previous run's checkpoint, summary and plot (rank 0), once
+    every check has passed."""
+    if args.overwrite and int(os.environ.get("RANK", 0)) == 0:
+        for name in RUN_FILES:
+            (args.out / name).unlink(missing_ok=True)
 
 
 def describe(results: dict, probe_labels: int, untrained: dict | None = None) -> str:
@@ -769,7 +779,7 @@ class Run:
             plot_curves(
                 self.history,
                 args.out / "curves.png",
-                f"{args.loss} ({args.framework}) on {self.dataset.name}",
+                f"{LOSS_NAMES[args.loss]} ({FRAMEWORKS[args.framework]}) on {self.dataset.name}",
             )
             print(self.closing_sentence(summary), flush=True)
         return summary
@@ -864,7 +874,9 @@ def curves_figure(history, title: str):
     trained = [(h["epoch"], h["loss"]) for h in history if h["loss"] is not None]
     if trained:
         lines += loss_axis.plot(*zip(*trained), color="tab:blue", label="training loss")
-    _colour_axis(loss_axis, "training loss", "tab:blue")
+        _colour_axis(loss_axis, "training loss", "tab:blue")
+    else:  # an untrained run (--epochs 0): no loss to scale an axis by
+        loss_axis.set_yticks([])
     knn = [(h["epoch"], h["knn_top1"]) for h in history if "knn_top1" in h]
     if knn:
         accuracy_axis = loss_axis.twinx()
@@ -921,8 +933,9 @@ def _seed_everything(seed: int) -> None:
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parse_args(argv, parser)
-    prepare_output(parser, args)
+    check_output(parser, args)
     dataset = load_data(parser, args)
+    clear_previous_run(args)
     try:
         return Run(args, dataset).run()
     finally:

@@ -29,7 +29,7 @@ from .arguments import (
     reduce_losses,
     traceable_scalar,
 )
-from .problem import POSITIVES, Problem, Scalar, compute_dtype_of, transformed
+from .problem import POSITIVES, HyperParameter, Problem, compute_dtype_of, transformed
 
 # ``auto`` off the fused path streams (chunked) against a queue of at least CHUNKED_FROM_QUEUE keys
 # from max(2^18, 16·D²) (row, candidate) pairs on: measured on a 2-core CPU
@@ -58,12 +58,12 @@ def info_nce_loss(
     key: Tensor | None = None,
     queue: Tensor | None = None,
     *,
-    temperature: Scalar = 0.2,
+    temperature: HyperParameter = 0.2,
     labels: Tensor | None = None,
     queue_labels: Tensor | None = None,
     positives: str = "mean",
     decoupled: bool = False,
-    weight_sigma: Scalar | None = None,
+    weight_sigma: HyperParameter | None = None,
     include_keys: bool = False,
     symmetric: bool = False,
     normalize: bool = False,
@@ -170,8 +170,8 @@ def ressl_loss(
     key: Tensor | None = None,
     queue: Tensor | None = None,
     *,
-    temperature: Scalar = 0.1,
-    target_temperature: Scalar = 0.04,
+    temperature: HyperParameter = 0.1,
+    target_temperature: HyperParameter = 0.04,
     labels: Tensor | None = None,
     queue_labels: Tensor | None = None,
     include_keys: bool = False,
@@ -214,9 +214,9 @@ def sce_loss(
     key: Tensor | None = None,
     queue: Tensor | None = None,
     *,
-    coeff: Scalar = 0.5,
-    temperature: Scalar = 0.1,
-    target_temperature: Scalar = 0.05,
+    coeff: HyperParameter = 0.5,
+    temperature: HyperParameter = 0.1,
+    target_temperature: HyperParameter = 0.05,
     labels: Tensor | None = None,
     queue_labels: Tensor | None = None,
     include_keys: bool = False,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional, relational
-from .problem import Scalar
+from .problem import HyperParameter
 from .queue import MemoryQueue
 
 
@@ -131,10 +131,10 @@ class InfoNCELoss(_QueryKeyLoss):
     def __init__(
         self,
         *,
-        temperature: Scalar = 0.2,
+        temperature: HyperParameter = 0.2,
         positives: str = "mean",
         decoupled: bool = False,
-        weight_sigma: Scalar | None = None,
+        weight_sigma: HyperParameter | None = None,
         queue: MemoryQueue | None = None,
         include_keys: bool = False,
         symmetric: bool = False,
@@ -188,8 +188,8 @@ class ReSSLLoss(_QueryKeyLoss):
     def __init__(
         self,
         *,
-        temperature: Scalar = 0.1,
-        target_temperature: Scalar = 0.04,
+        temperature: HyperParameter = 0.1,
+        target_temperature: HyperParameter = 0.04,
         queue: MemoryQueue | None = None,
         include_keys: bool = False,
         symmetric: bool = False,
@@ -243,9 +243,9 @@ class SCELoss(_QueryKeyLoss):
     def __init__(
         self,
         *,
-        coeff: Scalar = 0.5,
-        temperature: Scalar = 0.1,
-        target_temperature: Scalar = 0.05,
+        coeff: HyperParameter = 0.5,
+        temperature: HyperParameter = 0.1,
+        target_temperature: HyperParameter = 0.05,
         queue: MemoryQueue | None = None,
         include_keys: bool = False,
         symmetric: bool = False,
@@ -299,10 +299,10 @@ class CACRLoss(_ContrastiveLoss):
     def __init__(
         self,
         *,
-        attraction_temperature: Scalar = 1.0,
-        repulsion_temperature: Scalar = 1.0,
-        attraction_weight: Scalar = 1.0,
-        repulsion_weight: Scalar = 1.0,
+        attraction_temperature: HyperParameter = 1.0,
+        repulsion_temperature: HyperParameter = 1.0,
+        attraction_weight: HyperParameter = 1.0,
+        repulsion_weight: HyperParameter = 1.0,
         queue: MemoryQueue | None = None,
         intra_batch: bool = True,
         weight_gradients: bool = False,
@@ -361,11 +361,11 @@ class ReCoLoss(_ContrastiveLoss):
     def __init__(
         self,
         *,
-        temperature: Scalar = 0.2,
-        relation_temperature: Scalar = 0.1,
-        target_temperature: Scalar = 0.04,
-        global_weight: Scalar = 1.0,
-        local_weight: Scalar = 1.0,
+        temperature: HyperParameter = 0.2,
+        relation_temperature: HyperParameter = 0.1,
+        target_temperature: HyperParameter = 0.04,
+        global_weight: HyperParameter = 1.0,
+        local_weight: HyperParameter = 1.0,
         queue: MemoryQueue | None = None,
         weak_queue: MemoryQueue | None = None,
         normalize: bool = False,

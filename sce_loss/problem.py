@@ -25,10 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+# A hyper-parameter as the backends take it, once checked: a Python number or a 0-d tensor.
 Scalar = float | Tensor
+# A hyper-parameter as a user may pass it: a Python or NumPy number, or a 0-d tensor.
+HyperParameter = float | np.floating | np.integer | Tensor
 # Each loss's default hyper-parameters as a Problem takes them (the public functions' defaults),
 # for the problems the library builds itself (the first-use check, sce-loss-check).
 DEFAULT_HYPER_PARAMETERS: dict[str, dict[str, Any]] = {

@@ -14,7 +14,7 @@ backend of those serves it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from .arguments import (
     traceable_scalar,
 )
 from .functional import info_nce_loss, ressl_loss
-from .problem import Scalar, compute_dtype_of, constant, tracing
+from .problem import HyperParameter, Scalar, compute_dtype_of, constant, tracing
 
 CACR_BACKENDS = ("auto", "reference")
 
@@ -46,10 +46,10 @@ def cacr_loss(
     key: Tensor | None = None,
     queue: Tensor | None = None,
     *,
-    attraction_temperature: Scalar = 1.0,
-    repulsion_temperature: Scalar = 1.0,
-    attraction_weight: Scalar = 1.0,
-    repulsion_weight: Scalar = 1.0,
+    attraction_temperature: HyperParameter = 1.0,
+    repulsion_temperature: HyperParameter = 1.0,
+    attraction_weight: HyperParameter = 1.0,
+    repulsion_weight: HyperParameter = 1.0,
     intra_batch: bool = True,
     weight_gradients: bool = False,
     normalize: bool = False,
@@ -170,7 +170,9 @@ def cacr_loss(
         # The official queue code lets gradient into the intra-batch distances inside w⁻ only.
         live_from = (0 if queue is None else len(queue)) if weight_gradients else cost.shape[-1]
         repulsion = _repulsion(cost, excluded, repulsion_temperature, live_from)
-        losses = attraction_weight * attraction - repulsion_weight * repulsion
+        # NumPy numbers multiply tensors as Python's do (and stay traced under torch.compile).
+        weights = cast(tuple[Scalar, Scalar], (attraction_weight, repulsion_weight))
+        losses = weights[0] * attraction - weights[1] * repulsion
     return reduce_losses(losses if query.dim() == 3 else losses.squeeze(0), reduction)
 
 
@@ -303,11 +305,11 @@ def reco_loss(
     weak_queue: Tensor,
     mixed_query: Tensor,
     mixed_key: Tensor,
-    temperature: Scalar = 0.2,
-    relation_temperature: Scalar = 0.1,
-    target_temperature: Scalar = 0.04,
-    global_weight: Scalar = 1.0,
-    local_weight: Scalar = 1.0,
+    temperature: HyperParameter = 0.2,
+    relation_temperature: HyperParameter = 0.1,
+    target_temperature: HyperParameter = 0.04,
+    global_weight: HyperParameter = 1.0,
+    local_weight: HyperParameter = 1.0,
     normalize: bool = False,
     reduction: str = "mean",
     gather: bool | torch.distributed.ProcessGroup = False,
@@ -389,7 +391,8 @@ def reco_loss(
     local = info_nce_loss(
         mixed_query, mixed_key.detach(), queue, temperature=temperature, **options
     )
-    return reduce_losses(instance + global_weight * relation + local_weight * local, reduction)
+    weights = cast(tuple[Scalar, Scalar], (global_weight, local_weight))  # as in cacr_loss
+    return reduce_losses(instance + weights[0] * relation + weights[1] * local, reduction)
 
 
 @torch.no_grad()

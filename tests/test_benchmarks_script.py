@@ -32,7 +32,7 @@ def test_without_a_gpu_it_says_so_and_exits_with_status_2():
 
 
 def test_smoke_run_writes_to_a_temporary_folder():
-    pytest.importorskip("matplotlib", reason="the script plots: pip install '.[examples]'")
+    pytest.importorskip("matplotlib", reason="the script plots: pip install -e '.[examples]'")
     results = SCRIPT.parent / "results"
     before = set(results.iterdir())
     done = run(

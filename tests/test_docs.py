@@ -210,7 +210,9 @@ def _assert_signature(signature: str) -> None:
 
 @pytest.mark.parametrize("mark, context, code, above", blocks("bash"))
 def test_example_commands_parse(mark, context, code, above):
-    pytest.importorskip("sklearn", reason="the example needs its extra: pip install '.[examples]'")
+    pytest.importorskip(
+        "sklearn", reason="the example needs its extra: pip install -e '.[examples]'"
+    )
     import sys
 
     sys.path.insert(0, str(ROOT / "examples"))

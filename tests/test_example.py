@@ -22,7 +22,7 @@ SMALL = Path(
     os.environ.get("SCE_LOSS_TEST_DATA", ROOT.parent / "shared" / "data" / "cifar10-small.npz")
 )
 DATA = str(SMALL) if SMALL.is_file() else "digits"
-pytest.importorskip("tqdm", reason="the example needs its extra: pip install '.[examples]'")
+pytest.importorskip("tqdm", reason="the example needs its extra: pip install -e '.[examples]'")
 sys.path.insert(0, str(ROOT / "examples"))
 import data  # noqa: E402
 import pretrain as example  # noqa: E402
@@ -220,6 +220,14 @@ def test_an_output_folder_that_holds_files_is_refused_without_resume_or_overwrit
     assert len(started) == 3
 
 
+def test_overwrite_deletes_nothing_when_a_check_against_the_data_refuses(capsys, tmp_path):
+    (tmp_path / "summary.json").write_text("previous run")
+    with pytest.raises(SystemExit):
+        example.main(["--out", str(tmp_path), "--overwrite", "--batch-size", "5000"])
+    assert "argument --batch-size: 5000 is more than the 1500" in capsys.readouterr().err
+    assert (tmp_path / "summary.json").read_text() == "previous run"
+
+
 def test_an_output_path_that_is_a_file_is_refused(capsys, monkeypatch, tmp_path):
     stub_run(monkeypatch)
     (tmp_path / "file").write_text("")
@@ -244,7 +252,7 @@ def test_per_class_keeps_the_first_images_of_each_class_in_order():
     labels = np.array([2, 0, 0, 1, 2, 2, 1, 0, 1, 2])
     assert data.first_per_class(labels, 2).tolist() == [0, 1, 2, 3, 4, 6]
     assert data.first_per_class(labels, 3).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
-    with pytest.raises(ValueError, match="--per-class 4: class 0 has only 3 training images"):
+    with pytest.raises(ValueError, match="--per-class: 4 is more than the 3 training images of"):
         data.first_per_class(labels, 4)
 
 
@@ -283,7 +291,7 @@ def test_cifar10_reads_the_jpeg_pack_in_data_dir_and_keeps_the_first_per_class(t
 def test_cifar10_without_the_pack_or_torchvision_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=f"no {data.CIFAR10_PACK} in --data-dir {tmp_path}") as e:
         data.load("cifar10", tmp_path)
-    assert "your torch pinned (the README's Set-up gives the line)" in str(e.value)
+    assert "your torch pinned (the README's Set-up gives the line" in str(e.value)
     assert "sce-loss[vision]" not in str(e.value)  # unpinned, it would replace a CPU torch
 
 
@@ -468,6 +476,13 @@ def test_the_plot_has_a_legend_coloured_axes_and_whole_epochs():
     assert ticks == [0, 1, 2]  # not 0, 0.25, 0.5...
 
 
+def test_an_untrained_runs_plot_has_no_loss_scale():
+    figure = example.curves_figure([dict(epoch=0, loss=None, knn_top1=50.0)], "title")
+    loss_axis, knn_axis = figure.axes
+    assert list(loss_axis.get_yticks()) == [] and loss_axis.yaxis.label.get_text() == ""
+    assert len(knn_axis.get_lines()) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["cacr", "reco"])
 def test_relational_losses_run_with_their_official_values(loss, tmp_path):
@@ -536,6 +551,22 @@ def test_a_hyper_parameter_of_another_loss_is_refused(tmp_path):
     assert_clear_error(result, "--coeff does not apply to --loss infonce")
 
 
+def test_a_file_that_is_not_an_npz_is_refused_as_such(capsys):
+    message = refusal(capsys, "--data", str(ROOT / "README.md"))
+    assert "is none of these (a file, not a .npz)" in message
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="checks a set-up without it"
+)
+def test_an_image_folder_without_torchvision_says_what_to_install(capsys, tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+    message = data_refusal(capsys, "--data", str(tmp_path))
+    assert f"argument --data: {tmp_path} is an ImageFolder directory" in message
+    assert "torchvision, is not installed: install the vision extra" in message
+
+
 @pytest.mark.parametrize("name", ["missing.npz", "nothing-here"])
 def test_data_that_is_not_there_is_refused_when_parsed(capsys, tmp_path, name):
     message = refusal(capsys, "--data", str(tmp_path / name))
@@ -558,15 +589,24 @@ def data_refusal(capsys, *argv):
     [
         (
             ["--train-subset", "10"],
-            "argument --probe-labels: the few-label probe needs 1 training image(s) of each "
-            "class, and --train-subset 10 leaves class 0 0",
+            "argument --train-subset: --train-subset 10 leaves class 0 with 0 training images, "
+            "and the few-label probe needs 1 of each class",
         ),
         (
             ["--per-class", "3", "--probe-labels", "5"],
-            "argument --probe-labels: the few-label probe needs 5 training image(s) of each "
-            "class, and --per-class 3 leaves class 0 3",
+            "argument --probe-labels: --per-class 3 leaves class 0 with 3 training images, and "
+            "the few-label probe needs 5 of each class",
         ),
-        (["--per-class", "999"], "--per-class 999: class 7 has only 144 training images"),
+        (
+            ["--probe-labels", "151"],
+            "argument --probe-labels: --data digits leaves class 7 with 144 training images",
+        ),
+        (["--data", "{tmp}/bad.npz"], "argument --data: {tmp}/bad.npz is not a readable .npz"),
+        (["--data", "{tmp}/one.npz"], "holds one array, not a .npz archive of named arrays"),
+        (
+            ["--per-class", "999"],
+            "argument --per-class: 999 is more than the 144 training images of class 7",
+        ),
         (
             ["--batch-size", "2000"],
             "argument --batch-size: 2000 is more than the 1500 training images of --data digits",
@@ -578,8 +618,14 @@ def data_refusal(capsys, *argv):
         ),
     ],
 )
-def test_values_that_do_not_fit_the_data_are_refused_before_the_model(capsys, argv, message):
-    assert message in data_refusal(capsys, *argv)
+def test_values_that_do_not_fit_the_data_are_refused_before_the_model(
+    capsys, tmp_path, argv, message
+):
+    (tmp_path / "bad.npz").write_text("x")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert message.replace("{tmp}", str(tmp_path)) in data_refusal(capsys, *argv)
 
 
 def test_values_that_fit_the_data_pass():

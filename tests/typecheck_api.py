@@ -10,6 +10,7 @@ module is its construction (and ``MemoryQueue.push``), not the arguments of ``cr
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,6 +43,11 @@ def the_functions() -> list[Tensor]:
         sce_loss(query, key, queue),
         sce_loss(query, key, queue, coeff=0.5, temperature=tau, target_temperature=0.05),
         info_nce_loss(query, key, temperature=0.2, symmetric=True, reduction="sum"),
+        sce_loss(query, key, coeff=np.float64(0.5), temperature=np.float32(0.1)),  # NumPy numbers
+        sce_loss(torch.stack([query, key]), symmetric=True, labels=torch.arange(8) % 2),
+        info_nce_loss(
+            query, key, queue, labels=torch.arange(8), queue_labels=torch.zeros(32).long()
+        ),
         ressl_loss(query, key, queue, include_keys=True, backend="chunked"),
         cacr_loss(unit(3, 8, 16)),
         reco_loss(
@@ -60,6 +66,7 @@ def the_functions() -> list[Tensor]:
 def the_modules() -> list[Tensor]:
     query, key = unit(8, 16).requires_grad_(), unit(8, 16)
     queue = MemoryQueue(32, 16, torch.float32, seed=1)
+    MemoryQueue(32, 16, labels=True).push(key, torch.arange(8))
     criterion = SCELoss(coeff=0.5, temperature=0.1, queue=queue)
     losses = [
         criterion(query, key),

@@ -56,7 +56,7 @@ def triton_reason() -> str | None:
     or None if it can."""
     if not TRITON_AVAILABLE:
         return (
-            'Triton is not installed (the "triton" extra: pip install ".[triton]" from a checkout)'
+            'Triton is not installed (the "triton" extra: pip install -e ".[triton]" in a checkout)'
         )
     if TRITON_VERSION is None or ".".join(TRITON_VERSION.split(".")[:2]) not in CHECKED_TRITON:
         return (
