@@ -79,7 +79,11 @@ def unsupported_reason(problem: Problem) -> str | None:
 
 def chunk_columns(lhs_rows: int) -> int:
     """Candidate columns per chunk for ``lhs_rows`` rows of logits (online and target), streamed
-    ROW_BLOCK rows at a time."""
+    ROW_BLOCK rows at a time. While torch.compile traces, the width for a full row block, whatever
+    the rows: a width that depended on them would specialise the graph to each batch size (it is
+    an integer argument of the chunk loops), and no tile is larger for fewer rows."""
+    if torch.compiler.is_compiling():
+        return max(MIN_CHUNK, CHUNK_ELEMENTS // ROW_BLOCK)
     return max(MIN_CHUNK, CHUNK_ELEMENTS // max(min(lhs_rows, ROW_BLOCK), 1))
 
 
@@ -147,7 +151,7 @@ class _StreamingLoss(torch.autograd.Function):
         stream: Stream,
     ):
         offset, views = stream.offset, stream.views
-        r = len(x)
+        r = x.shape[0]
         n = r // views
         online_has_pos, need_target = online_has_positive(stream.loss), needs_target(stream.loss)
         key = bank[offset : offset + n] if own_key is None else own_key
@@ -196,7 +200,9 @@ class _StreamingLoss(torch.autograd.Function):
         loss = l[:r].log2()
         if online_has_pos:
             loss = loss + coeff * (m[:r] - a_pos2)
-        means = o.div_(l[len(l) - len(o) :, None])  # O/l: the distributions' mean candidates
+        means = o.div_(
+            l[l.shape[0] - o.shape[0] :, None]
+        )  # O/l: the distributions' mean candidates
         target_mean = c_pos  # InfoNCE's (λ = 1); SCE's λ·c_pos + (1−λ)·O_b/l_b, ReSSL's O_b/l_b
         if need_target:
             mean_b = means[-n:] if views == 1 else means[-n:].repeat(views, 1)
@@ -240,7 +246,7 @@ class _StreamingLoss(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # queue mode (with a bank, the key is one of its rows)
             # Queue mode: the key is an online candidate only as its own row's positive, and
             # not at all for ReSSL (whose key then gets zeros).
-            scaled_x = exponents[: len(upstream)] * LN_2  # x/τ
+            scaled_x = exponents[: upstream.shape[0]] * LN_2  # x/τ
             per_row = (
                 scaled_x * (upstream * key_weight)[:, None]
                 if key_weight is not None
@@ -271,8 +277,8 @@ def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, *, need_
     """The rows whose products with a candidate c are base-2 logits: x·log2(e)/τ (online), then,
     if ``need_target``, k·log2(e)/τ_m (target), one new tensor scaled in place."""
     exponents = torch.cat([x, key]) if need_target else x.clone()
-    exponents[: len(x)].mul_(LOG2_E / temperature)
-    exponents[len(x) :].mul_(LOG2_E / target_temperature)
+    exponents[: x.shape[0]].mul_(LOG2_E / temperature)
+    exponents[x.shape[0] :].mul_(LOG2_E / target_temperature)
     return exponents
 
 
@@ -284,10 +290,10 @@ def candidates_at(columns: Tensor, bank, queue, first: Tensor, *, dtype) -> Tens
     for candidates in (bank, queue):
         if candidates is None:
             continue
-        inside = (columns >= start) & (columns < start + len(candidates))
-        index = (columns - start).clamp(0, len(candidates) - 1)
+        inside = (columns >= start) & (columns < start + candidates.shape[0])
+        index = (columns - start).clamp(0, candidates.shape[0] - 1)
         out = torch.where(inside[:, None], candidates[index].to(dtype), out)
-        start += len(candidates)
+        start += candidates.shape[0]
     return out
 
 
@@ -302,7 +308,7 @@ def _differentiable_backward(ctx, upstream):
     x, key, bank, tau, *_ = ctx.saved_tensors
     stream, queue = ctx.stream, ctx.queue
     check_queue_unchanged(queue, ctx.queue_version, "chunked")
-    n = len(x) // stream.views
+    n = x.shape[0] // stream.views
     problem = Problem(
         loss=stream.loss,
         query=x.view(stream.views, n, -1),
@@ -438,7 +444,7 @@ def _(
         exponents.new_empty(rows),
         exponents.new_empty(rows),
         exponents.new_empty(rows - vectors_from, dim),
-        exponents.new_empty(0 if picked_columns is None else len(picked_columns)),
+        exponents.new_empty(0 if picked_columns is None else picked_columns.shape[0]),
         exponents.new_empty(rows, dtype=torch.long),
     )
 
@@ -509,7 +515,7 @@ def bank_gradient(
     weights P − w of a chunk are summed before its product, as the reference's softmax − target
     is: where P and w both round to 1, their difference is 0, not the rounding of x/τ (large at
     small τ) minus itself."""
-    r = len(upstream)
+    r = upstream.shape[0]
     online = upstream * LN_2  # x_r/τ = exponents_r·ln 2: row r's weight on exponents_r
     return bank_products(
         exponents,
@@ -529,7 +535,7 @@ def bank_gradient(
 
 def _with_positive(masked: Tensor, offset: int, views: int) -> Tensor:
     """The online rows' masked columns with each row's positive column added, (R, 3)."""
-    rows = len(masked)
+    rows = masked.shape[0]
     positive = positive_columns(rows, rows // views, offset, masked.device)
     return torch.cat([masked, positive[:, None]], 1)
 

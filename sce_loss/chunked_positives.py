@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .chunked import CHUNK_ELEMENTS, MIN_CHUNK, ROW_BLOCK, _mask_columns
+from .chunked import ROW_BLOCK, _mask_columns, chunk_columns
 from .problem import differentiating_backward
 
 NEG_INF = float("-inf")
@@ -49,7 +49,7 @@ def info_nce_positives(
 ) -> tuple[Tensor, Tensor]:
     """As :func:`sce_loss.reference.info_nce_positives` (per-row losses and numbers of terms),
     streamed over ``chunk_size`` candidates at a time."""
-    chunk = chunk_size or max(MIN_CHUNK, CHUNK_ELEMENTS // max(min(len(rows), ROW_BLOCK), 1))
+    chunk = chunk_size or chunk_columns(rows.shape[0])
     tau = temperature if isinstance(temperature, Tensor) else None
     own_columns = torch.full_like(row_labels, -1) if own is None else own
     # 1·τ rather than torch.tensor(τ): a scheduled float stays symbolic under torch.compile.
@@ -287,10 +287,10 @@ def _positive_stats(
         lse_p, lse_n = _lse(*stats_p), _lse(*stats_n)
         lse = torch.logaddexp(lse_p, lse_n)
     g_n = x.new_zeros(r)
-    if positives == "mean":
-        loss = lse - sum_p / count.clamp(min=1)
+    if positives == "mean":  # LSE ≥ any mean of its logits: below 0 is rounding
+        loss = (lse - sum_p / count.clamp(min=1)).clamp(min=0)
     elif positives == "pooled":
-        loss = lse - lse_p
+        loss = (lse - lse_p).clamp(min=0)
     elif positives == "decoupled":  # 0 for a row with no negative
         loss = torch.where(lse_n > NEG_INF, lse_n - weight * sum_p / count.clamp(min=1), 0.0)
     else:  # Σ_p softplus(LSE_N − a_p): a second pass over the positives
@@ -344,7 +344,7 @@ def positive_stats(
 
 @positive_stats.register_fake
 def _(x, c, tau, row_labels, candidate_labels, own, paired, weight, *, positives, chunk, private):
-    r = len(x)
+    r = x.shape[0]
     return (
         *(x.new_empty(r) for _ in range(4)),
         torch.empty(r, dtype=torch.int64, device=x.device),
@@ -400,7 +400,7 @@ def _positive_gradients(
     for start in range(0, len(c), chunk):
         block = c[start : start + chunk]
         logits = _masked_logits(scaled, block, own, start, paired, private)
-        weights = torch.exp(logits - lse[:, None])  # softmax: 0 at the own column
+        weights = torch.exp(logits - _finite(lse)[:, None])  # softmax: 0 at the own column
         if positives == "decoupled":
             positive = _chunk_positives(
                 row_labels, candidate_labels, own, start, len(block), paired, private
@@ -512,7 +512,7 @@ def soft_positives(
     each chunk's W = ∂loss/∂a: SCE's (λ + (1 − λ)·[N ≠ ∅])·softmax(a) − λ·1_P/|P| − (1 − λ)·s²,
     ReSSL's [N ≠ ∅]·(1_N·softmax_N(a) − s²), and from it the gradients as in the module docstring.
     """
-    chunk = chunk_size or max(MIN_CHUNK, CHUNK_ELEMENTS // max(min(len(rows), ROW_BLOCK), 1))
+    chunk = chunk_size or chunk_columns(rows.shape[0])
     tau = temperature if isinstance(temperature, Tensor) else None
     one = torch.ones((), dtype=rows.dtype, device=rows.device)
     per_row, counts = _StreamingSoftPositives.apply(
@@ -692,12 +692,13 @@ def _soft_stats(
     has_negative = l_b > 0
     expected = torch.where(has_negative, u / l_b.masked_fill(~has_negative, 1.0), 0.0)
     lse = _lse(*stats_a)
+    # Each part is an LSE less a weighted mean of its logits, ≥ 0: below 0 is rounding.
+    soft = torch.where(has_negative, lse - expected, 0.0).clamp(min=0)
     if loss == "ressl":
-        per_row = torch.where(has_negative, lse - expected, 0.0)
+        per_row = soft
     else:
         sum_p = (scaled * target).sum(1) * target_tau  # Σ_P a / |P| = (x/τ)·t
-        soft = torch.where(has_negative, lse - expected, 0.0)
-        per_row = coeff * (lse - sum_p) + (1 - coeff) * soft
+        per_row = coeff * (lse - sum_p).clamp(min=0) + (1 - coeff) * soft
     per_row = torch.where(count > 0, per_row, torch.zeros_like(per_row))
     return lse, _lse(m_b, l_b), count, per_row
 
@@ -743,7 +744,7 @@ def soft_stats(
 def _(
     x, c, tau, target_tau, coeff, row_labels, candidate_labels, own, paired, *, loss, chunk, private
 ):
-    r = len(x)
+    r = x.shape[0]
     count = torch.empty(r, dtype=torch.int64, device=x.device)
     return x.new_empty(r), x.new_empty(r), count, x.new_empty(r)
 
@@ -785,7 +786,7 @@ def _soft_gradients(
             weights = torch.exp(logits.masked_fill_(positive, NEG_INF) - _finite(lse)[:, None])
             weights = (weights - s2) * has_negative[:, None]
         else:
-            p = torch.exp(logits - lse[:, None])
+            p = torch.exp(logits - _finite(lse)[:, None])  # a row with no candidate: 0
             weights = (coeff + (1 - coeff) * has_negative)[:, None] * p - (1 - coeff) * s2
             weights -= positive * share[:, None]
         weights *= g[:, None]

@@ -45,12 +45,12 @@ CHUNKED_FROM_IN_BATCH_PAIRS = 1 << 26
 # The symmetric (SimCLR) form streams from 2N = 4096 rows on (2N × 2N logits of 64 MiB each in
 # float32; benchmarks/results/simclr-cpu.md).
 CHUNKED_FROM_SYMMETRIC_PAIRS = 1 << 24
-# Several positives per row stream from 2^26 (row, candidate) pairs on: the reference's few
-# rows × candidates temporaries pass a GiB there. Measured on the 2-core CPU (V = 2, D = 128,
-# float32, fwd+bwd): chunked 1.6× the reference's time at 4096 rows (2^24 pairs); at 16384 rows
-# (2^28) 0.23× for SupCon with 53 MiB against 5.4 GiB, 0.26× for SCE with labels
-# (benchmarks/results/supcon-cpu.md).
-CHUNKED_POSITIVES_FROM_PAIRS = 1 << 26
+# Several positives per row stream from 2^25 (row, candidate) pairs on: the reference's few
+# rows × candidates temporaries pass a GiB there (1.1 GiB extra peak for SCE at 6000 rows, 2^25.1
+# pairs). Measured on the 2-core CPU (V = 2, D = 128, float32, fwd+bwd): chunked 1.6× the
+# reference's time at 4096 rows (2^24 pairs); at 16384 rows (2^28) 0.23× for SupCon with 53 MiB
+# against 5.4 GiB, 0.26× for SCE with labels (benchmarks/results/supcon-cpu.md).
+CHUNKED_POSITIVES_FROM_PAIRS = 1 << 25
 
 
 def info_nce_loss(
@@ -457,8 +457,9 @@ def _with_positives(
             else:  # plain queue mode: a row's one key is its own, private column
                 candidates, offset, group = keys, 0, None
             own, samples = None, offset
-        if labels is None:
-            labels = samples + torch.arange(n, device=rows.device)
+        # Labels compared as int64: a narrower dtype would wrap a queue's −1 (or a large
+        # label) into a real one, and the streaming backend indexes with them.
+        labels = samples + torch.arange(n, device=rows.device) if labels is None else labels.long()
         sample_labels = labels if group is None else distributed.all_gather_constant(labels, group)
         row_labels = labels.repeat(crops)
         candidate_labels = (
@@ -471,7 +472,7 @@ def _with_positives(
             entries = queue.detach().to(dtype)
             entries = F.normalize(entries, dim=-1) if normalize else entries
             candidates = torch.cat([candidates, entries])
-            candidate_labels = torch.cat([candidate_labels, queue_labels.to(labels.dtype)])
+            candidate_labels = torch.cat([candidate_labels, queue_labels.long()])
         weight = None
         if weight_sigma is not None:
             positive_rows = rows.view(crops, n, dim).flip(0) if symmetric else keys[None]
@@ -502,6 +503,9 @@ def _with_positives(
         return losses if one_set else losses.view(crops, n)
     if reduction == "sum":
         return losses.sum()
+    if group is not None:  # every rank's terms: the mean of the ranks' losses is one process's
+        counts = distributed.all_gather_constant(terms.sum().view(1), group)
+        return losses.sum() * len(counts) / counts.sum().clamp(min=1)
     return losses.sum() / terms.sum().clamp(min=1)
 
 

@@ -128,13 +128,37 @@ def positives_sum_and_gradient(views, labels, positives, labelled, gather):
 
 
 def _positives_gathered(rank, world):
-    """Several positives per row, gathered: each rank's summed losses and its views' gradients."""
+    """Several positives per row, gathered: each rank's summed losses and its views' gradients;
+    and the mean reduction where ranks hold different numbers of terms."""
     views, labels = positives_batch(world)
     rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-    return {
+    results = {
         case: positives_sum_and_gradient(views[:, rows], labels[rows], *case, gather=True)
         for case in POSITIVES_CASES
     }
+    uneven = uneven_labels(world)
+    for name, call in UNEVEN_MEANS.items():
+        x = views.clone()[:, rows].requires_grad_()
+        loss = call(x, uneven[rows], True)
+        loss.backward()
+        results["mean", name] = loss.detach(), x.grad
+    return results
+
+
+def uneven_labels(world):
+    """Labels whose rows with a positive (and pairs) differ from rank to rank: rank 0's samples
+    share two classes, the others' are mostly singletons."""
+    return torch.tensor([0, 0, 1] + [2 + i for i in range(N_PER_RANK * (world - 1))])
+
+
+UNEVEN_MEANS = {
+    "sce, one view": lambda x, labels, gather: sce_loss(
+        x[0], symmetric=True, labels=labels, gather=gather
+    ),
+    "info_nce pairs": lambda x, labels, gather: info_nce_loss(
+        x, symmetric=True, labels=labels, positives="pairs", gather=gather
+    ),
+}
 
 
 LABELLED_QUEUE_CASES = [(name, include_keys) for name in LOSSES for include_keys in (0, 1)]
@@ -360,6 +384,22 @@ def test_a_labelled_queue_holds_every_ranks_keys_and_labels(ranks):
     for r in results:
         keys, queue_labels = r["labelled queue"]["bank"]
         assert torch.equal(keys, expected.keys) and torch.equal(queue_labels, expected.labels)
+
+
+@pytest.mark.parametrize("name", UNEVEN_MEANS)
+def test_the_mean_of_the_ranks_losses_is_one_process_even_with_uneven_terms(ranks, name):
+    """Each rank divides by every rank's number of terms (rows with a positive, or pairs), so
+    the ranks' mean loss and their mean gradients (DDP's) are one process's."""
+    world, results = ranks
+    views, _ = positives_batch(world)
+    x = views.clone().requires_grad_()
+    loss = UNEVEN_MEANS[name](x, uneven_labels(world), False)
+    loss.backward()
+    per_rank = [r["positives"]["mean", name] for r in results]
+    torch.testing.assert_close(sum(r[0] for r in per_rank) / world, loss, rtol=1e-12, atol=1e-13)
+    for rank, (_, grad) in enumerate(per_rank):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        torch.testing.assert_close(grad / world, x.grad[:, rows], rtol=1e-10, atol=1e-12)
 
 
 def test_queues_are_identical_across_ranks_and_equal_one_process_pushing_every_batch(ranks):

@@ -241,6 +241,11 @@ def test_compiles_fullgraph_with_labels_and_a_learnable_temperature():
         (
             lambda v: info_nce_loss(v[0], v[1], v[2], labels=torch.arange(4)),
             ValueError,
+            r"labels with a queue need queue_labels \(M,\)",
+        ),
+        (
+            lambda v: info_nce_loss(v, symmetric=True, labels=torch.arange(4), include_keys=True),
+            ValueError,
             "compare in-batch embeddings only: pass no queue",
         ),
         (

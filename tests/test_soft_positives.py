@@ -328,3 +328,87 @@ def test_rows_stream_in_blocks_with_the_same_results(monkeypatch, loss):
     got = all_outputs(loss, "chunked", views, labels)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+# -- what an adversarial review found ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+@pytest.mark.parametrize("loss", ["sce", "ressl", "info_nce"])
+def test_narrow_integer_labels_give_the_int64_result_on_every_backend(dtype, loss):
+    fn = {**LOSSES, "info_nce": info_nce_loss}[loss]
+    query, key = views_of(2, 6, seed=60)
+    labels = torch.tensor([4, 1, 4, 4, 2, 1])
+    want = fn(query, key, labels=labels, reduction="none", backend="reference")
+    for backend in ("reference", "chunked"):
+        got = fn(query, key, labels=labels.to(dtype), reduction="none", backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_queue_labels_are_compared_as_integers_not_in_the_labels_dtype():
+    from sce_loss import MemoryQueue
+
+    query, key = views_of(2, 2, seed=61)
+    bank = MemoryQueue(4, 8, dtype=torch.float64, labels=True)  # fresh: every label −1
+    for backend in ("reference", "chunked"):
+        want = sce_loss(query, key, bank.keys, labels=torch.tensor([255, 3]),
+                        queue_labels=bank.labels, reduction="none", backend=backend)  # fmt: skip
+        got = sce_loss(query, key, bank.keys, labels=torch.tensor([255, 3], dtype=torch.uint8),
+                       queue_labels=bank.labels, reduction="none", backend=backend)  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # −1 is no 255
+        large = torch.full((4,), 2**32 + 3)
+        want = sce_loss(query, key, bank.keys, labels=torch.tensor([7, 3]), queue_labels=large,
+                        reduction="none", backend=backend)  # fmt: skip
+        got = sce_loss(query, key, bank.keys, labels=torch.tensor([7, 3], dtype=torch.int32),
+                       queue_labels=large, reduction="none", backend=backend)  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # 2^32 + 3 is no 3
+
+
+@pytest.mark.parametrize("loss", ["sce", "ressl", "info_nce"])
+def test_a_row_with_no_candidate_at_all_gives_zero_gradients(loss):
+    fn = {**LOSSES, "info_nce": info_nce_loss}[loss]
+    for backend in ("reference", "chunked"):
+        x = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)  # one view, one sample
+        value = fn(x, symmetric=True, labels=torch.tensor([0]), backend=backend)
+        (grad,) = torch.autograd.grad(value, x)
+        assert value.item() == 0 and (grad == 0).all(), (backend, grad)
+
+
+@pytest.mark.parametrize("loss", ["sce", "ressl", "info_nce"])
+def test_cross_entropies_are_never_below_zero(loss):
+    """Where a row's only candidate is its positive, the loss is 0: rounding must not give less."""
+    fn = {**LOSSES, "info_nce": info_nce_loss}[loss]
+    g = torch.Generator().manual_seed(62)
+    z1, z2 = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
+    for backend in ("reference", "chunked"):
+        views = fn(torch.stack([z1, z2]), symmetric=True, labels=torch.arange(1),
+                   reduction="none", backend=backend)  # fmt: skip
+        in_batch = fn(z1, z2, labels=torch.arange(1), reduction="none", backend=backend)
+        assert (views >= 0).all() and (in_batch >= 0).all(), (backend, views, in_batch)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("mode", ["labels", "in-batch", "queue", "symmetric"])
+def test_a_compiled_step_does_not_recompile_for_each_batch_size(backend, mode):
+    """Static shapes, then dynamic ones: the streams' sizes stay symbolic (a len() of a traced
+    tensor, or a chunk width from its rows, once specialised the graph to each batch)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    tau = torch.nn.Parameter(torch.tensor(TAU))
+    queue = views_of(1, 64, seed=5)[0].float()
+
+    def step(views, labels):
+        options = dict(temperature=tau, backend=backend)
+        if mode == "labels":
+            return sce_loss(views, symmetric=True, labels=labels, **options)
+        if mode == "symmetric":
+            return sce_loss(views[0], views[1], symmetric=True, **options)
+        return sce_loss(views[0], views[1], queue if mode == "queue" else None, **options)
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for n in range(8, 20):
+        views = views_of(2, n, seed=n).float().requires_grad_()
+        compiled(views, torch.arange(n) % 3).backward()
+    assert counter.frame_count <= 2, counter.frame_count
