@@ -500,6 +500,7 @@ def test_relational_losses_run_with_their_official_values(loss, tmp_path):
         assert "after epoch 2" in resumed.stdout
 
 
+@pytest.mark.slow  # a second run of the script (25 s); the resume refusals stay in the default tier
 def test_resume_continues_the_same_run(smoke_run, tmp_path):
     out, _ = smoke_run
     resumed = tmp_path / "resumed"

@@ -408,7 +408,7 @@ def test_a_compiled_step_does_not_recompile_for_each_batch_size(backend, mode):
         return sce_loss(views[0], views[1], queue if mode == "queue" else None, **options)
 
     compiled = torch.compile(step, backend=counter, fullgraph=True)
-    for n in range(8, 20):
+    for n in range(8, 12):  # a graph per batch size would be 4
         views = views_of(2, n, seed=n).float().requires_grad_()
         compiled(views, torch.arange(n) % 3).backward()
     assert counter.frame_count <= 2, counter.frame_count
