@@ -171,7 +171,7 @@ def cacr_loss(
         live_from = (0 if queue is None else len(queue)) if weight_gradients else cost.shape[-1]
         repulsion = _repulsion(cost, excluded, repulsion_temperature, live_from)
         # NumPy numbers multiply tensors as Python's do (and stay traced under torch.compile).
-        weights = cast(tuple[Scalar, Scalar], (attraction_weight, repulsion_weight))
+        weights = cast("tuple[Scalar, Scalar]", (attraction_weight, repulsion_weight))
         losses = weights[0] * attraction - weights[1] * repulsion
     return reduce_losses(losses if query.dim() == 3 else losses.squeeze(0), reduction)
 
@@ -391,7 +391,7 @@ def reco_loss(
     local = info_nce_loss(
         mixed_query, mixed_key.detach(), queue, temperature=temperature, **options
     )
-    weights = cast(tuple[Scalar, Scalar], (global_weight, local_weight))  # as in cacr_loss
+    weights = cast("tuple[Scalar, Scalar]", (global_weight, local_weight))  # as in cacr_loss
     return reduce_losses(instance + weights[0] * relation + weights[1] * local, reduction)
 
 
