@@ -207,6 +207,17 @@ def not_candidates(
     return mask
 
 
+def _candidate_sets(logits, row_labels, candidate_labels, own, paired, private):
+    """(rows, candidates) masks: the non-candidates (:func:`not_candidates`, or None), the
+    positives P (the candidates of the row's label) and the negatives (the other candidates)."""
+    excluded = not_candidates(logits, own, paired, private)
+    positive = row_labels[:, None] == candidate_labels[None, :]
+    if excluded is None:
+        return None, positive, ~positive
+    positive &= ~excluded
+    return excluded, positive, ~positive & ~excluded
+
+
 def info_nce_positives(
     rows: Tensor,
     candidates: Tensor,
@@ -233,12 +244,11 @@ def info_nce_positives(
     one. Returns the per-row losses and their numbers of terms (|P| for "pairs", else 1), both 0
     for a row with no positive; a row with no negative gives 0 in "pairs" and "decoupled"."""
     logits = rows @ candidates.mT / temperature
-    excluded = not_candidates(logits, own, paired, private)
-    positive = row_labels[:, None] == candidate_labels[None, :]
+    excluded, positive, negative = _candidate_sets(
+        logits, row_labels, candidate_labels, own, paired, private
+    )
     if excluded is not None:
-        positive &= ~excluded
         logits = logits.masked_fill(excluded, float("-inf"))
-    negative = ~positive if excluded is None else ~positive & ~excluded
     counts = positive.sum(-1)
     has_positive, has_negative = counts > 0, negative.any(-1)
     lse = torch.logsumexp(logits, -1)
@@ -292,11 +302,9 @@ def soft_positives(
     per-row losses and their numbers of terms (1, or 0 for a row with no positive, whose loss
     is 0). ``paired`` and ``private`` as in :func:`info_nce_positives`."""
     logits = rows @ candidates.mT / temperature
-    excluded = not_candidates(logits, own, paired, private)
-    positive = row_labels[:, None] == candidate_labels[None, :]
-    if excluded is not None:
-        positive &= ~excluded
-    negative = ~positive if excluded is None else ~positive & ~excluded
+    excluded, positive, negative = _candidate_sets(
+        logits, row_labels, candidate_labels, own, paired, private
+    )
     counts = positive.sum(-1)
     has_positive, has_negative = counts > 0, negative.any(-1)
     kept = negative | ~has_negative[:, None]  # a row with no negative: finite, then zeroed
