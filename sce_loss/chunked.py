@@ -10,17 +10,21 @@ each row keeps the states of ``partial_stats_kernel``, rescaled as its running m
     m_a, l_a = Σ e^{a−m_a}, O_a = Σ e^{a−m_a}·c       (online)
     m_b, l_b = Σ e^{b−m_b}, O_b = Σ e^{b−m_b}·c       (target, k ≠ pos)
 
-The kernels also sum U_a = Σ e^{a−m_a}·a and U_b = Σ e^{b−m_b}·a; as a is linear in c, these are
-x·O_a/τ and x·O_b/τ, so here they come from the D-vectors. Then, as in ``finalize_kernel``, with
-λ the target's weight on the positive (λ = 1 for InfoNCE, 0 for ReSSL):
+O is kept as t and O − l·t, t the candidate of the running maximum, summed without t's own term,
+so that the mean O/l = t + (O − l·t)/l of a distribution sharp on t keeps t's digits. Then, as
+in ``finalize_kernel``, with λ the target's weight on the positive (λ = 1 for InfoNCE, 0 for
+ReSSL) and Σ_k s²_k a_k = x·O_b/l_b/τ (a is linear in c):
 
-    loss_r  = LSE_a − λ·a_pos − (1−λ)·U_b/l_b
+    loss_r  = LSE_a − λ·a_pos − (1−λ)·Σ_k s²_k a_k
     dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b) / τ
-    dL/dτ_r = −(U_a/l_a − λ·a_pos − (1−λ)·U_b/l_b) / τ  =  −(x_r/τ)·dL/dx_r
+    dL/dτ_r = −(x_r/τ)·dL/dx_r
 
 At small τ the logits are large (1.4e4 in base 2 at τ = 1e-4) and round by 1e-3, so the loss is
 summed from terms in which they cancel exactly: log l_a + λ·(m_a − a_pos) + (1−λ)·x_r·(c_max −
-O_b/l_b)/τ, with a_pos read from the product m_a comes from and c_max the candidate of m_a.
+t_b − (O_b − l_b·t_b)/l_b)/τ, with c_max = t_a, and a_pos read from a chunk's product (the one
+m_a comes from, or in queue mode one that rounds as the queue's chunks do, so that a copy of the
+positive in the queue gets the same logit); the gradient likewise keeps the tops' differences
+apart, exactly 0 where they are the same candidate.
 
 The target is a constant and the queue gets no gradient, so the forward pass yields the gradients
 and the backward scales them by the upstream gradient. A key bank that needs a gradient gets it
@@ -173,48 +177,52 @@ class _StreamingLoss(torch.autograd.Function):
             symmetric=stream.symmetric,
             device=x.device,
         )
-        # a_pos·log2 e. Queue mode: the positive z²_r is one more column of the online rows,
-        # before the others. With a bank, the positive's logit is read from the chunk's product
-        # that the row's maximum comes from, so that LSE_a − a_pos is not below 0 by rounding.
+        # a_pos·log2 e, read from a chunk's product: from the one the row's maximum comes from
+        # with a bank, so that LSE_a − a_pos is not below 0 by rounding; in queue mode, where the
+        # positive z²_r is one more column of the online rows before the others, from a product
+        # of the rows with the keys that rounds as the queue's chunks do, so that a copy of z²_r
+        # in the queue gets its logit bit for bit.
         queue_positive = bank is None and online_has_pos
-        a_pos2 = row_dots(exponents[:r], c_pos) if bank is None else None
-        m, l, o, picked, argmax = stream_states(
+        m, l, offsets, tops, a_pos2, argmax = stream_states(
             exponents,
             bank,
             queue,
             masked,
-            a_pos2 if queue_positive else None,
-            c_pos if queue_positive and need_grad else None,
-            None if bank is None else positive_columns(r, n, offset, x.device),
+            key if queue_positive else None,
+            positive_columns(r, n, offset if bank is not None else 0, x.device),
             chunk_size=stream.chunk_size,
             vectors_from=0 if need_grad else r,
             track_argmax=need_target,  # c_max: SCE's and ReSSL's target term only
         )
-        if bank is not None:
-            a_pos2 = picked
 
         # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as log l_a + λ·(m_a − a_pos) +
         # (1−λ)·x_r·(c_max − O_b/l_b)/τ, c_max the candidate of the row's maximum m_a, so that
-        # large logits cancel before they are rounded: m_a − a_pos from one product, and where
-        # the target is sharp on c_max, c_max − O_b/l_b is exactly 0.
+        # large logits cancel before they are rounded: m_a − a_pos from one product, and
+        # c_max − O_b/l_b = (c_max − t_b) − Δ_b, exactly 0 where the target is sharp on c_max.
         loss = l[:r].log2()
         if online_has_pos:
             loss = loss + coeff * (m[:r] - a_pos2)
-        means = o.div_(
-            l[l.shape[0] - o.shape[0] :, None]
-        )  # O/l: the distributions' mean candidates
-        target_mean = c_pos  # InfoNCE's (λ = 1); SCE's λ·c_pos + (1−λ)·O_b/l_b, ReSSL's O_b/l_b
+        # Δ = O/l − t: each distribution's mean candidate less its maximum's candidate t.
+        offsets.div_(l[l.shape[0] - offsets.shape[0] :, None])
         if need_target:
-            mean_b = means[-n:] if views == 1 else means[-n:].repeat(views, 1)
+            top_b, offset_b = tops[-n:], offsets[-n:]
+            if views > 1:
+                top_b, offset_b = top_b.repeat(views, 1), offset_b.repeat(views, 1)
             c_max = candidates_at(argmax[:r], bank, queue, c_pos, dtype=exponents.dtype)
             # Σ_k w_k (m_a − a_k) ≥ 0: a negative value is rounding, and 0 is nearer the truth.
-            loss = loss + (1 - coeff) * row_dots(exponents[:r], c_max.sub_(mean_b)).clamp_(min=0)
-            target_mean = mean_b.mul_(1 - coeff).add_(coeff * c_pos)  # in place: O is spent
+            target_term = row_dots(exponents[:r], (c_max - top_b).sub_(offset_b))
+            loss = loss + (1 - coeff) * target_term.clamp_(min=0)
         loss = loss * LN_2
         grad = dtau = key_weight = None
-        if need_grad:  # dL/dx_r = (O_a/l_a − target_mean) / τ
-            grad = means[:r] - target_mean
-        del o, means, target_mean
+        if need_grad:
+            # dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b)/τ, with O/l = t + Δ and the tops'
+            # differences apart, so that the candidates cancel exactly where the tops are equal:
+            # Δ_a + λ·(t_a − c_pos) + (1−λ)·(t_a − t_b − Δ_b).
+            top_a = tops[:r]
+            grad = offsets[:r].add_(coeff * (top_a - c_pos))
+            if need_target:
+                grad.add_((1 - coeff) * ((top_a - top_b).sub_(offset_b)))
+        del offsets, tops
         if grad is not None:
             grad.div_(temperature)
             dtau = -LN_2 * row_dots(exponents[:r], grad)
@@ -363,39 +371,49 @@ def stream_states(
     bank: Tensor | None,
     queue: Tensor | None,
     masked: Tensor,
-    first_logits: Tensor | None = None,
-    first_column: Tensor | None = None,
+    positives: Tensor | None = None,
     picked_columns: Tensor | None = None,
     *,
     chunk_size: int,
     vectors_from: int = 0,
     track_argmax: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The running states (m, l, O) of the rows of ``exponents`` (base-2 logits z =
-    exponents·c) after every candidate, [bank; queue], a chunk at a time, without each row's
-    ``masked`` bank columns: the loop of ``partial_stats_kernel``. O is kept for the rows from
-    ``vectors_from`` on. With ``first_logits`` the first rows start from one column already seen:
-    logit ``first_logits``, vector ``first_column`` (queue mode's positive). Also returns, for the
-    first rows, the logit at bank column ``picked_columns[r]`` (before masking), as the chunk's
-    product computed it (empty without ``picked_columns``), and for every row the column of
-    [bank; queue] its maximum m is at (−1: the first column; all −1 without ``track_argmax``)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The running states of the rows of ``exponents`` (base-2 logits z = exponents·c) after
+    every candidate, [bank; queue], a chunk at a time, without each row's ``masked`` bank
+    columns: the loop of ``partial_stats_kernel``. For each row the maximum m and l = Σ 2^{z−m};
+    for the rows from ``vectors_from`` on, the candidate t of the maximum and O − l·t =
+    Σ 2^{z−m}·(c − t), summed without t's own term, so that where the distribution is sharp on
+    t its mean t + (O − l·t)/l keeps t's digits. With ``positives`` (queue mode), the first
+    len(picked_columns) rows start from one more column, before the others: their positive
+    ``positives[picked_columns[r]]``. Returns (m, l, O − l·t, t, picked, argmax): for the first
+    rows, the logit at column ``picked_columns[r]`` of ``positives``, or else of the bank
+    (before masking), as a chunk's product of the whole row block computed it (empty without
+    ``picked_columns``), and for every row the column of [bank; queue] its maximum is at (−1:
+    the positive; all −1 without ``track_argmax``)."""
     rows, dim = exponents.shape
     m = exponents.new_full((rows,), float("-inf"))
     l = exponents.new_zeros(rows)
-    o = exponents.new_zeros(rows - vectors_from, dim)
+    offsets = exponents.new_zeros(rows - vectors_from, dim)
+    tops = exponents.new_zeros(rows - vectors_from, dim)
     picked = exponents.new_zeros(0 if picked_columns is None else len(picked_columns))
     argmax = torch.full((rows,), -1, dtype=torch.long, device=exponents.device)
-    if first_logits is not None:
-        m[: len(first_logits)], l[: len(first_logits)] = first_logits, 1.0
-    if first_column is not None:
-        o[: len(first_column)] = first_column
-    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * chunk_size)  # one chunk's logits
+    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * max(chunk_size, MIN_CHUNK))  # logits
     for first in range(0, rows, ROW_BLOCK):  # row blocks (one unless the batch is large)
         block = slice(first, min(first + ROW_BLOCK, rows))
         vectors = slice(
             max(block.start - vectors_from, 0), max(block.stop - vectors_from, 0)
         )  # the rows of the block that keep O
         picks = slice(min(block.start, len(picked)), min(block.stop, len(picked)))
+        if positives is not None and picked_columns is not None:
+            for start in range(0, len(positives), chunk_size):
+                c = positives[start : start + chunk_size].to(exponents.dtype)
+                logits = _logits(exponents[block], c, buffer)
+                _pick(picked[picks], logits, picked_columns[picks] - start)
+            m[picks], l[picks] = picked[picks], 1.0
+            kept = slice(max(picks.start, vectors_from), max(picks.stop, vectors_from))  # with t
+            tops[kept.start - vectors_from : kept.stop - vectors_from] = positives[
+                picked_columns[kept]
+            ]
         for candidates, in_bank in ((bank, True), (queue, False)):
             if candidates is None:
                 continue
@@ -404,25 +422,32 @@ def stream_states(
                 c = candidates[start : start + chunk_size].to(exponents.dtype)
                 logits = _logits(exponents[block], c, buffer)
                 if in_bank:
-                    if picked_columns is not None:
+                    if picked_columns is not None and positives is None:
                         _pick(picked[picks], logits, picked_columns[picks] - start)
                     _mask_columns(logits, masked[block] - start)
                 _online_update_(
                     m[block],
                     l[block],
-                    o[vectors],
+                    offsets[vectors],
+                    tops[vectors],
                     argmax[block] if track_argmax else None,
                     logits,
                     c,
                     offset + start,
                 )
-    return m, l, o, picked, argmax
+    return m, l, offsets, tops, picked, argmax
 
 
 def _logits(exponents: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
-    """exponents·cᵀ, written into the front of ``buffer`` (reused from chunk to chunk)."""
-    shape = (len(exponents), len(c))
-    return torch.mm(exponents, c.T, out=buffer[: shape[0] * shape[1]].view(shape))
+    """exponents·cᵀ, written into the front of ``buffer`` (reused from chunk to chunk, with room
+    for MIN_CHUNK columns). Fewer columns are computed as MIN_CHUNK, the others zero: BLAS
+    rounds a narrow product differently, and a copy of a candidate in another chunk (a key and
+    its copy in the queue) would not get its logit bit for bit."""
+    columns, width = len(c), max(len(c), MIN_CHUNK)
+    if columns < width:
+        c = torch.cat([c, c.new_zeros(width - columns, c.shape[1])])
+    product = torch.mm(exponents, c.T, out=buffer[: len(exponents) * width].view(-1, width))
+    return product[:, :columns]
 
 
 @stream_states.register_fake
@@ -431,8 +456,7 @@ def _(
     bank,
     queue,
     masked,
-    first_logits=None,
-    first_column=None,
+    positives=None,
     picked_columns=None,
     *,
     chunk_size,
@@ -443,6 +467,7 @@ def _(
     return (
         exponents.new_empty(rows),
         exponents.new_empty(rows),
+        exponents.new_empty(rows - vectors_from, dim),
         exponents.new_empty(rows - vectors_from, dim),
         exponents.new_empty(0 if picked_columns is None else picked_columns.shape[0]),
         exponents.new_empty(rows, dtype=torch.long),
@@ -459,25 +484,41 @@ def _pick(picked: Tensor, logits: Tensor, columns: Tensor) -> None:
 
 
 def _online_update_(
-    m: Tensor, l: Tensor, o: Tensor, argmax: Tensor | None, logits: Tensor, c: Tensor, column: int
+    m: Tensor,
+    l: Tensor,
+    offsets: Tensor,
+    tops: Tensor,
+    argmax: Tensor | None,
+    logits: Tensor,
+    c: Tensor,
+    column: int,
 ) -> None:
-    """One chunk of columns into the running (max, Σ2^z, Σ2^z·c) states of base-2 logits z, in
-    place, as the kernels' ``_online_update``: m' = max(m, max_k z_k),
-    l' = l·2^{m−m'} + Σ_k 2^{z_k−m'}, O' = O·2^{m−m'} + Σ_k 2^{z_k−m'}·c_k. ``o`` holds the last
-    len(o) rows' O; ``argmax`` (if not None) the column of m (this chunk's first being
-    ``column``); ``logits`` becomes 2^{z−m'}."""
-    if argmax is None:
-        chunk_m = logits.amax(1)
-    else:
-        chunk_m, chunk_argmax = logits.max(1)
+    """One chunk of columns into the running states of base-2 logits z, in place, as the
+    kernels' ``_online_update``: m' = max(m, max_k z_k), l' = l·2^{m−m'} + Σ_k 2^{z_k−m'}, and
+    for the last len(tops) rows, with t' the candidate of m' (t where the maximum stays),
+    O' − l'·t' = 2^{m−m'}·(O − l·t + l·(t − t')) + Σ_{k≠t'} 2^{z_k−m'}·(c_k − t').
+    ``argmax`` (if not None) keeps the column of m (this chunk's first being ``column``);
+    ``logits`` becomes 2^{z−m'}."""
+    chunk_m, chunk_argmax = logits.max(1)
+    if argmax is not None:
         argmax.copy_(torch.where(chunk_m > m, chunk_argmax + column, argmax))
     new_m = torch.maximum(m, chunk_m)
     safe_m = new_m.masked_fill(new_m == float("-inf"), 0.0)  # rows with no column yet
     alpha = torch.exp2(m - safe_m)
     p = logits.sub_(safe_m[:, None]).exp2_()
-    l.mul_(alpha).add_(p.sum(1))
-    first = len(p) - len(o)
-    o.mul_(alpha[first:, None]).addmm_(p[first:], c)
+    first = len(p) - len(tops)
+    moved = (chunk_m > m)[first:]  # rows whose maximum is now in this chunk, at t' (2^0 = 1)
+    at = chunk_argmax[first:, None]
+    p_kept = p[first:]
+    p_kept.scatter_(1, at, p_kept.gather(1, at).masked_fill_(moved[:, None], 0.0))  # t' apart
+    sums = p.sum(1)
+    if len(tops):
+        new_tops = torch.where(moved[:, None], c[at[:, 0]], tops)
+        offsets.addcmul_(l[first:, None], tops - new_tops)
+        offsets.mul_(alpha[first:, None]).addmm_(p_kept, c).sub_(sums[first:, None] * new_tops)
+        tops.copy_(new_tops)
+    sums[first:] += moved
+    l.mul_(alpha).add_(sums)
     m.copy_(new_m)
 
 
@@ -574,7 +615,7 @@ def bank_products(
     n = r // views
     rows = len(exponents)
     grad = exponents.new_zeros(bank.shape)
-    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * chunk_size)  # one block's logits
+    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * max(chunk_size, MIN_CHUNK))  # logits
     weights = exponents.new_empty(r * chunk_size)  # W of one chunk
     for start in range(0, len(bank), chunk_size):
         c = bank[start : start + chunk_size]

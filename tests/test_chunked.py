@@ -355,14 +355,15 @@ def test_chunk_loops_pass_opcheck():
         symmetric=False,
         device="cpu",
     )
-    first_logits, first_column = exponents[: views * n, 0], exponents[: views * n]
+    keys, positive = bank[:n], chunked.positive_columns(views * n, n, 0, "cpu")
     for stream_args, options in (
         ((exponents, bank, queue.bfloat16(), masked), dict(chunk_size=3)),
+        ((exponents, bank, queue, masked, None, positive + n), dict(chunk_size=3)),
         (
-            (exponents, None, queue, masked, first_logits),
+            (exponents, None, queue, masked, keys, positive),
             dict(chunk_size=4, vectors_from=views * n),
         ),
-        ((exponents, None, queue, masked, first_logits, first_column), dict(chunk_size=4)),
+        ((exponents, None, queue, masked, keys, positive), dict(chunk_size=4)),
     ):
         torch.library.opcheck(
             chunked.stream_states,

@@ -68,18 +68,25 @@ SMALL_TEMPERATURES = [1e-4, 3e-4, 1e-3, 1e-2, 0.1]
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def float32_errors_and_bars(fn, backend, mode, temperature, *, seed, same=False):
+def float32_errors_and_bars(fn, backend, mode, temperature, *, seed, same=False, copies=None):
     """{output: (‖backend − float64‖, its bar)} for the per-row losses and the query's and key's
     gradients (of a weighted sum of the losses, both inputs online) of float32 inputs whose
-    positives are their rows' largest logits; with ``same``, the key is the query itself. The
-    bar: 3× the float32 reference's own error against float64 (another summation order rounds
-    differently, by as much again), plus 8 float32 ulps of each output (a reference that rounds
-    to exactly 0 leaves that much room)."""
+    positives are their rows' largest logits; with ``same``, the key is the query itself. With
+    ``copies`` the queue also holds copies of the keys, as when keys are pushed before their
+    loss, or an image's key of the epoch before comes back: "exact" or "near" (1e-4 away) copies
+    of half of them, or exact copies of "every" key.
+    The bar: 3× the float32 reference's own error against float64 (another summation order
+    rounds differently, by as much again), plus 8 float32 ulps of each output (a reference that
+    rounds to exactly 0 leaves that much room)."""
     g = torch.Generator().manual_seed(seed)
     query = unit(48, 16, generator=g)
     noise = unit(48, 16, generator=g)
     key = query.clone() if same else torch.nn.functional.normalize(query + 0.1 * noise, dim=-1)
     queue = None if mode in ("in-batch", "symmetric") else unit(200, 16, generator=g)
+    if copies is not None:
+        copied = {"exact": key[:24], "every": key}.get(copies)
+        copied = key[:24] + 1e-4 * unit(24, 16, generator=g) if copied is None else copied
+        queue = torch.cat([queue[:100], torch.nn.functional.normalize(copied, dim=-1), queue[100:]])
     options = dict(temperature=temperature, reduction="none")
     if fn is not info_nce_loss:
         options["target_temperature"] = 0.05
@@ -140,6 +147,50 @@ def test_chunked_float32_errs_no_more_than_the_float32_reference_at_small_temper
 
 
 @pytest.mark.parametrize("fn", LOSSES)
+@pytest.mark.parametrize(
+    "temperature",
+    [1e-4, 1e-2] + [pytest.param(t, marks=pytest.mark.slow) for t in (3e-4, 1e-3, 0.1)],
+)
+@pytest.mark.parametrize("mode", ["queue", "queue+keys"])
+@pytest.mark.parametrize("copies", ["exact", "near", "every"])
+def test_chunked_float32_errs_no_more_than_the_float32_reference_with_copies_in_the_queue(
+    fn, temperature, mode, copies
+):
+    """Copies of the keys in the queue once broke the bar three ways: the queue-mode positive's
+    logit came from a row dot and its copy's from a chunk's GEMM, which round differently (SCE's
+    loss 56× the bar with every key copied); a product of fewer than 64 columns also rounds
+    differently; and the means O/l of distributions sharp on one candidate kept that
+    candidate's rounding, which dL/dx = (O_a/l_a − c_pos)/τ (1e-3 at τ = 1e-4 where it is 0)
+    and ReSSL's x·(c_max − O_b/l_b)/τ multiply by 1/τ."""
+    for name, (error, bar) in float32_errors_and_bars(
+        fn, "chunked", mode, temperature, seed=3, copies=copies
+    ).items():
+        assert error <= bar, (name, error, bar)
+
+
+@pytest.mark.parametrize("mode", ["queue", "queue+keys"])
+def test_chunked_ressl_loss_errs_as_the_reference_on_rows_whose_key_has_a_near_copy(mode):
+    """Rows whose key has a copy 1e-4 away in the queue: both distributions are sharp on it, and
+    ReSSL's loss Σ_k s²_k (m_a − a_k) is small terms only. The reference's float32 error on
+    these rows is 5e-5 at τ = 1e-4; chunked's was 5e-3 while the target's mean O_b/l_b kept the
+    rounding of its dominant candidate (the norm over every row hid it)."""
+    g = torch.Generator().manual_seed(3)
+    query = unit(48, 16, generator=g)
+    key = torch.nn.functional.normalize(query + 0.1 * unit(48, 16, generator=g), dim=-1)
+    queue = unit(200, 16, generator=g)
+    copies = torch.nn.functional.normalize(key[:24] + 1e-4 * unit(24, 16, generator=g), dim=-1)
+    queue = torch.cat([queue[:100], copies, queue[100:]])
+    options = dict(temperature=1e-4, target_temperature=0.05, reduction="none")
+    options |= dict(include_keys=mode == "queue+keys")
+    exact = ressl_loss(query, key, queue, **options)[:24]
+    own, got = (
+        ressl_loss(query.float(), key.float(), queue.float(), backend=backend, **options)[:24]
+        for backend in ("reference", "chunked")
+    )
+    assert (got.double() - exact).norm() <= 3 * (own.double() - exact).norm()
+
+
+@pytest.mark.parametrize("fn", LOSSES)
 @pytest.mark.parametrize("mode", ["in-batch", "queue", "symmetric"])
 def test_chunked_losses_are_never_negative_at_the_smallest_temperatures(fn, mode):
     """Every loss here is a cross-entropy, ≥ 0: rounding at τ = τ_m = 1e-4 must not push it
@@ -174,5 +225,27 @@ def test_fused_float32_errs_no_more_than_the_float32_reference_at_small_temperat
     gradient erred 3.3× the float32 reference's own error at τ = 1e-3."""
     for name, (error, bar) in float32_errors_and_bars(
         fn, "fused", mode, temperature, seed=3, same=same
+    ).items():
+        assert error <= bar, (name, error, bar)
+
+
+@needs_fused
+@pytest.mark.parametrize("fn", LOSSES)
+@pytest.mark.parametrize(
+    "temperature",
+    [1e-4] + [pytest.param(t, marks=pytest.mark.slow) for t in (3e-4, 1e-3, 1e-2, 0.1)],
+)
+@pytest.mark.parametrize("mode", ["queue", "queue+keys"])
+@pytest.mark.parametrize("copies", ["exact", "near", "every"])
+def test_fused_float32_errs_no_more_than_the_float32_reference_with_copies_in_the_queue(
+    fn, temperature, mode, copies
+):
+    """The finalize kernel once added the queue-mode positive to O_a before the other columns,
+    so that an exact copy of it left the rounding of c_pos/τ in dL/dx (1.4e-3 at τ = 1e-4, where
+    the exact value is 0); and the loss was LSE_a − λ·a_pos − (1−λ)·u_b/l_b, large logits
+    subtracted after their rounding (SCE with every key copied: 56× the bar, InfoNCE with
+    ``include_keys`` 113×), where it is now summed from gaps to the online maximum."""
+    for name, (error, bar) in float32_errors_and_bars(
+        fn, "fused", mode, temperature, seed=3, copies=copies
     ).items():
         assert error <= bar, (name, error, bar)

@@ -46,23 +46,21 @@ def streaming_forward(
         device=query.device,
     )
     queue_positive = bank is None and online_has_pos
-    # With a bank, a_pos comes from the product the row's maximum comes from (chunked.py).
-    a_pos2 = chunked.row_dots(exponents[:rows], c_pos) if bank is None else None
-    m, l, o, picked, _ = chunked.stream_states(
+    # a_pos from a chunk's product: of the bank's, or, in queue mode, of one with the keys.
+    m, l, offsets, tops, a_pos2, _ = chunked.stream_states(
         exponents,
         None if bank is None else bank.float(),
         queue,
         masked,
-        a_pos2 if queue_positive else None,
-        c_pos if queue_positive else None,
-        None if bank is None else chunked.positive_columns(rows, n, offset, query.device),
+        k if queue_positive else None,
+        chunked.positive_columns(rows, n, 0 if bank is None else offset, query.device),
         chunk_size=chunked.chunk_columns(len(exponents)),
         track_argmax=False,
     )
     lse = torch.stack([m * LN_2, l.log()])  # (m, log l) in base e
-    means = o / l[:, None]
+    means = tops + offsets / l[:, None]
     u_a = chunked.row_dots(exponents[:rows], means[:rows]) * LN_2  # Σ_k P_k a_k
-    a_pos = (picked if a_pos2 is None else a_pos2) * LN_2
+    a_pos = a_pos2 * LN_2
     target_mean, u_target, lse_b = c_pos, a_pos, a_pos.new_zeros(2, rows)
     if need_target:
         mean_b = means[rows:].repeat(views, 1)

@@ -5,17 +5,22 @@ Rows r = 0..R−1 are the (crop, row) pairs of the flattened query X; row r's ta
 K[r mod N]. A candidate block C (the key bank or the queue) is split along its columns; for each
 (row block, split) ``partial_stats_kernel`` streams its columns once and keeps, per row:
 
-    m_a, l_a = Σ e^{a−m_a}, u_a = Σ e^{a−m_a}·a, O_a = Σ e^{a−m_a}·c   (online, a = x·c/τ)
-    m_b, l_b = Σ e^{b−m_b}, u_b = Σ e^{b−m_b}·a, O_b = Σ e^{b−m_b}·c   (target, b = k·c/τ_m, k≠pos)
-    a_pos                                                               (the positive's logit)
+    m_a, l_a = Σ e^{a−m_a}, g_a = Σ e^{a−m_a}·(m_a−a), O_a = Σ e^{a−m_a}·c   (online, a = x·c/τ)
+    m_b, l_b = Σ e^{b−m_b}, g_b = Σ e^{b−m_b}·(m_a−a), O_b = Σ e^{b−m_b}·c   (target, b = k·c/τ_m,
+                                                                            k ≠ pos)
+    a_pos                                                                   (the positive's logit)
+
+The gaps g are sums of terms ≥ 0 measured from the online maximum m_a (moved with it, as the
+maxima rescale the sums), so that at small τ, where the logits are large (1e4 at τ = 1e-4) and
+round by 1e-3, no large logit is subtracted from another after its rounding.
 
 O_a and O_b are accumulated only when the query needs a gradient (NEED_GRAD).
 ``finalize_kernel`` merges the partial states of every split (rescaling by the running maxima) and
 writes, with λ the target's weight on the positive,
 
-    loss_r  = LSE_a − λ·a_pos − (1−λ)·u_b/l_b
+    loss_r  = LSE_a − λ·a_pos − (1−λ)·Σ_k s²_k a_k  =  log l_a + λ·(m_a − a_pos) + (1−λ)·g_b/l_b
     dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b) / τ
-    dL/dτ_r = −(u_a/l_a − λ·a_pos − (1−λ)·u_b/l_b) / τ
+    dL/dτ_r = −(λ·(m_a − a_pos) − g_a/l_a + (1−λ)·g_b/l_b) / τ
 
 and, for the key pass, LSE_a and LSE_b as their two terms, the maxima m and log l (their float32
 sum rounds to the ulp of m). ``key_gradient_kernel`` is that key pass: column-parallel over a key
@@ -44,38 +49,50 @@ def _dot(x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _empty_state(BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A running (max, Σe, Σe·a, Σe·c) state over no column yet."""
+    """A running (max, Σe, gap, Σe·c) state over no column yet."""
     zero = tl.zeros((BLOCK_R,), tl.float32)
     vector = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     return tl.full((BLOCK_R,), float("-inf"), tl.float32), zero, zero, vector
 
 
 @triton.jit
+def _gap_shift(l, ref, new_ref):
+    """What a gap Σe·(ref − a) over a sum l gains when its reference grows to new_ref (0 where
+    there is no term yet, and ref may be −inf: no infinity enters the arithmetic)."""
+    has_terms = l > 0.0
+    return (tl.where(has_terms, new_ref, 0.0) - tl.where(has_terms, ref, 0.0)) * l
+
+
+@triton.jit
 def _online_update(
     m,
     l,
-    u,
+    g,
     o,
     logits,
     valid,
-    weights_of,
+    a,
+    ref,
+    new_ref,
     c,
     ACCUMULATE: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One block of columns into a running (max, Σe, Σe·a, Σe·c) state; ``weights_of`` is a.
-    Σe·c (a D-vector per row) is accumulated only if ACCUMULATE."""
+    """One block of columns into a running (max, Σe, gap, Σe·c) state, the gap
+    Σe·(ref − a) measured from the online maximum ``ref``, which becomes ``new_ref``. Σe·c
+    (a D-vector per row) is accumulated only if ACCUMULATE."""
     masked = tl.where(valid, logits, float("-inf"))
     new_m = tl.maximum(m, tl.max(masked, 1))
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
     alpha = tl.exp(m - safe_m)
     p = tl.exp(masked - safe_m[:, None])
+    g = (g + _gap_shift(l, ref, new_ref)) * alpha
+    g += tl.sum(p * tl.where(valid, new_ref[:, None] - a, 0.0), 1)
     l = l * alpha + tl.sum(p, 1)
-    u = u * alpha + tl.sum(p * tl.where(valid, weights_of, 0.0), 1)
     if ACCUMULATE:
         o = o * alpha[:, None] + _dot(p.to(c.dtype), c, PRECISION, UPCAST)
-    return new_m, l, u, o
+    return new_m, l, g, o
 
 
 @triton.jit
@@ -146,14 +163,27 @@ def partial_stats_kernel(
         valid = col_ok[None, :] & row_ok[:, None]
         a_pos += tl.sum(tl.where(is_pos & valid, a, 0.0), 1)
         online_ok = valid if ONLINE_HAS_POS else valid & ~is_pos
-        m_a, l_a, u_a, o_a = _online_update(
-            m_a, l_a, u_a, o_a, a, online_ok, a, c, NEED_GRAD, PRECISION, UPCAST
-        )
+        new_m_a = tl.maximum(m_a, tl.max(tl.where(online_ok, a, float("-inf")), 1))
         if NEED_TARGET:
             b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
             m_b, l_b, u_b, o_b = _online_update(
-                m_b, l_b, u_b, o_b, b, valid & ~is_pos, a, c, NEED_GRAD, PRECISION, UPCAST
+                m_b,
+                l_b,
+                u_b,
+                o_b,
+                b,
+                valid & ~is_pos,
+                a,
+                m_a,
+                new_m_a,
+                c,
+                NEED_GRAD,
+                PRECISION,
+                UPCAST,
             )
+        m_a, l_a, u_a, o_a = _online_update(
+            m_a, l_a, u_a, o_a, a, online_ok, a, m_a, new_m_a, c, NEED_GRAD, PRECISION, UPCAST
+        )
 
     slot = SPLIT_BASE + split
     base = STATS + slot * R + rows
@@ -172,15 +202,16 @@ def partial_stats_kernel(
 
 
 @triton.jit
-def _merge(m, l, u, o, m_s, l_s, u_s, o_s):
-    """Two running states of the same row into one (rescaled to the larger maximum)."""
+def _merge(m, l, g, o, m_s, l_s, g_s, o_s, ref, ref_s, new_ref):
+    """Two running states of the same row into one (rescaled to the larger maximum), their gaps
+    measured from the online maxima ``ref`` and ``ref_s``, and then from ``new_ref``."""
     new_m = tl.maximum(m, m_s)
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
     alpha, beta = tl.exp(m - safe_m), tl.exp(m_s - safe_m)
     return (
         new_m,
         l * alpha + l_s * beta,
-        u * alpha + u_s * beta,
+        (g + _gap_shift(l, ref, new_ref)) * alpha + (g_s + _gap_shift(l_s, ref_s, new_ref)) * beta,
         o * alpha[:, None] + o_s * beta[:, None],
     )
 
@@ -211,7 +242,7 @@ def finalize_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Merge the splits' states; EXTRA_POS adds the queue-mode positive (c = K[r mod N]) to the
-    online state as one more column, with logit A_POS_EXTRA[r]."""
+    online state as one more column, with logit A_POS_EXTRA[r], after the others."""
     coeff = tl.load(COEFF)
     inv_tau = 1.0 / tl.load(TAU)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -226,11 +257,9 @@ def finalize_kernel(
         key = tl.load(K + (rows % N)[:, None] * D + dims[None, :], mask=vec_ok, other=0.0).to(
             tl.float32
         )
-    if EXTRA_POS:
+    if EXTRA_POS:  # the maximum starts at the positive; its term joins l_a and u_a at the end
         a_pos = tl.load(A_POS_EXTRA + rows, mask=row_ok, other=0.0)
-        m_a, l_a, u_a = a_pos, tl.full((BLOCK_R,), 1.0, tl.float32), a_pos
-        if NEED_GRAD:
-            o_a = key
+        m_a = a_pos
 
     stride = TOTAL_SPLITS * R
     for slot in range(0, TOTAL_SPLITS):
@@ -239,20 +268,13 @@ def finalize_kernel(
         o_s = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
         if NEED_GRAD:
             o_s = tl.load(vec, mask=vec_ok, other=0.0)
-        m_a, l_a, u_a, o_a = _merge(
-            m_a,
-            l_a,
-            u_a,
-            o_a,
-            tl.load(base + M_A * stride, mask=row_ok, other=float("-inf")),
-            tl.load(base + L_A * stride, mask=row_ok, other=0.0),
-            tl.load(base + U_A * stride, mask=row_ok, other=0.0),
-            o_s,
-        )
+        m_a_s = tl.load(base + M_A * stride, mask=row_ok, other=float("-inf"))
+        new_m_a = tl.maximum(m_a, m_a_s)
         a_pos += tl.load(base + A_POS * stride, mask=row_ok, other=0.0)
         if NEED_TARGET:
+            o_t = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
             if NEED_GRAD:
-                o_s = tl.load(vec + stride * D, mask=vec_ok, other=0.0)
+                o_t = tl.load(vec + stride * D, mask=vec_ok, other=0.0)
             m_b, l_b, u_b, o_b = _merge(
                 m_b,
                 l_b,
@@ -261,29 +283,57 @@ def finalize_kernel(
                 tl.load(base + M_B * stride, mask=row_ok, other=float("-inf")),
                 tl.load(base + L_B * stride, mask=row_ok, other=0.0),
                 tl.load(base + U_B * stride, mask=row_ok, other=0.0),
-                o_s,
+                o_t,
+                m_a,
+                m_a_s,
+                new_m_a,
             )
+        m_a, l_a, u_a, o_a = _merge(
+            m_a,
+            l_a,
+            u_a,
+            o_a,
+            m_a_s,
+            tl.load(base + L_A * stride, mask=row_ok, other=0.0),
+            tl.load(base + U_A * stride, mask=row_ok, other=0.0),
+            o_s,
+            m_a,
+            m_a_s,
+            new_m_a,
+        )
 
+    others = l_a  # Σe over the columns other than EXTRA_POS's positive
+    if EXTRA_POS:
+        first = tl.exp(a_pos - m_a)
+        l_a += first
+        u_a += first * (m_a - a_pos)
     l_a = tl.where(row_ok, l_a, 1.0)  # rows past R: keep their (unstored) arithmetic finite
     l_b = tl.where(row_ok, l_b, 1.0)
-    lse_a = m_a + tl.log(l_a)
-    target_u = a_pos * 0.0
+    target_gap = a_pos * 0.0
     if NEED_TARGET:
-        target_u = u_b / l_b
+        target_gap = u_b / l_b
         tl.store(MAX_B + rows, m_b, mask=row_ok)
         tl.store(LOG_SUM_B + rows, tl.log(l_b), mask=row_ok)
     # LSE as its two terms (m, log l): their float32 sum is rounded to the ulp of m (1e-4 at
     # τ = 1e-3), and a probability e^{a − LSE} recomputed from it by as much.
     tl.store(MAX_A + rows, m_a, mask=row_ok)
     tl.store(LOG_SUM_A + rows, tl.log(l_a), mask=row_ok)
-    tl.store(LOSS + rows, lse_a - coeff * a_pos - (1.0 - coeff) * target_u, mask=row_ok)
-    tl.store(
-        DTAU + rows, -(u_a / l_a - coeff * a_pos - (1.0 - coeff) * target_u) * inv_tau, mask=row_ok
-    )
+    # λ·(m_a − a_pos): 0 where λ = 0 (ReSSL, whose a_pos is 0); rows past R have m_a = −inf.
+    positive_gap = coeff * tl.where(row_ok, m_a - a_pos, 0.0)
+    tl.store(LOSS + rows, tl.log(l_a) + positive_gap + (1.0 - coeff) * target_gap, mask=row_ok)
+    dtau = -(positive_gap - u_a / l_a + (1.0 - coeff) * target_gap) * inv_tau
+    tl.store(DTAU + rows, dtau, mask=row_ok)
     if NEED_GRAD:
-        grad = o_a / l_a[:, None] - coeff * key
-        if NEED_TARGET:
-            grad -= (1.0 - coeff) * o_b / l_b[:, None]
+        if EXTRA_POS:
+            # O_a/l_a − c_pos as (O_others − l_others·c_pos)/l_a, in which an exact copy of the
+            # positive among the candidates cancels exactly; then − (1−λ)·(O_b/l_b − c_pos).
+            grad = (o_a - others[:, None] * key) / l_a[:, None]
+            if NEED_TARGET:
+                grad -= (1.0 - coeff) * (o_b / l_b[:, None] - key)
+        else:
+            grad = o_a / l_a[:, None] - coeff * key
+            if NEED_TARGET:
+                grad -= (1.0 - coeff) * o_b / l_b[:, None]
         tl.store(GRAD + rows[:, None] * D + dims[None, :], grad * inv_tau, mask=vec_ok)
 
 
