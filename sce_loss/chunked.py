@@ -499,24 +499,30 @@ def _online_update_(
     O' − l'·t' = 2^{m−m'}·(O − l·t + l·(t − t')) + Σ_{k≠t'} 2^{z_k−m'}·(c_k − t').
     ``argmax`` (if not None) keeps the column of m (this chunk's first being ``column``);
     ``logits`` becomes 2^{z−m'}."""
-    chunk_m, chunk_argmax = logits.max(1)
-    if argmax is not None:
-        argmax.copy_(torch.where(chunk_m > m, chunk_argmax + column, argmax))
+    if argmax is None and not len(tops):  # no column wanted (InfoNCE's evaluation)
+        chunk_m = logits.amax(1)
+    else:
+        chunk_m, chunk_argmax = logits.max(1)
+        if argmax is not None:
+            argmax.copy_(torch.where(chunk_m > m, chunk_argmax + column, argmax))
     new_m = torch.maximum(m, chunk_m)
     safe_m = new_m.masked_fill(new_m == float("-inf"), 0.0)  # rows with no column yet
     alpha = torch.exp2(m - safe_m)
     p = logits.sub_(safe_m[:, None]).exp2_()
+    if not len(tops):
+        l.mul_(alpha).add_(p.sum(1))
+        m.copy_(new_m)
+        return
     first = len(p) - len(tops)
     moved = (chunk_m > m)[first:]  # rows whose maximum is now in this chunk, at t' (2^0 = 1)
     at = chunk_argmax[first:, None]
     p_kept = p[first:]
     p_kept.scatter_(1, at, p_kept.gather(1, at).masked_fill_(moved[:, None], 0.0))  # t' apart
     sums = p.sum(1)
-    if len(tops):
-        new_tops = torch.where(moved[:, None], c[at[:, 0]], tops)
-        offsets.addcmul_(l[first:, None], tops - new_tops)
-        offsets.mul_(alpha[first:, None]).addmm_(p_kept, c).sub_(sums[first:, None] * new_tops)
-        tops.copy_(new_tops)
+    new_tops = torch.where(moved[:, None], c[at[:, 0]], tops)
+    offsets.addcmul_(l[first:, None], tops - new_tops)
+    offsets.mul_(alpha[first:, None]).addmm_(p_kept, c).sub_(sums[first:, None] * new_tops)
+    tops.copy_(new_tops)
     sums[first:] += moved
     l.mul_(alpha).add_(sums)
     m.copy_(new_m)

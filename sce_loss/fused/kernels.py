@@ -35,7 +35,7 @@ import triton.language as tl
 from .plan import STATE_SCALARS
 
 # Partial-state scalars per (split, row), in this order, then O_a and O_b.
-M_A, L_A, U_A, M_B, L_B, U_B, A_POS = (tl.constexpr(i) for i in range(STATE_SCALARS))
+M_A, L_A, G_A, M_B, L_B, G_B, A_POS = (tl.constexpr(i) for i in range(STATE_SCALARS))
 
 
 @triton.jit
@@ -69,7 +69,8 @@ def _online_update(
     l,
     g,
     o,
-    logits,
+    masked,
+    new_m,
     valid,
     a,
     ref,
@@ -79,11 +80,10 @@ def _online_update(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One block of columns into a running (max, Σe, gap, Σe·c) state, the gap
-    Σe·(ref − a) measured from the online maximum ``ref``, which becomes ``new_ref``. Σe·c
-    (a D-vector per row) is accumulated only if ACCUMULATE."""
-    masked = tl.where(valid, logits, float("-inf"))
-    new_m = tl.maximum(m, tl.max(masked, 1))
+    """One block of columns into a running (max, Σe, gap, Σe·c) state: ``masked``, its logits
+    with −inf where not ``valid``, and ``new_m``, the maximum after them (the caller's, who
+    needs it too). The gap Σe·(ref − a) is measured from the online maximum ``ref``, which
+    becomes ``new_ref``. Σe·c (a D-vector per row) is accumulated only if ACCUMULATE."""
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
     alpha = tl.exp(m - safe_m)
     p = tl.exp(masked - safe_m[:, None])
@@ -143,8 +143,8 @@ def partial_stats_kernel(
     else:
         pos = key_rows * 0 - 1
 
-    m_a, l_a, u_a, o_a = _empty_state(BLOCK_R, BLOCK_D)
-    m_b, l_b, u_b, o_b = _empty_state(BLOCK_R, BLOCK_D)
+    m_a, l_a, g_a, o_a = _empty_state(BLOCK_R, BLOCK_D)
+    m_b, l_b, g_b, o_b = _empty_state(BLOCK_R, BLOCK_D)
     a_pos = tl.zeros((BLOCK_R,), tl.float32)
 
     start = split * COLS_PER_SPLIT
@@ -163,16 +163,21 @@ def partial_stats_kernel(
         valid = col_ok[None, :] & row_ok[:, None]
         a_pos += tl.sum(tl.where(is_pos & valid, a, 0.0), 1)
         online_ok = valid if ONLINE_HAS_POS else valid & ~is_pos
-        new_m_a = tl.maximum(m_a, tl.max(tl.where(online_ok, a, float("-inf")), 1))
+        masked_a = tl.where(online_ok, a, float("-inf"))
+        new_m_a = tl.maximum(m_a, tl.max(masked_a, 1))
         if NEED_TARGET:
-            b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m
-            m_b, l_b, u_b, o_b = _online_update(
+            target_ok = valid & ~is_pos
+            masked_b = tl.where(
+                target_ok, _dot(k, ct, PRECISION, UPCAST) * inv_tau_m, float("-inf")
+            )
+            m_b, l_b, g_b, o_b = _online_update(
                 m_b,
                 l_b,
-                u_b,
+                g_b,
                 o_b,
-                b,
-                valid & ~is_pos,
+                masked_b,
+                tl.maximum(m_b, tl.max(masked_b, 1)),
+                target_ok,
                 a,
                 m_a,
                 new_m_a,
@@ -181,8 +186,21 @@ def partial_stats_kernel(
                 PRECISION,
                 UPCAST,
             )
-        m_a, l_a, u_a, o_a = _online_update(
-            m_a, l_a, u_a, o_a, a, online_ok, a, m_a, new_m_a, c, NEED_GRAD, PRECISION, UPCAST
+        m_a, l_a, g_a, o_a = _online_update(
+            m_a,
+            l_a,
+            g_a,
+            o_a,
+            masked_a,
+            new_m_a,
+            online_ok,
+            a,
+            m_a,
+            new_m_a,
+            c,
+            NEED_GRAD,
+            PRECISION,
+            UPCAST,
         )
 
     slot = SPLIT_BASE + split
@@ -190,10 +208,10 @@ def partial_stats_kernel(
     stride = TOTAL_SPLITS * R
     tl.store(base + M_A * stride, m_a, mask=row_ok)
     tl.store(base + L_A * stride, l_a, mask=row_ok)
-    tl.store(base + U_A * stride, u_a, mask=row_ok)
+    tl.store(base + G_A * stride, g_a, mask=row_ok)
     tl.store(base + M_B * stride, m_b, mask=row_ok)
     tl.store(base + L_B * stride, l_b, mask=row_ok)
-    tl.store(base + U_B * stride, u_b, mask=row_ok)
+    tl.store(base + G_B * stride, g_b, mask=row_ok)
     tl.store(base + A_POS * stride, a_pos, mask=row_ok)
     if NEED_GRAD:
         vec = VECS + (slot * R + rows[:, None]) * D + dims[None, :]
@@ -250,14 +268,14 @@ def finalize_kernel(
     row_ok = rows < R
     vec_ok = row_ok[:, None] & (dims < D)[None, :]
 
-    m_a, l_a, u_a, o_a = _empty_state(BLOCK_R, BLOCK_D)
-    m_b, l_b, u_b, o_b = _empty_state(BLOCK_R, BLOCK_D)
+    m_a, l_a, g_a, o_a = _empty_state(BLOCK_R, BLOCK_D)
+    m_b, l_b, g_b, o_b = _empty_state(BLOCK_R, BLOCK_D)
     a_pos = tl.zeros((BLOCK_R,), tl.float32)
     if NEED_GRAD:
         key = tl.load(K + (rows % N)[:, None] * D + dims[None, :], mask=vec_ok, other=0.0).to(
             tl.float32
         )
-    if EXTRA_POS:  # the maximum starts at the positive; its term joins l_a and u_a at the end
+    if EXTRA_POS:  # the maximum starts at the positive; its term joins l_a and g_a at the end
         a_pos = tl.load(A_POS_EXTRA + rows, mask=row_ok, other=0.0)
         m_a = a_pos
 
@@ -275,27 +293,27 @@ def finalize_kernel(
             o_t = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
             if NEED_GRAD:
                 o_t = tl.load(vec + stride * D, mask=vec_ok, other=0.0)
-            m_b, l_b, u_b, o_b = _merge(
+            m_b, l_b, g_b, o_b = _merge(
                 m_b,
                 l_b,
-                u_b,
+                g_b,
                 o_b,
                 tl.load(base + M_B * stride, mask=row_ok, other=float("-inf")),
                 tl.load(base + L_B * stride, mask=row_ok, other=0.0),
-                tl.load(base + U_B * stride, mask=row_ok, other=0.0),
+                tl.load(base + G_B * stride, mask=row_ok, other=0.0),
                 o_t,
                 m_a,
                 m_a_s,
                 new_m_a,
             )
-        m_a, l_a, u_a, o_a = _merge(
+        m_a, l_a, g_a, o_a = _merge(
             m_a,
             l_a,
-            u_a,
+            g_a,
             o_a,
             m_a_s,
             tl.load(base + L_A * stride, mask=row_ok, other=0.0),
-            tl.load(base + U_A * stride, mask=row_ok, other=0.0),
+            tl.load(base + G_A * stride, mask=row_ok, other=0.0),
             o_s,
             m_a,
             m_a_s,
@@ -306,12 +324,12 @@ def finalize_kernel(
     if EXTRA_POS:
         first = tl.exp(a_pos - m_a)
         l_a += first
-        u_a += first * (m_a - a_pos)
+        g_a += first * (m_a - a_pos)
     l_a = tl.where(row_ok, l_a, 1.0)  # rows past R: keep their (unstored) arithmetic finite
     l_b = tl.where(row_ok, l_b, 1.0)
     target_gap = a_pos * 0.0
     if NEED_TARGET:
-        target_gap = u_b / l_b
+        target_gap = g_b / l_b
         tl.store(MAX_B + rows, m_b, mask=row_ok)
         tl.store(LOG_SUM_B + rows, tl.log(l_b), mask=row_ok)
     # LSE as its two terms (m, log l): their float32 sum is rounded to the ulp of m (1e-4 at
@@ -321,7 +339,7 @@ def finalize_kernel(
     # λ·(m_a − a_pos): 0 where λ = 0 (ReSSL, whose a_pos is 0); rows past R have m_a = −inf.
     positive_gap = coeff * tl.where(row_ok, m_a - a_pos, 0.0)
     tl.store(LOSS + rows, tl.log(l_a) + positive_gap + (1.0 - coeff) * target_gap, mask=row_ok)
-    dtau = -(positive_gap - u_a / l_a + (1.0 - coeff) * target_gap) * inv_tau
+    dtau = -(positive_gap - g_a / l_a + (1.0 - coeff) * target_gap) * inv_tau
     tl.store(DTAU + rows, dtau, mask=row_ok)
     if NEED_GRAD:
         if EXTRA_POS:

@@ -41,7 +41,7 @@ DTYPES = {
 PRECISIONS = {"fp32-ieee": "tf32x3", "fp32-tf32": "tf32", "bf16": None, "fp16": None}
 WORKSPACE_BYTES = 64 << 20
 PROGRAMS_PER_SM = 2
-STATE_SCALARS = 7  # per (split, row): m_a, l_a, u_a, m_b, l_b, u_b, a_pos
+STATE_SCALARS = 7  # per (split, row): m_a, l_a, g_a, m_b, l_b, g_b, a_pos (g: gaps)
 
 
 @dataclass(frozen=True)
