@@ -413,8 +413,10 @@ def key_gradient_kernel(
         log_sum_a = tl.load(LOG_SUM_A + rows, mask=row_ok, other=0.0)
         a = _dot(x, ct, PRECISION, UPCAST) * inv_tau - max_a[:, None]  # a − m_a
         online_ok = valid if ONLINE_HAS_POS else valid & ~is_pos
-        # Masked before the exponential: ReSSL's left-out positive may exceed m_a by far.
-        weight = tl.exp(tl.where(online_ok, a - log_sum_a[:, None], float("-inf")))
+        # A probability is at most 1: clamped before the exponential, ReSSL's left-out positive
+        # (which may exceed m_a by far) and the padding cannot overflow (a clamp, not a −inf mask,
+        # keeps sm_86's tiles within the registers).
+        weight = tl.where(online_ok, tl.exp(tl.minimum(a - log_sum_a[:, None], 0.0)), 0.0)
         weight -= tl.where(is_pos & valid, coeff, 0.0)
         if NEED_TARGET:
             k = tl.load(K + key_rows[:, None] * D + dims[None, :], mask=row_tile_ok, other=0.0).to(
@@ -424,9 +426,8 @@ def key_gradient_kernel(
             log_sum_b = tl.load(LOG_SUM_B + rows, mask=row_ok, other=0.0)
             b = _dot(k, ct, PRECISION, UPCAST) * inv_tau_m - max_b[:, None]  # b − m_b
             target_ok = valid & ~is_pos
-            weight -= (1.0 - coeff) * tl.exp(
-                tl.where(target_ok, b - log_sum_b[:, None], float("-inf"))
-            )
+            target = tl.exp(tl.minimum(b - log_sum_b[:, None], 0.0))
+            weight -= (1.0 - coeff) * tl.where(target_ok, target, 0.0)
         weight *= g[:, None] * inv_tau
         grad += _dot(tl.trans(weight).to(x.dtype), x, PRECISION, UPCAST)
     out = GRAD_BANK + (split * NUM_BANK + cols[:, None]) * D + dims[None, :]
