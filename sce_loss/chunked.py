@@ -7,24 +7,27 @@ bank, then the queue) are read in chunks C of columns. One product [X/τ; K/τ_m
 online logits a = x·c/τ (R rows) and target logits b = k·c/τ_m (N rows, shared by the crops), and
 each row keeps the states of ``partial_stats_kernel``, rescaled as its running maximum grows:
 
-    m_a, l_a = Σ e^{a−m_a}, O_a = Σ e^{a−m_a}·c       (online)
-    m_b, l_b = Σ e^{b−m_b}, O_b = Σ e^{b−m_b}·c       (target, k ≠ pos)
+    m_a, l_a = Σ e^{a−m_a}, O_a = Σ e^{a−m_a}·c                            (online)
+    m_b, l_b = Σ e^{b−m_b}, g_b = Σ e^{b−m_b}·(m_a−a), O_b = Σ e^{b−m_b}·c  (target, k ≠ pos)
 
 O is kept as t and O − l·t, t the candidate of the running maximum, summed without t's own term,
-so that the mean O/l = t + (O − l·t)/l of a distribution sharp on t keeps t's digits. Then, as
-in ``finalize_kernel``, with λ the target's weight on the positive (λ = 1 for InfoNCE, 0 for
-ReSSL) and Σ_k s²_k a_k = x·O_b/l_b/τ (a is linear in c):
+so that the mean O/l = t + (O − l·t)/l of a distribution sharp on t keeps t's digits; O only
+where a gradient is wanted. Then, as in ``finalize_kernel``, with λ the target's weight on the
+positive (λ = 1 for InfoNCE, 0 for ReSSL):
 
-    loss_r  = LSE_a − λ·a_pos − (1−λ)·Σ_k s²_k a_k
+    loss_r  = LSE_a − λ·a_pos − (1−λ)·Σ_k s²_k a_k  =  log l_a + λ·(m_a − a_pos) + (1−λ)·g_b/l_b
     dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b) / τ
     dL/dτ_r = −(x_r/τ)·dL/dx_r
 
 At small τ the logits are large (1.4e4 in base 2 at τ = 1e-4) and round by 1e-3, so the loss is
-summed from terms in which they cancel exactly: log l_a + λ·(m_a − a_pos) + (1−λ)·x_r·(c_max −
-t_b − (O_b − l_b·t_b)/l_b)/τ, with c_max = t_a, and a_pos read from a chunk's product (the one
-m_a comes from, or in queue mode one that rounds as the queue's chunks do, so that a copy of the
-positive in the queue gets the same logit); the gradient likewise keeps the tops' differences
-apart, exactly 0 where they are the same candidate.
+summed from terms in which they cancel before they are rounded: the gap g_b to the online
+maximum (terms ≥ 0, moved with m_a) from the same logits as l_a, so that their rounding cancels
+as in the reference's Σ_k (p_k − s²_k)·a_k, and a_pos read from a chunk's product (the one m_a
+comes from, or in queue mode one that rounds as the queue's chunks do, so that a copy of the
+positive in the queue gets the same logit); the gradient keeps the tops' differences apart,
+exactly 0 where they are the same candidate. A chunk is multiplied by blocks of rows: every row
+at once where they fit in ROW_BLOCK, else the target rows' blocks first, whose chunk their online
+rows' gaps then read.
 
 The target is a constant and the queue gets no gradient, so the forward pass yields the gradients
 and the backward scales them by the upstream gradient. A key bank that needs a gradient gets it
@@ -183,7 +186,7 @@ class _StreamingLoss(torch.autograd.Function):
         # of the rows with the keys that rounds as the queue's chunks do, so that a copy of z²_r
         # in the queue gets its logit bit for bit.
         queue_positive = bank is None and online_has_pos
-        m, l, offsets, tops, a_pos2, argmax = stream_states(
+        m, l, offsets, tops, a_pos2, gaps = stream_states(
             exponents,
             bank,
             queue,
@@ -191,36 +194,31 @@ class _StreamingLoss(torch.autograd.Function):
             key if queue_positive else None,
             positive_columns(r, n, offset if bank is not None else 0, x.device),
             chunk_size=stream.chunk_size,
-            vectors_from=0 if need_grad else r,
-            track_argmax=need_target,  # c_max: SCE's and ReSSL's target term only
+            views=views,
+            need_target=need_target,
+            vectors_from=0 if need_grad else len(exponents),  # O: for the gradient only
         )
 
-        # loss_r = LSE_a − λ·a_pos − (1−λ)·U_b/l_b, summed as log l_a + λ·(m_a − a_pos) +
-        # (1−λ)·x_r·(c_max − O_b/l_b)/τ, c_max the candidate of the row's maximum m_a, so that
-        # large logits cancel before they are rounded: m_a − a_pos from one product, and
-        # c_max − O_b/l_b = (c_max − t_b) − Δ_b, exactly 0 where the target is sharp on c_max.
+        # loss_r = LSE_a − λ·a_pos − (1−λ)·Σ_k w_k a_k, summed as log l_a + λ·(m_a − a_pos) +
+        # (1−λ)·g_b/l_b, so that large logits cancel before they are rounded: m_a − a_pos from
+        # one product, and g_b/l_b = Σ_k w_k (m_a − a_k) from terms that are each ≥ 0.
         loss = l[:r].log2()
         if online_has_pos:
             loss = loss + coeff * (m[:r] - a_pos2)
-        # Δ = O/l − t: each distribution's mean candidate less its maximum's candidate t.
-        offsets.div_(l[l.shape[0] - offsets.shape[0] :, None])
         if need_target:
-            top_b, offset_b = tops[-n:], offsets[-n:]
-            if views > 1:
-                top_b, offset_b = top_b.repeat(views, 1), offset_b.repeat(views, 1)
-            c_max = candidates_at(argmax[:r], bank, queue, c_pos, dtype=exponents.dtype)
-            # Σ_k w_k (m_a − a_k) ≥ 0: a negative value is rounding, and 0 is nearer the truth.
-            target_term = row_dots(exponents[:r], (c_max - top_b).sub_(offset_b))
-            loss = loss + (1 - coeff) * target_term.clamp_(min=0)
+            loss = loss + (1 - coeff) * (gaps / l[r:].repeat(views))
         loss = loss * LN_2
         grad = dtau = key_weight = None
         if need_grad:
-            # dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b)/τ, with O/l = t + Δ and the tops'
+            # dL/dx_r = (O_a/l_a − λ·c_pos − (1−λ)·O_b/l_b)/τ, with O/l = t + Δ (Δ = O/l − t,
+            # each distribution's mean candidate less its maximum's candidate t) and the tops'
             # differences apart, so that the candidates cancel exactly where the tops are equal:
             # Δ_a + λ·(t_a − c_pos) + (1−λ)·(t_a − t_b − Δ_b).
+            offsets.div_(l[:, None])
             top_a = tops[:r]
             grad = offsets[:r].add_(coeff * (top_a - c_pos))
             if need_target:
+                top_b, offset_b = tops[r:].repeat(views, 1), offsets[r:].repeat(views, 1)
                 grad.add_((1 - coeff) * ((top_a - top_b).sub_(offset_b)))
         del offsets, tops
         if grad is not None:
@@ -290,21 +288,6 @@ def base2_rows(x: Tensor, key: Tensor, temperature, target_temperature, *, need_
     return exponents
 
 
-def candidates_at(columns: Tensor, bank, queue, first: Tensor, *, dtype) -> Tensor:
-    """The candidate vectors at ``columns`` of [bank; queue] (−1: row r's ``first`` column, queue
-    mode's positive), (rows, D), a new tensor in ``dtype``."""
-    out = first.to(dtype, copy=True)
-    start = 0
-    for candidates in (bank, queue):
-        if candidates is None:
-            continue
-        inside = (columns >= start) & (columns < start + candidates.shape[0])
-        index = (columns - start).clamp(0, candidates.shape[0] - 1)
-        out = torch.where(inside[:, None], candidates[index].to(dtype), out)
-        start += candidates.shape[0]
-    return out
-
-
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
     """a_r·b_r for each row r of two (R, D) tensors, without an (R, D) temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -360,6 +343,63 @@ def masked_columns(
     return torch.cat([online, torch.stack([positive, own], 1)])
 
 
+class StreamBlock(NamedTuple):
+    """Rows that the chunk loops multiply by a chunk at once, ``rows`` of the exponents: its
+    ``online`` rows v·N + i, ``views`` crops of the ``samples`` i, and its ``target`` rows R + i
+    of the same samples (an empty slice where it has none)."""
+
+    rows: slice
+    online: slice
+    target: slice
+    samples: slice
+    views: int
+
+    @property
+    def has_online(self) -> bool:
+        return self.online.start < self.online.stop
+
+    @property
+    def has_target(self) -> bool:
+        return self.target.start < self.target.stop
+
+
+def stream_blocks(online_rows: int, n: int, need_target: bool) -> list[StreamBlock]:
+    """The blocks of at most ROW_BLOCK rows: every row in one where they fit; else the target
+    rows first, then the online rows, whole crops at a time where N ≤ ROW_BLOCK (else a crop's
+    rows in blocks, as the target rows are), so that each online block's samples are one target
+    block's. Every pass multiplies a chunk by the same blocks, so a row's logits are bit for bit
+    the same in each."""
+    n = max(n, 1)
+    rows = online_rows + n * need_target
+    none = slice(0, 0)
+    if rows <= ROW_BLOCK:
+        target = slice(online_rows, rows) if need_target else none
+        return [
+            StreamBlock(
+                slice(0, rows), slice(0, online_rows), target, slice(0, n), online_rows // n
+            )
+        ]
+    step = min(n, ROW_BLOCK)
+    crops = max(ROW_BLOCK // n, 1)  # per block
+    blocks = []
+    if need_target:
+        for s in range(0, n, step):
+            target = slice(online_rows + s, online_rows + min(s + step, n))
+            blocks.append(StreamBlock(target, none, target, slice(s, min(s + step, n)), 1))
+    for v in range(0, online_rows // n, crops):
+        block_views = min(crops, online_rows // n - v)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            online = slice(v * n + s, (v + block_views - 1) * n + e)
+            blocks.append(StreamBlock(online, online, none, slice(s, e), block_views))
+    return blocks
+
+
+def _part(logits: Tensor, block: StreamBlock, rows: slice) -> Tensor:
+    """The rows ``rows`` (online or target) of a block's ``logits``."""
+    return logits[rows.start - block.rows.start : rows.stop - block.rows.start]
+
+
 # The two chunk loops are PyTorch custom ops, which torch.compile runs as they are. Traced, a loop
 # would be unrolled (compile time grows with M) and inductor would fuse the chunks' maxima into one
 # kernel, so every chunk's logits would exist at once.
@@ -375,67 +415,122 @@ def stream_states(
     picked_columns: Tensor | None = None,
     *,
     chunk_size: int,
+    views: int,
+    need_target: bool,
     vectors_from: int = 0,
-    track_argmax: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The running states of the rows of ``exponents`` (base-2 logits z = exponents·c) after
-    every candidate, [bank; queue], a chunk at a time, without each row's ``masked`` bank
-    columns: the loop of ``partial_stats_kernel``. For each row the maximum m and l = Σ 2^{z−m};
-    for the rows from ``vectors_from`` on, the candidate t of the maximum and O − l·t =
-    Σ 2^{z−m}·(c − t), summed without t's own term, so that where the distribution is sharp on
-    t its mean t + (O − l·t)/l keeps t's digits. With ``positives`` (queue mode), the first
-    len(picked_columns) rows start from one more column, before the others: their positive
-    ``positives[picked_columns[r]]``. Returns (m, l, O − l·t, t, picked, argmax): for the first
-    rows, the logit at column ``picked_columns[r]`` of ``positives``, or else of the bank
-    (before masking), as a chunk's product of the whole row block computed it (empty without
-    ``picked_columns``), and for every row the column of [bank; queue] its maximum is at (−1:
-    the positive; all −1 without ``track_argmax``)."""
+    """The running states of the rows of ``exponents`` (base-2 logits z = exponents·c; V·N online
+    rows, then N target rows if ``need_target``) after every candidate, [bank; queue], a chunk
+    at a time, without each row's ``masked`` bank columns: the loop of ``partial_stats_kernel``.
+    For each row the maximum m and l = Σ 2^{z−m}; for the rows from ``vectors_from`` on, the
+    candidate t of the maximum and O − l·t = Σ 2^{z−m}·(c − t), summed without t's own term, so
+    that where the distribution is sharp on t its mean t + (O − l·t)/l keeps t's digits; for
+    each online row r (if ``need_target``) the gap g = Σ_k 2^{b_k−m_b}·(m_a − a_k) of its target
+    row b = R + (r mod N), terms ≥ 0 measured from the online maximum m_a (moved with it). With
+    ``positives`` (queue mode), the first len(picked_columns) rows start from one more column,
+    before the others: their positive ``positives[picked_columns[r]]``. Returns (m, l, O − l·t,
+    t, picked, g): picked, for the first rows, the logit at column ``picked_columns[r]`` of
+    ``positives``, or else of the bank (before masking), as a chunk's product of the row's block
+    computed it (empty without ``picked_columns``)."""
     rows, dim = exponents.shape
+    n = rows // (views + need_target)
+    online_rows = views * n
     m = exponents.new_full((rows,), float("-inf"))
     l = exponents.new_zeros(rows)
     offsets = exponents.new_zeros(rows - vectors_from, dim)
     tops = exponents.new_zeros(rows - vectors_from, dim)
     picked = exponents.new_zeros(0 if picked_columns is None else len(picked_columns))
-    argmax = torch.full((rows,), -1, dtype=torch.long, device=exponents.device)
-    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * max(chunk_size, MIN_CHUNK))  # logits
-    for first in range(0, rows, ROW_BLOCK):  # row blocks (one unless the batch is large)
-        block = slice(first, min(first + ROW_BLOCK, rows))
-        vectors = slice(
-            max(block.start - vectors_from, 0), max(block.stop - vectors_from, 0)
-        )  # the rows of the block that keep O
-        picks = slice(min(block.start, len(picked)), min(block.stop, len(picked)))
-        if positives is not None and picked_columns is not None:
+    gaps = exponents.new_zeros(online_rows if need_target else 0)
+    blocks = stream_blocks(online_rows, n, need_target)
+    # One chunk's logits: a block's at the front, and where the target rows have blocks of their
+    # own, every target row's after them, which their online rows' gaps read.
+    width = max(chunk_size, MIN_CHUNK)
+    front = min(rows, ROW_BLOCK) * width
+    separate = need_target and not blocks[0].has_online
+    buffer = exponents.new_empty(front + (n * width if separate else 0))
+    target = _TargetChunk({}, l.new_empty(n), l.new_empty(n))
+
+    def kept(part: slice) -> slice:  # the part's rows that keep t and O
+        return slice(max(part.start - vectors_from, 0), max(part.stop - vectors_from, 0))
+
+    def picks(block: StreamBlock) -> slice:  # the block's first rows, online
+        return slice(min(block.rows.start, len(picked)), min(block.rows.stop, len(picked)))
+
+    def state(rows: slice):  # the running states of some rows, views to update in place
+        return m[rows], l[rows], offsets[kept(rows)], tops[kept(rows)]
+
+    if positives is not None and picked_columns is not None:  # queue mode's first column
+        for block in blocks:
+            if not block.has_online:
+                continue
+            first = picks(block)
             for start in range(0, len(positives), chunk_size):
                 c = positives[start : start + chunk_size].to(exponents.dtype)
-                logits = _logits(exponents[block], c, buffer)
-                _pick(picked[picks], logits, picked_columns[picks] - start)
-            m[picks], l[picks] = picked[picks], 1.0
-            kept = slice(max(picks.start, vectors_from), max(picks.stop, vectors_from))  # with t
-            tops[kept.start - vectors_from : kept.stop - vectors_from] = positives[
-                picked_columns[kept]
+                logits = _logits(exponents[block.rows], c, buffer)
+                _pick(picked[first], logits, picked_columns[first] - start)
+            m[first], l[first] = picked[first], 1.0
+            vectors = kept(first)
+            tops[vectors] = positives[
+                picked_columns[vectors.start + vectors_from : vectors.stop + vectors_from]
             ]
-        for candidates, in_bank in ((bank, True), (queue, False)):
-            if candidates is None:
-                continue
-            offset = 0 if in_bank or bank is None else len(bank)  # of the first column
-            for start in range(0, len(candidates), chunk_size):
-                c = candidates[start : start + chunk_size].to(exponents.dtype)
-                logits = _logits(exponents[block], c, buffer)
+    for candidates, in_bank in ((bank, True), (queue, False)):
+        if candidates is None:
+            continue
+        for start in range(0, len(candidates), chunk_size):
+            c = candidates[start : start + chunk_size].to(exponents.dtype)
+            for block in blocks:  # the target rows before their online rows' gaps read them
+                at = front + block.samples.start * width if not block.has_online else 0
+                logits = _logits(exponents[block.rows], c, buffer[at:])
+                masked_here = masked[block.rows] - start if in_bank else None
                 if in_bank:
                     if picked_columns is not None and positives is None:
-                        _pick(picked[picks], logits, picked_columns[picks] - start)
-                    _mask_columns(logits, masked[block] - start)
-                _online_update_(
-                    m[block],
-                    l[block],
-                    offsets[vectors],
-                    tops[vectors],
-                    argmax[block] if track_argmax else None,
-                    logits,
-                    c,
-                    offset + start,
-                )
-    return m, l, offsets, tops, picked, argmax
+                        first = picks(block)
+                        _pick(picked[first], logits, picked_columns[first] - start)
+                    _mask_columns(logits, masked_here)
+                if block.has_target:
+                    t = block.target
+                    old_m, old_l = m[t].clone(), l[t].clone()
+                    _online_update_(*state(t), _part(logits, block, t), c)
+                    alpha = torch.exp2(old_m - _finite(m[t]))
+                    target.alpha[block.samples] = alpha
+                    target.carry[block.samples] = old_l * alpha
+                    target.probabilities[block.samples.start] = _part(logits, block, t)
+                if block.has_online:
+                    o = block.online
+                    gap = None
+                    if need_target:
+                        online_masked = (
+                            None if masked_here is None else _part(masked_here, block, o)
+                        )
+                        gap = _Gap(gaps[o], target, block.samples, block.views, online_masked)
+                    _online_update_(*state(o), _part(logits, block, o), c, gap=gap)
+    return m, l, offsets, tops, picked, gaps
+
+
+class _TargetChunk(NamedTuple):
+    """A chunk of the target rows, as their online rows' gaps need it: their 2^{b−m_b'} (m_b'
+    their maximum after the chunk) by the first sample of each block, and α = 2^{m_b−m_b'} and
+    l_b·α, their sums' rescaling and the sums before the chunk rescaled."""
+
+    probabilities: dict
+    alpha: Tensor
+    carry: Tensor
+
+
+class _Gap(NamedTuple):
+    """An online block's gaps, with its target rows' chunk, its samples and crops, and its
+    masked columns (or None)."""
+
+    values: Tensor
+    target: _TargetChunk
+    samples: slice
+    views: int
+    masked: Tensor | None
+
+
+def _finite(m: Tensor) -> Tensor:
+    """The running maxima with 0 for the rows that have no column yet (−inf)."""
+    return m.masked_fill(m == float("-inf"), 0.0)
 
 
 def _logits(exponents: Tensor, c: Tensor, buffer: Tensor) -> Tensor:
@@ -460,17 +555,19 @@ def _(
     picked_columns=None,
     *,
     chunk_size,
+    views,
+    need_target,
     vectors_from=0,
-    track_argmax=True,
 ):
     rows, dim = exponents.shape
+    online_rows = views * (rows // (views + need_target))
     return (
         exponents.new_empty(rows),
         exponents.new_empty(rows),
         exponents.new_empty(rows - vectors_from, dim),
         exponents.new_empty(rows - vectors_from, dim),
         exponents.new_empty(0 if picked_columns is None else picked_columns.shape[0]),
-        exponents.new_empty(rows, dtype=torch.long),
+        exponents.new_empty(online_rows if need_target else 0),
     )
 
 
@@ -488,27 +585,28 @@ def _online_update_(
     l: Tensor,
     offsets: Tensor,
     tops: Tensor,
-    argmax: Tensor | None,
     logits: Tensor,
     c: Tensor,
-    column: int,
+    gap: _Gap | None = None,
 ) -> None:
     """One chunk of columns into the running states of base-2 logits z, in place, as the
     kernels' ``_online_update``: m' = max(m, max_k z_k), l' = l·2^{m−m'} + Σ_k 2^{z_k−m'}, and
     for the last len(tops) rows, with t' the candidate of m' (t where the maximum stays),
-    O' − l'·t' = 2^{m−m'}·(O − l·t + l·(t − t')) + Σ_{k≠t'} 2^{z_k−m'}·(c_k − t').
-    ``argmax`` (if not None) keeps the column of m (this chunk's first being ``column``);
-    ``logits`` becomes 2^{z−m'}."""
-    if argmax is None and not len(tops):  # no column wanted (InfoNCE's evaluation)
+    O' − l'·t' = 2^{m−m'}·(O − l·t + l·(t − t')) + Σ_{k≠t'} 2^{z_k−m'}·(c_k − t'); the ``gap``
+    (online rows) as ``_add_gaps_``. ``logits`` becomes 2^{z−m'}."""
+    if not len(tops):
         chunk_m = logits.amax(1)
     else:
         chunk_m, chunk_argmax = logits.max(1)
-        if argmax is not None:
-            argmax.copy_(torch.where(chunk_m > m, chunk_argmax + column, argmax))
     new_m = torch.maximum(m, chunk_m)
-    safe_m = new_m.masked_fill(new_m == float("-inf"), 0.0)  # rows with no column yet
+    safe_m = _finite(new_m)
     alpha = torch.exp2(m - safe_m)
-    p = logits.sub_(safe_m[:, None]).exp2_()
+    if gap is None:
+        p = logits.sub_(safe_m[:, None]).exp2_()
+    else:  # the gaps read the rises m' − z before they become 2^{−(m' − z)}
+        rise = logits.neg_().add_(safe_m[:, None])
+        _add_gaps_(gap, rise, m, safe_m)
+        p = rise.neg_().exp2_()
     if not len(tops):
         l.mul_(alpha).add_(p.sum(1))
         m.copy_(new_m)
@@ -523,19 +621,39 @@ def _online_update_(
     offsets.addcmul_(l[first:, None], tops - new_tops)
     offsets.mul_(alpha[first:, None]).addmm_(p_kept, c).sub_(sums[first:, None] * new_tops)
     tops.copy_(new_tops)
+    p_kept.scatter_(1, at, p_kept.gather(1, at).masked_fill_(moved[:, None], 1.0))  # t' back
     sums[first:] += moved
     l.mul_(alpha).add_(sums)
     m.copy_(new_m)
 
 
-def _mask_columns(logits: Tensor, columns: Tensor) -> None:
-    """Set logits[r, columns[r, j]] to −inf for every j where that column lies in this chunk
-    (0 ≤ column < width; −1 and other columns are left alone), in place."""
+def _add_gaps_(gap: _Gap, rise: Tensor, m: Tensor, new_m: Tensor) -> None:
+    """The chunk into the online rows' gaps g = Σ_k 2^{b_k−m_b}·(m_a − a_k), in place, from the
+    rises m_a' − a_k of the chunk's logits (+inf at the masked columns, as they are left):
+    g' = α·g + l_b·α·(m_a' − m_a) + Σ_k 2^{b_k−m_b'}·(m_a' − a_k), with the target rows'
+    α = 2^{m_b−m_b'} and l_b before the chunk. Every term is ≥ 0 (m_a' is the maximum); the
+    masked columns (weight 0) are left out. ``new_m`` is m_a' (0 for rows with no column yet)."""
+    target, samples, views = gap.target, gap.samples, gap.views
+    if gap.masked is not None:
+        _mask_columns(rise, gap.masked, value=0.0)
+    probabilities = target.probabilities[samples.start]
+    crops = rise.unflatten(0, (views, -1))
+    in_chunk = torch.cat([torch.linalg.vecdot(crop, probabilities) for crop in crops])
+    if gap.masked is not None:
+        _mask_columns(rise, gap.masked, value=float("inf"))
+    moved = torch.where(m == float("-inf"), 0.0, new_m - m)  # l_b is 0 where m_a is −inf
+    gap.values.mul_(target.alpha[samples].repeat(views))
+    gap.values.add_(target.carry[samples].repeat(views) * moved).add_(in_chunk)
+
+
+def _mask_columns(logits: Tensor, columns: Tensor, value: float = float("-inf")) -> None:
+    """Set logits[r, columns[r, j]] to ``value`` (−inf by default) for every j where that column
+    lies in this chunk (0 ≤ column < width; −1 and other columns are left alone), in place."""
     width = logits.shape[1]
     for column in columns.unbind(1):
         index = column.clamp(0, width - 1)[:, None]
         inside = ((column >= 0) & (column < width))[:, None]
-        logits.scatter_(1, index, torch.where(inside, float("-inf"), logits.gather(1, index)))
+        logits.scatter_(1, index, torch.where(inside, value, logits.gather(1, index)))
 
 
 def bank_gradient(
@@ -619,32 +737,29 @@ def bank_products(
     column offset + (r mod N) the given ``positive_weights_r`` instead (None: no such column)."""
     r = len(online_weights)
     n = r // views
-    rows = len(exponents)
     grad = exponents.new_zeros(bank.shape)
-    buffer = exponents.new_empty(min(rows, ROW_BLOCK) * max(chunk_size, MIN_CHUNK))  # logits
+    buffer = exponents.new_empty(min(len(exponents), ROW_BLOCK) * max(chunk_size, MIN_CHUNK))
     weights = exponents.new_empty(r * chunk_size)  # W of one chunk
+    # The forward's blocks, those with online rows first: their targets' weights add to theirs.
+    blocks = sorted(stream_blocks(r, n, target_weights is not None), key=lambda b: not b.has_online)
     for start in range(0, len(bank), chunk_size):
         c = bank[start : start + chunk_size]
         w = weights[: r * len(c)].view(r, len(c))
-        for first in range(0, rows, ROW_BLOCK):  # the forward's row blocks
-            block = slice(first, min(first + ROW_BLOCK, rows))
-            p = _logits(exponents[block], c, buffer)
-            online = slice(block.start, min(block.stop, r))
-            targets = slice(max(block.start, r), block.stop)
-            size = max(online.stop - online.start, 0)
-            if size:
-                _mask_columns(p[:size], online_masked[online] - start)
-            if targets.start < targets.stop:
-                _mask_columns(p[size:], target_masked[targets.start - r : targets.stop - r] - start)
-            p.sub_(maxima[block, None]).exp2_().mul_(inverse_sums[block, None])
-            if size:
-                w[online] = p[:size] * online_weights[online, None]
-            if targets.start < targets.stop:  # the targets of samples i: every crop's row of i
+        for block in blocks:
+            p = _logits(exponents[block.rows], c, buffer)
+            o, t = block.online, block.target
+            if block.has_online:
+                _mask_columns(_part(p, block, o), online_masked[o] - start)
+            if block.has_target:
+                _mask_columns(_part(p, block, t), target_masked[t.start - r : t.stop - r] - start)
+            p.sub_(maxima[block.rows, None]).exp2_().mul_(inverse_sums[block.rows, None])
+            if block.has_online:
+                w[o] = _part(p, block, o) * online_weights[o, None]
+            if block.has_target:
                 assert target_weights is not None  # target rows come with their weights
-                samples = slice(targets.start - r, targets.stop - r)
-                for v in range(views):
-                    crop = slice(v * n + samples.start, v * n + samples.stop)
-                    w[crop].addcmul_(p[size:], target_weights[crop, None])
+                for v in range(views):  # the targets of samples i: every crop's row of i
+                    crop = slice(v * n + block.samples.start, v * n + block.samples.stop)
+                    w[crop].addcmul_(_part(p, block, t), target_weights[crop, None])
         if positive_weights is not None:
             _put(w, positive_weights, positive_columns(r, n, offset, w.device) - start)
         grad[start : start + len(c)].addmm_(w.T, exponents[:r])

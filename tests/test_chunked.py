@@ -356,24 +356,28 @@ def test_chunk_loops_pass_opcheck():
         device="cpu",
     )
     keys, positive = bank[:n], chunked.positive_columns(views * n, n, 0, "cpu")
+    online = views * n
     for stream_args, options in (
         ((exponents, bank, queue.bfloat16(), masked), dict(chunk_size=3)),
         ((exponents, bank, queue, masked, None, positive + n), dict(chunk_size=3)),
         (
             (exponents, None, queue, masked, keys, positive),
-            dict(chunk_size=4, vectors_from=views * n),
+            dict(chunk_size=4, vectors_from=len(exponents)),
         ),
         ((exponents, None, queue, masked, keys, positive), dict(chunk_size=4)),
+        (
+            (exponents[:online], None, queue, masked[:online], keys, positive),
+            dict(chunk_size=4, need_target=False),
+        ),
     ):
         torch.library.opcheck(
             chunked.stream_states,
             stream_args,
-            options,
+            dict(dict(views=views, need_target=True), **options),
             test_utils=("test_schema", "test_faketensor"),
         )
     maxima, inverse_sums = torch.ones(len(exponents)), torch.rand(len(exponents))
     weights = torch.rand(views * n)
-    online = views * n
     for rows, target_weights, positive_weights in (
         (len(exponents), -weights, weights),
         (len(exponents), -weights, None),
@@ -472,11 +476,13 @@ def test_compiles_once_with_a_learnable_temperature(mode, fresh_dynamo):
 
 
 @pytest.mark.parametrize("loss", HYPER)
-@pytest.mark.parametrize("mode, crops", [("queue", 2), ("in-batch", None), ("queue+keys", 2)])
-@pytest.mark.parametrize("row_block", [2, 3])
+@pytest.mark.parametrize(
+    "mode, crops", [("queue", 2), ("in-batch", None), ("queue+keys", 2), ("in-batch", 3)]
+)
+@pytest.mark.parametrize("row_block", [2, 3, 10])
 def test_row_blocks_give_the_references_numbers(loss, mode, crops, row_block, monkeypatch):
-    """Large batches stream ROW_BLOCK rows at a time: blocks that split the online and target
-    rows raggedly change nothing."""
+    """Large batches stream at most ROW_BLOCK rows at a time: blocks that split a crop's N = 5
+    rows and the target rows raggedly, or that hold two of three crops, change nothing."""
     monkeypatch.setattr(chunked, "ROW_BLOCK", row_block)
     query, key, queue, temperature = leaves_of(mode, crops, temperature=0.2, seed=11)
     problem = build(loss, mode, query, key, queue, temperature, ranks=2)

@@ -190,6 +190,40 @@ def test_chunked_ressl_loss_errs_as_the_reference_on_rows_whose_key_has_a_near_c
     assert (got.double() - exact).norm() <= 3 * (own.double() - exact).norm()
 
 
+@pytest.mark.parametrize("backend", ["chunked", pytest.param("fused", marks=needs_fused)])
+@pytest.mark.parametrize("temperature", [1e-4, pytest.param(1e-3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "fn, copies_per_key, copied_keys", [(sce_loss, 1, 24), (ressl_loss, 2, 48)]
+)
+def test_the_target_term_errs_as_the_reference_on_rows_whose_key_has_near_copies(
+    fn, copies_per_key, copied_keys, temperature, backend
+):
+    """Near copies (1e-5 to 1e-4 away) of the keys in the queue: the positive is the online
+    row's maximum and the target is sharp on the copies. The reference's rounding cancels in
+    Σ_k (p_k − w_k)·a_k; chunked once summed the target term from candidate vectors, x·(c_max −
+    O_b/l_b)/τ, beside log l_a from rounded logits, and erred 7× the bar on these rows (SCE, one
+    copy of half the keys) and 18× (ReSSL, two copies of every key). The gap Σ_k w_k (m_a − a_k)
+    is now summed from the same logits, as the fused kernels sum it."""
+    g = torch.Generator().manual_seed(0)
+    query = unit(48, 16, generator=g)
+    key = torch.nn.functional.normalize(query + 0.1 * unit(48, 16, generator=g), dim=-1)
+    copied = key[:copied_keys].repeat(copies_per_key, 1)
+    scale = 1e-4 if copies_per_key == 1 else 1e-5
+    noise = scale * unit(len(copied), 16, generator=g)
+    queue = unit(200, 16, generator=g)
+    queue = torch.cat(
+        [queue[:100], torch.nn.functional.normalize(copied + noise, dim=-1), queue[100:]]
+    )
+    options = dict(temperature=temperature, target_temperature=0.05, reduction="none")
+    exact = fn(query, key, queue, **options)[:copied_keys]
+    own, got = (
+        fn(query.float(), key.float(), queue.float(), backend=name, **options)[:copied_keys]
+        for name in ("reference", backend)
+    )
+    ulps = 8 * torch.finfo(torch.float32).eps * (exact.abs() + 1).norm()
+    assert (got.double() - exact).norm() <= 3 * (own.double() - exact).norm() + ulps
+
+
 @pytest.mark.parametrize("fn", LOSSES)
 @pytest.mark.parametrize("mode", ["in-batch", "queue", "symmetric"])
 def test_chunked_losses_are_never_negative_at_the_smallest_temperatures(fn, mode):

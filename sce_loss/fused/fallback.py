@@ -47,7 +47,7 @@ def streaming_forward(
     )
     queue_positive = bank is None and online_has_pos
     # a_pos from a chunk's product: of the bank's, or, in queue mode, of one with the keys.
-    m, l, offsets, tops, a_pos2, _ = chunked.stream_states(
+    m, l, offsets, tops, a_pos2, gaps = chunked.stream_states(
         exponents,
         None if bank is None else bank.float(),
         queue,
@@ -55,7 +55,8 @@ def streaming_forward(
         k if queue_positive else None,
         chunked.positive_columns(rows, n, 0 if bank is None else offset, query.device),
         chunk_size=chunked.chunk_columns(len(exponents)),
-        track_argmax=False,
+        views=views,
+        need_target=need_target,
     )
     lse = torch.stack([m * LN_2, l.log()])  # (m, log l) in base e
     means = tops + offsets / l[:, None]
@@ -68,7 +69,12 @@ def streaming_forward(
         target_mean = coeff * c_pos + (1 - coeff) * mean_b
         u_target = coeff * a_pos + (1 - coeff) * u_b
         lse_b = lse[:, rows:].repeat(1, views)
-    loss = lse[:, :rows].sum(0) - u_target
+    # As finalize_kernel sums it, large logits cancelled first: log l_a + λ·(m_a − a_pos) +
+    # (1−λ)·g_b/l_b (base 2, then in base e).
+    loss = l[:rows].log2() + coeff * (m[:rows] - a_pos2)
+    if need_target:
+        loss = loss + (1 - coeff) * (gaps / l[rows:].repeat(views))
+    loss = loss * LN_2
     dtau = -(u_a - u_target) / temperature
     grad = (
         (means[:rows] - target_mean) / temperature
