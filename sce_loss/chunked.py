@@ -456,7 +456,7 @@ def stream_states(
     def picks(block: StreamBlock) -> slice:  # the block's first rows, online
         return slice(min(block.rows.start, len(picked)), min(block.rows.stop, len(picked)))
 
-    def state(rows: slice):  # the running states of some rows, views to update in place
+    def state(rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # views, updated in place
         return m[rows], l[rows], offsets[kept(rows)], tops[kept(rows)]
 
     if positives is not None and picked_columns is not None:  # queue mode's first column
@@ -482,7 +482,7 @@ def stream_states(
                 at = front + block.samples.start * width if not block.has_online else 0
                 logits = _logits(exponents[block.rows], c, buffer[at:])
                 masked_here = masked[block.rows] - start if in_bank else None
-                if in_bank:
+                if masked_here is not None:  # a chunk of the bank
                     if picked_columns is not None and positives is None:
                         first = picks(block)
                         _pick(picked[first], logits, picked_columns[first] - start)
