@@ -489,9 +489,8 @@ def stream_states(
                     _mask_columns(logits, masked_here)
                 if block.has_target:
                     t = block.target
-                    old_m, old_l = m[t].clone(), l[t].clone()
-                    _online_update_(*state(t), _part(logits, block, t), c)
-                    alpha = torch.exp2(old_m - _finite(m[t]))
+                    old_l = l[t].clone()
+                    alpha = _online_update_(*state(t), _part(logits, block, t), c)
                     target.alpha[block.samples] = alpha
                     target.carry[block.samples] = old_l * alpha
                     target.probabilities[block.samples.start] = _part(logits, block, t)
@@ -588,12 +587,13 @@ def _online_update_(
     logits: Tensor,
     c: Tensor,
     gap: _Gap | None = None,
-) -> None:
+) -> Tensor:
     """One chunk of columns into the running states of base-2 logits z, in place, as the
     kernels' ``_online_update``: m' = max(m, max_k z_k), l' = l·2^{m−m'} + Σ_k 2^{z_k−m'}, and
     for the last len(tops) rows, with t' the candidate of m' (t where the maximum stays),
     O' − l'·t' = 2^{m−m'}·(O − l·t + l·(t − t')) + Σ_{k≠t'} 2^{z_k−m'}·(c_k − t'); the ``gap``
-    (online rows) as ``_add_gaps_``. ``logits`` becomes 2^{z−m'}."""
+    (online rows) as ``_add_gaps_``. ``logits`` becomes 2^{z−m'}. Returns the rescaling
+    2^{m−m'}."""
     if not len(tops):
         chunk_m = logits.amax(1)
     else:
@@ -610,7 +610,7 @@ def _online_update_(
     if not len(tops):
         l.mul_(alpha).add_(p.sum(1))
         m.copy_(new_m)
-        return
+        return alpha
     first = len(p) - len(tops)
     moved = (chunk_m > m)[first:]  # rows whose maximum is now in this chunk, at t' (2^0 = 1)
     at = chunk_argmax[first:, None]
@@ -625,6 +625,7 @@ def _online_update_(
     sums[first:] += moved
     l.mul_(alpha).add_(sums)
     m.copy_(new_m)
+    return alpha
 
 
 def _add_gaps_(gap: _Gap, rise: Tensor, m: Tensor, new_m: Tensor) -> None:
