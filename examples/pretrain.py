@@ -106,9 +106,10 @@ RECIPES = {
     "cifar": dict(epochs=200, batch_size=256, queue_size=4096),
     "digits": dict(epochs=20, batch_size=64, queue_size=1024),
 }
-DEFAULTS = dict(warmup_epochs=5, knn_every=10, probe_epochs=100)
+DEFAULTS = dict(warmup_epochs=5, knn_every=10, probe_epochs=100, width=64)
 # --smoke: a short CPU check of every part; each value yields to its flag when given.
 SMOKE = dict(
+    width=16,
     epochs=2,
     warmup_epochs=1,
     batch_size=32,
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="CACR's views per image (the official CACR commands use 5)",
     )
-    p.add_argument("--width", type=POSITIVE_INT, default=64, help="ResNet-18's base channels")
+    p.add_argument(
+        "--width", type=POSITIVE_INT, help="ResNet-18's base channels (default 64, with --smoke 16)"
+    )
     p.add_argument(
         "--data",
         default="digits",

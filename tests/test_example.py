@@ -155,6 +155,7 @@ def test_smoke_honours_the_flags_it_is_given():
     preset = example.parse_args(["--smoke"])
     assert {name: getattr(preset, name) for name in example.SMOKE} == example.SMOKE
     given = dict(
+        width=8,
         epochs=4,
         warmup_epochs=2,
         batch_size=16,
@@ -403,7 +404,7 @@ def test_smoke_run_writes_a_sane_summary_checkpoint_and_plot(smoke_run):
     out, _ = smoke_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["loss"] == "sce" and summary["epochs"] == 2 and summary["device"] == "cpu"
-    assert summary["data"] == Path(DATA).name and summary["width"] == 64
+    assert summary["data"] == Path(DATA).name and summary["width"] == 16
     assert summary["train_images"] == 512 and summary["test_images"] == 256
     metrics = sorted(example.METRIC_NAMES)
     assert sorted(k for k in summary if k.endswith("_top1")) == metrics
@@ -442,7 +443,7 @@ def test_the_job_ends_with_a_sentence_of_what_it_trained_and_found(smoke_run):
         )
     )
     assert result.stdout.rstrip().splitlines()[-1] == (
-        "Trained a ResNet-18 (width 64) MoCo-style with SCE (coeff=0.5, temperature=0.1, "
+        "Trained a ResNet-18 (width 16) MoCo-style with SCE (coeff=0.5, temperature=0.1, "
         f"target_temperature=0.05) for 2 epochs on {Path(DATA).name} (512 training images, 256 "
         f"test images): {results}. Files in runs/smoke: checkpoint.pt, summary.json, curves.png."
     )
