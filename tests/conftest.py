@@ -1,4 +1,5 @@
 import os
+from collections import defaultdict
 
 import pytest
 import torch
@@ -51,3 +52,26 @@ def make_inputs(mode, *, n=5, d=8, m=7, crops=None, dtype=torch.float64, seed=0)
 @pytest.fixture(params=MODES)
 def mode(request):
     return request.param
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the slow marks
+def pytest_collection_modifyitems(items):
+    """A test marked ``matrix`` runs a representative slice in the default tier: few cases that
+    between them give every parameter each of its values (greedily, the case with the most values
+    not yet given, first in collection order on a tie) among the cases not already marked slow. The
+    slow tier runs the rest."""
+    matrices = defaultdict(list)
+    for item in items:
+        marked = item.get_closest_marker("matrix") is not None
+        if marked and hasattr(item, "callspec") and item.get_closest_marker("slow") is None:
+            values = {(name, repr(value)) for name, value in item.callspec.params.items()}
+            matrices[item.nodeid.split("[")[0]].append((item, values))
+    for cases in matrices.values():
+        uncovered = set().union(*(values for _, values in cases))
+        rest = list(cases)
+        while uncovered:
+            chosen = max(rest, key=lambda case: len(case[1] & uncovered))
+            uncovered -= chosen[1]
+            rest.remove(chosen)
+        for item, _ in rest:
+            item.add_marker(pytest.mark.slow)

@@ -417,6 +417,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("loss", HYPER)
 def test_compiles_once_or_twice_under_a_schedule(loss, mode, fresh_dynamo):
     """fullgraph, with λ and τ floats that change every step: at most two compilations (the

@@ -53,6 +53,7 @@ def assert_all_close(got, want, rtol, atol=0.0):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LOSSES)
 def test_a_float_schedule_compiles_fullgraph_at_most_twice(backend, name, mode):
@@ -75,6 +76,7 @@ def test_a_float_schedule_compiles_fullgraph_at_most_twice(backend, name, mode):
     assert counter.frame_count <= 2, counter.frame_count
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LOSSES)
 def test_a_learnable_temperature_compiles_once_and_gets_its_gradient(backend, name):

@@ -200,6 +200,7 @@ def fused_outputs(problem, fallback):
     return (*outputs, bank_grad)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", HYPER)
 @pytest.mark.parametrize("mode", ["in-batch", "queue", "queue+keys"])
 def test_a_failed_launch_streams_the_same_outputs_inside_the_op(name, mode, monkeypatch):

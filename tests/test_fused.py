@@ -56,6 +56,7 @@ def run(fn, backend, query, key, queue, hyper, include_keys, temperature):
     return losses.detach(), query.grad, key.grad, temperature.grad
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
 @pytest.mark.parametrize("shape", SHAPES)
@@ -170,6 +171,7 @@ def problem_of(
 SCE = dict(coeff=0.4, temperature=0.1, target_temperature=0.05)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", ["info_nce", "ressl", "sce"])
 def test_the_no_grad_forward_gives_the_same_losses_without_the_vector_workspace(name, mode):
     """Without a query gradient the kernels accumulate no D-vectors (NEED_GRAD) and the plan

@@ -235,6 +235,7 @@ GROUPED = {
 }
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("loss", ["ressl", "sce"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("grouping", sorted(GROUPED))

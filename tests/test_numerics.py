@@ -244,6 +244,7 @@ def test_chunked_losses_are_never_negative_at_the_smallest_temperatures(fn, mode
         assert (losses >= 0).all(), losses.min()
 
 
+@pytest.mark.matrix
 @needs_fused
 # An overflow in the interpreter is an infinity on a GPU, even where a mask then drops it.
 @pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -265,6 +266,7 @@ def test_fused_float32_errs_no_more_than_the_float32_reference_at_small_temperat
         assert error <= bar, (name, error, bar)
 
 
+@pytest.mark.matrix
 @needs_fused
 # An overflow in the interpreter is an infinity on a GPU, even where a mask then drops it.
 @pytest.mark.filterwarnings("error::RuntimeWarning")

@@ -387,6 +387,7 @@ def test_cross_entropies_are_never_below_zero(loss):
         assert (views >= 0).all() and (in_batch >= 0).all(), (backend, views, in_batch)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("mode", ["labels", "in-batch", "queue", "symmetric"])
 def test_a_compiled_step_does_not_recompile_for_each_batch_size(backend, mode):
